@@ -84,13 +84,16 @@ class TransformerConfig:
           f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
     num_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-    rope_scaling = hf.get("rope_scaling")
-    if rope_scaling is not None:
-      rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
-      if rope_type == "default":
-        rope_scaling = None
-      elif rope_type != "llama3":
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: 'llama3'")
+    # transformers v5 writes "rope_parameters" (theta inside); older config.json files write
+    # "rope_theta" and "rope_scaling".
+    rope_parameters = hf.get("rope_parameters") or {}
+    rope_scaling = hf.get("rope_scaling") or rope_parameters
+    rope_scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type == "default":
+      rope_scaling = None
+    elif rope_type != "llama3":
+      raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: 'llama3'")
     fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -99,7 +102,7 @@ class TransformerConfig:
         num_heads=num_heads,
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=head_dim,
-        rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+        rope_theta=float(hf.get("rope_theta") or rope_parameters.get("rope_theta", 10000.0)),
         rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
