@@ -1,0 +1,1 @@
+"""Evaluation of the trait: prompts, metrics, confidence intervals and the report."""
