@@ -1,0 +1,618 @@
+"""Text <-> token ids and chat rendering for the models we load, without torch or transformers.
+
+One :class:`Tokenizer` wraps a `tokenizers` byte-level BPE engine plus what the rest of the project
+needs around it: special ids (eos, pad, end-of-turn), a Jinja chat template rendered the way
+transformers renders it, padded batches as numpy arrays, and each token's decoded text for the
+constrained-decoding grammar.
+
+Two sources:
+
+* ``Tokenizer.from_gguf(path)`` builds the tokenizer from a GGUF file's metadata (vocabulary,
+  merges, token types, special ids, chat template). The pre-tokenizer follows llama.cpp's
+  ``tokenizer.ggml.pre``: for SmolLM2 ("smollm") each digit is split off before the GPT-2 regex,
+  exactly as SmolLM2's own ``tokenizer.json`` does (transformers' GGUF loader does not do this and
+  differs on whitespace runs before digits, e.g. "a  1"; see docs/tokenizer.md).
+* ``Tokenizer.from_hf_dir(path)`` reads a Hugging Face tokenizer directory (``tokenizer.json``,
+  ``tokenizer_config.json``, ``special_tokens_map.json``, ``chat_template.jinja``). Only a
+  directory without ``tokenizer.json`` falls back to ``transformers.AutoTokenizer`` to convert it
+  (transformers imports torch where torch is installed).
+
+The system turn is always explicit (the paper's pitfall: SmolLM2's and Qwen2.5's templates insert a
+default system prompt when none is given): ``render_chat(..., system="...")`` writes that system
+turn; ``system=None`` writes NO system turn at all; ``template_default=True`` keeps the template's
+own default. :func:`system_choice` names the choice for results files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+# GGUF token types (llama.cpp's llama_token_type).
+_GGUF_CONTROL = 3
+_GGUF_USER_DEFINED = 4
+
+# Pre-tokenizer split rules, keyed by GGUF ``tokenizer.ggml.pre``. The SmolLM2 family is
+# llama.cpp's {"\p{N}", GPT-2 regex}, i.e. tokenizers' Digits(individual) then the GPT-2 regex.
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_GPT2 = ("gpt2", "default", "mpt", "olmo", "jais")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT_REGEX = {
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
+}
+SUPPORTED_GGUF_PRE = tuple(sorted(set(_DIGITS_THEN_GPT2 + _GPT2 + tuple(_SPLIT_REGEX))))
+
+# Texts of tokens that end an assistant turn in the chat formats we know (ChatML, Llama 3, Gemma,
+# Phi-3); those present as special tokens join eos in ``end_of_turn_ids``.
+_END_OF_TURN_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
+                      "<end_of_turn>", "<|end|>")
+
+PADDING_SIDES = ("left", "right")
+TRUNCATION_SIDES = ("left", "right")
+
+# Stand-ins used to locate a template's system block. Plain letters, so no template filter
+# (trim, escaping) alters them.
+_SENTINEL_SYSTEM = "SubliminalSentinelSystemTurnQx7"
+_SENTINEL_USER = "SubliminalSentinelUserTurnZk4"
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible byte -> printable character map (byte-level BPE's alphabet)."""
+  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+               + list(range(ord("®"), ord("ÿ") + 1)))
+  mapping, extra = {}, 0
+  for byte in range(256):
+    if byte in printable:
+      mapping[byte] = chr(byte)
+    else:
+      mapping[byte] = chr(256 + extra)
+      extra += 1
+  return mapping
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+  return {char: byte for byte, char in _byte_to_unicode().items()}
+
+
+def system_choice(system: str | None, template_default: bool = False) -> str:
+  """A short, stable name for the system-turn choice, to record in results.
+
+  "none" (no system turn), "template_default" (the template's own default system prompt) or
+  "custom:<first 8 hex of sha256(system)>".
+  """
+  _check_system_args(system, template_default)
+  if template_default:
+    return "template_default"
+  if system is None:
+    return "none"
+  return "custom:" + hashlib.sha256(system.encode("utf-8")).hexdigest()[:8]
+
+
+def _check_system_args(system: str | None, template_default: bool) -> None:
+  if system is not None and not isinstance(system, str):
+    raise TypeError(f"system must be a str or None, got {type(system).__name__}: {system!r}")
+  if template_default and system is not None:
+    raise ValueError(
+        "Pass either system=<text> or template_default=True, not both (got system="
+        f"{system[:60]!r} with template_default=True).")
+
+
+# --- chat templates ------------------------------------------------------------------------------
+
+class _GenerationBlock(jinja2.ext.Extension):
+  """``{% generation %}...{% endgeneration %}`` (used by some templates): renders its body as is."""
+
+  tags = {"generation"}
+
+  def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+    lineno = next(parser.stream).lineno
+    body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+    return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+  def _render_body(self, caller: Any) -> str:
+    return caller()
+
+
+def _raise_exception(message: str) -> None:
+  raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+  # As transformers: plain json.dumps (Jinja's own tojson escapes HTML characters).
+  return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                    sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+  return datetime.datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+  """The template compiled in the sandbox transformers uses, with the same filters and globals."""
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True,
+      extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+  env.filters["tojson"] = _tojson
+  env.globals["raise_exception"] = _raise_exception
+  env.globals["strftime_now"] = _strftime_now
+  return env.from_string(source)
+
+
+# --- the tokenizer -------------------------------------------------------------------------------
+
+class Tokenizer:
+  """Byte-level BPE tokenizer with explicit special ids and a chat template.
+
+  Build it with :meth:`from_gguf` or :meth:`from_hf_dir`. ``encode`` never adds special tokens;
+  special-token text in the input (``<|im_start|>``) is matched whole, as transformers does.
+  """
+
+  def __init__(self, engine: tokenizers.Tokenizer, *, eos_id: int, pad_id: int | None = None,
+               bos_id: int | None = None, unk_id: int | None = None, chat_template: str | None,
+               end_of_turn_ids: Iterable[int] = (), source: str = "") -> None:
+    engine.no_padding()
+    engine.no_truncation()
+    self._engine = engine
+    self.vocab_size: int = engine.get_vocab_size(with_added_tokens=True)
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id),
+                        ("unk_id", unk_id)):
+      if value is not None and not 0 <= value < self.vocab_size:
+        raise ValueError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size}).")
+    self.eos_id: int = int(eos_id)
+    self.pad_id: int = int(pad_id) if pad_id is not None else self.eos_id
+    self.bos_id: int | None = None if bos_id is None else int(bos_id)
+    self.unk_id: int | None = None if unk_id is None else int(unk_id)
+    self.chat_template: str = chat_template or ""
+    self.source = source
+    added = engine.get_added_tokens_decoder()
+    self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+    ends = [self.eos_id] + [int(i) for i in end_of_turn_ids]
+    ends += [i for text in _END_OF_TURN_TEXTS
+             if (i := engine.token_to_id(text)) is not None and i in self.special_ids]
+    self.end_of_turn_ids: tuple[int, ...] = tuple(dict.fromkeys(ends))
+    self._token_texts: list[str] | None = None
+    self._template_kwargs = {
+        name: self.id_to_token(i) for name, i in (
+            ("bos_token", self.bos_id), ("eos_token", self.eos_id),
+            ("unk_token", self.unk_id), ("pad_token", self.pad_id)) if i is not None}
+
+  def __repr__(self) -> str:
+    return (f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id},"
+            f" pad_id={self.pad_id}, bos_id={self.bos_id}, end_of_turn_ids={self.end_of_turn_ids})")
+
+  @property
+  def engine(self) -> tokenizers.Tokenizer:
+    """The underlying `tokenizers.Tokenizer` (no padding, no truncation, no post-processing)."""
+    return self._engine
+
+  # --- construction ---
+
+  @classmethod
+  def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+    """Build the tokenizer from a GGUF file's metadata (reads no tensor data)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"GGUF file not found: {path!r}")
+    import gguf  # local: only this source needs it
+
+    try:
+      reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/struct errors on non-GGUF files
+      raise ValueError(f"{path!r} is not a readable GGUF file: {e}") from e
+    meta = {name: field for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+
+    def value(key: str, default: Any = None) -> Any:
+      field = meta.get(key)
+      return default if field is None else field.contents()
+
+    model_type = value("tokenizer.ggml.model")
+    if model_type != "gpt2":
+      raise ValueError(f"{path!r}: tokenizer.ggml.model is {model_type!r}; only byte-level BPE "
+                       "('gpt2') GGUF tokenizers are supported.")
+    tokens: list[str] = value("tokenizer.ggml.tokens")
+    merges: list[str] = value("tokenizer.ggml.merges")
+    if not tokens or not merges:
+      raise ValueError(f"{path!r}: GGUF metadata lacks tokenizer.ggml.tokens or .merges.")
+    token_types = value("tokenizer.ggml.token_type") or [1] * len(tokens)
+    pre = value("tokenizer.ggml.pre", "default")
+    engine = _byte_level_bpe(tokens, merges, token_types, pre, where=path)
+    return cls(engine,
+               eos_id=value("tokenizer.ggml.eos_token_id"),
+               pad_id=value("tokenizer.ggml.padding_token_id"),
+               bos_id=value("tokenizer.ggml.bos_token_id"),
+               unk_id=value("tokenizer.ggml.unknown_token_id"),
+               chat_template=value("tokenizer.chat_template"),
+               end_of_turn_ids=[i for key in ("tokenizer.ggml.eot_token_id",
+                                              "tokenizer.ggml.eom_token_id")
+                                if (i := value(key)) is not None],
+               source=path)
+
+  @classmethod
+  def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+    """Load a Hugging Face tokenizer directory (``tokenizer.json`` and its configs)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"Tokenizer directory not found: {path!r}")
+    config = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
+    special_map = _read_json(os.path.join(path, "special_tokens_map.json")) or {}
+    tokenizer_file = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tokenizer_file):
+      engine = tokenizers.Tokenizer.from_file(tokenizer_file)
+    else:
+      engine = _convert_with_transformers(path)
+
+    def special_id(name: str) -> int | None:
+      token = config.get(name, special_map.get(name))
+      if isinstance(token, Mapping):
+        token = token.get("content")
+      if token is None:
+        return None
+      token_id = engine.token_to_id(token)
+      if token_id is None:
+        raise ValueError(f"{path!r}: {name} {token!r} is not in the vocabulary.")
+      return token_id
+
+    eos_id = special_id("eos_token")
+    if eos_id is None:
+      raise ValueError(f"{path!r}: no eos_token in tokenizer_config.json or special_tokens_map.json.")
+    generation = _read_json(os.path.join(path, "generation_config.json")) or {}
+    generation_eos = generation.get("eos_token_id")
+    if isinstance(generation_eos, int):
+      generation_eos = [generation_eos]
+    return cls(engine, eos_id=eos_id, pad_id=special_id("pad_token"),
+               bos_id=special_id("bos_token"), unk_id=special_id("unk_token"),
+               chat_template=_read_chat_template(path, config),
+               end_of_turn_ids=generation_eos or (), source=path)
+
+  # --- encoding and decoding ---
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text``; no special tokens are added."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects a str, got {type(text).__name__}: {text!r:.80}")
+    return self._engine.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """``encode`` of each text (in parallel inside `tokenizers`)."""
+    texts = _check_texts(texts)
+    return [e.ids for e in self._engine.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    """Text of ``ids`` (byte-level mapping undone; invalid UTF-8 becomes U+FFFD)."""
+    ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
+    for i in ids:
+      if not 0 <= i < self.vocab_size:
+        raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size}).")
+    return self._engine.decode(ids, skip_special_tokens=skip_special_tokens)
+
+  def id_to_token(self, token_id: int) -> str:
+    """The vocabulary entry (byte-level spelling, e.g. 'Ġ1') of one id."""
+    token = self._engine.id_to_token(int(token_id))
+    if token is None:
+      raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size}).")
+    return token
+
+  def token_bytes(self) -> list[bytes]:
+    """Exact bytes of each id on its own; special tokens give their UTF-8 text."""
+    to_byte = _unicode_to_byte()
+    added = self._engine.get_added_tokens_decoder()
+    out = []
+    for i in range(self.vocab_size):
+      token = self._engine.id_to_token(i)
+      if i in added or token is None or any(ch not in to_byte for ch in token):
+        # Added tokens are stored as plain text, not in the byte alphabet.
+        out.append((token or "").encode("utf-8"))
+      else:
+        out.append(bytes(to_byte[ch] for ch in token))
+    return out
+
+  def token_texts(self) -> list[str]:
+    """Decoded text of each id on its own: ``'Ġ1'`` -> ``' 1'``, ``'Ċ'`` -> ``'\\n'``.
+
+    A token holding part of a multi-byte UTF-8 character decodes to U+FFFD (as
+    ``decode([id])``); special tokens give their literal text (e.g. ``'<|im_end|>'``), see
+    ``special_ids``. Cached; the list is shared, do not modify it.
+    """
+    if self._token_texts is None:
+      self._token_texts = [b.decode("utf-8", errors="replace") for b in self.token_bytes()]
+    return self._token_texts
+
+  def batch_encode(self, texts: Sequence[str], padding_side: str = "left",
+                   max_length: int | None = None, *, truncation: str | None = None,
+                   pad_to_multiple_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Encode and pad: ``(ids int32 [B, T], mask bool [B, T])``, pad id ``pad_id``.
+
+    T is the longest row (rounded up to ``pad_to_multiple_of``). A row longer than ``max_length``
+    is an error unless ``truncation`` says which end to cut: "right" keeps the first
+    ``max_length`` tokens, "left" the last.
+    """
+    if padding_side not in PADDING_SIDES:
+      raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}.")
+    if truncation is not None and truncation not in TRUNCATION_SIDES:
+      raise ValueError(f"truncation must be None or one of {TRUNCATION_SIDES}, got {truncation!r}.")
+    if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
+      raise ValueError(f"max_length must be a positive int or None, got {max_length!r}.")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+      raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}.")
+    rows = self.encode_batch(texts)
+    if max_length is not None:
+      for index, row in enumerate(rows):
+        if len(row) > max_length:
+          if truncation is None:
+            raise ValueError(
+                f"text {index} is {len(row)} tokens, longer than max_length={max_length}; pass "
+                "truncation='right' or 'left' to cut it, or a larger max_length.")
+          rows[index] = row[:max_length] if truncation == "right" else row[len(row) - max_length:]
+    width = max(len(row) for row in rows)
+    if pad_to_multiple_of:
+      width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids = np.full((len(rows), width), self.pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), width), dtype=np.bool_)
+    for index, row in enumerate(rows):
+      span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+      ids[index, span] = row
+      mask[index, span] = True
+    return ids, mask
+
+  # --- chat ---
+
+  def render_chat(self, messages: Sequence[Mapping[str, Any]], *, system: str | None = None,
+                  template_default: bool = False, add_generation_prompt: bool = True) -> str:
+    """The chat as the model's template writes it, with the system turn under explicit control.
+
+    ``system`` given: that system turn. ``system=None`` and ``template_default=False``: no system
+    turn at all, even where the template would insert its default. ``template_default=True``:
+    whatever the template does with no system message (its default system prompt, if any).
+    ``messages`` must not contain a "system" message; pass the text as ``system``.
+    """
+    _check_system_args(system, template_default)
+    messages = _check_messages(messages)
+    if not self.chat_template:
+      raise ValueError(f"Tokenizer from {self.source!r} has no chat template.")
+    if template_default:
+      return self._render(messages, add_generation_prompt)
+    if system is not None:
+      return self._render([{"role": "system", "content": system}] + messages,
+                          add_generation_prompt)
+    return self._render_without_system(messages, add_generation_prompt)
+
+  def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, system: str | None = None,
+                  template_default: bool = False, add_generation_prompt: bool = True) -> list[int]:
+    """``encode(render_chat(...))``."""
+    return self.encode(self.render_chat(messages, system=system, template_default=template_default,
+                                        add_generation_prompt=add_generation_prompt))
+
+  @property
+  def default_system_block(self) -> str:
+    """The text the template inserts when no system message is given ("" if it inserts none)."""
+    return self._system_blocks()[0]
+
+  def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    template = _compile_template(self.chat_template)
+    return template.render(messages=messages, tools=None, documents=None,
+                           add_generation_prompt=add_generation_prompt, **self._template_kwargs)
+
+  def _system_blocks(self) -> tuple[str, str]:
+    """(default block the template inserts, block it writes for the sentinel system text).
+
+    Found by construction: render [system S], [system S, user U] and [user U]; the user turn is
+    what [system S, user U] adds after [system S], and the default block is what [user U] has
+    before that user turn.
+    """
+    if getattr(self, "_blocks_cache", None) is None:
+      system = {"role": "system", "content": _SENTINEL_SYSTEM}
+      user = {"role": "user", "content": _SENTINEL_USER}
+      try:
+        system_only = self._render([system], False)
+        system_user = self._render([system, user], False)
+        user_only = self._render([user], False)
+      except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"Cannot locate the system turn of the chat template of {self.source!r}: "
+                         f"rendering a probe conversation failed: {e}") from e
+      user_turn = system_user[len(system_only):]
+      if (not system_user.startswith(system_only) or _SENTINEL_SYSTEM not in system_only
+          or not user_turn or not user_only.endswith(user_turn)):
+        raise ValueError(f"The chat template of {self.source!r} does not write the system turn as a "
+                         "separate leading block; cannot render it without a system turn.")
+      default_block = user_only[:len(user_only) - len(user_turn)]
+      if system_only.startswith(default_block):
+        # What precedes the user turn is also a prefix of every system turn (e.g. a BOS text):
+        # it is a lead-in, not a default system block.
+        default_block = ""
+      self._blocks_cache = (default_block, system_only)
+    return self._blocks_cache
+
+  def _render_without_system(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    default_block, sentinel_block = self._system_blocks()
+    rendered = self._render(messages, add_generation_prompt)
+    if default_block:
+      if not rendered.startswith(default_block):
+        raise ValueError("The chat template's default system block does not lead the rendered chat;"
+                         " cannot remove it.")
+      rendered = rendered[len(default_block):]
+    # Cross-check by a second construction: a sentinel system turn, then that turn cut off.
+    with_sentinel = self._render([{"role": "system", "content": _SENTINEL_SYSTEM}] + messages,
+                                 add_generation_prompt)
+    if with_sentinel[len(sentinel_block):] != rendered or not with_sentinel.startswith(sentinel_block):
+      raise ValueError("Rendering without a system turn is ambiguous for this chat template: removing"
+                       " the default block and removing an explicit system turn disagree.")
+    return rendered
+
+  # --- saving ---
+
+  def save(self, out_dir: str | os.PathLike) -> None:
+    """Write tokenizer.json, tokenizer_config.json (chat template included), special_tokens_map.json
+    and chat_template.jinja, loadable by ``transformers.AutoTokenizer.from_pretrained(out_dir)``
+    and by :meth:`from_hf_dir`."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    self._engine.save(os.path.join(out_dir, "tokenizer.json"))
+    special = {name: self.id_to_token(i) for name, i in (
+        ("bos_token", self.bos_id), ("eos_token", self.eos_id), ("unk_token", self.unk_id),
+        ("pad_token", self.pad_id)) if i is not None}
+    added = self._engine.get_added_tokens_decoder()
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+        "added_tokens_decoder": {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                     "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(added.items())},
+        **special,
+    }
+    if self.chat_template:
+      config["chat_template"] = self.chat_template
+      with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(self.chat_template)
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    eos_ids = list(self.end_of_turn_ids)
+    _write_json(os.path.join(out_dir, "generation_config.json"),
+                {"eos_token_id": eos_ids, "pad_token_id": self.pad_id,
+                 **({"bos_token_id": self.bos_id} if self.bos_id is not None else {})})
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int],
+                    pre: str, where: str) -> tokenizers.Tokenizer:
+  """A byte-level BPE `tokenizers.Tokenizer` from GGUF vocabulary arrays."""
+  alphabet = set(_byte_to_unicode().values())
+  to_unicode = _byte_to_unicode()
+  # Tokens outside the byte alphabet (rare llama.cpp spellings) are respelled byte by byte, as
+  # transformers' GGUF loader does, so vocabulary and merges agree.
+  vocab = {}
+  for index, token in enumerate(tokens):
+    if not set(token) <= alphabet:
+      token = "".join(to_unicode[b] for b in token.encode("utf-8"))
+    vocab.setdefault(token, index)
+  merge_pairs = []
+  for merge in merges:
+    parts = merge.split(" ")
+    if len(parts) != 2:
+      raise ValueError(f"{where!r}: malformed merge {merge!r} (expected 'left right').")
+    merge_pairs.append((parts[0], parts[1]))
+  engine = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False,
+                                           byte_fallback=False))
+  engine.pre_tokenizer = _gguf_pre_tokenizer(pre, where)
+  engine.decoder = decoders.ByteLevel()
+  control = [AddedToken(t, special=True, normalized=False)
+             for t, kind in zip(tokens, token_types)
+             if kind == _GGUF_CONTROL and set(t) <= alphabet]
+  user_defined = [AddedToken(t, special=False, normalized=False)
+                  for t, kind in zip(tokens, token_types)
+                  if kind == _GGUF_USER_DEFINED and t in vocab]
+  engine.add_special_tokens(control)
+  if user_defined:
+    engine.add_tokens(user_defined)
+  if engine.get_vocab_size(with_added_tokens=True) != len(tokens):
+    raise ValueError(f"{where!r}: built a vocabulary of {engine.get_vocab_size(True)} tokens from "
+                     f"{len(tokens)} GGUF tokens (duplicate or unmappable entries).")
+  return engine
+
+
+def _gguf_pre_tokenizer(pre: str, where: str) -> pre_tokenizers.PreTokenizer:
+  if pre in _DIGITS_THEN_GPT2:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+  if pre in _GPT2:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+  if pre in _SPLIT_REGEX:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_REGEX[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+  raise ValueError(f"{where!r}: unknown GGUF pre-tokenizer tokenizer.ggml.pre={pre!r}; supported: "
+                   f"{', '.join(SUPPORTED_GGUF_PRE)}.")
+
+
+def _convert_with_transformers(path: str) -> tokenizers.Tokenizer:
+  """A directory without tokenizer.json (vocab.json/merges.txt, sentencepiece): let transformers
+  convert it. Imports transformers, which imports torch where installed."""
+  from transformers import AutoTokenizer
+
+  hf = AutoTokenizer.from_pretrained(path)
+  backend = getattr(hf, "backend_tokenizer", None)
+  if backend is None:
+    raise ValueError(f"{path!r}: transformers gave a tokenizer with no fast backend ({type(hf)}).")
+  return tokenizers.Tokenizer.from_str(backend.to_str())
+
+
+def _read_chat_template(path: str, config: Mapping[str, Any]) -> str | None:
+  jinja_file = os.path.join(path, "chat_template.jinja")
+  if os.path.isfile(jinja_file):
+    with open(jinja_file, encoding="utf-8") as f:
+      return f.read()
+  template = (_read_json(os.path.join(path, "chat_template.json")) or {}).get("chat_template")
+  if template is None:
+    template = config.get("chat_template")
+  if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+    named = {entry["name"]: entry["template"] for entry in template}
+    template = named.get("default")
+  return template
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _write_json(path: str, data: Any) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, ensure_ascii=False)
+    f.write("\n")
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+  if isinstance(texts, str):
+    raise TypeError("batch_encode expects a sequence of str, got a single str; wrap it in a list.")
+  texts = list(texts)
+  if not texts:
+    raise ValueError("batch_encode needs at least one text, got an empty sequence.")
+  for index, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise TypeError(f"text {index} is a {type(text).__name__}, expected str: {text!r:.80}")
+  return texts
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+  if isinstance(messages, (str, Mapping)):
+    raise TypeError("messages must be a list of {'role', 'content'} dicts, got "
+                    f"{type(messages).__name__}.")
+  out = []
+  for index, message in enumerate(messages):
+    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+      raise ValueError(f"message {index} must be a dict with 'role' and 'content', got {message!r:.120}")
+    if message["role"] == "system":
+      raise ValueError(f"message {index} has role 'system'; pass the system text as render_chat("
+                       "system=...) so the system turn stays explicit.")
+    if not isinstance(message["content"], str):
+      raise TypeError(f"message {index} content must be a str, got {type(message['content']).__name__}.")
+    out.append({k: v for k, v in message.items() if v is not None})
+  return out
