@@ -192,6 +192,7 @@ class Tokenizer:
              if (i := engine.token_to_id(text)) is not None and i in self.special_ids]
     self.end_of_turn_ids: tuple[int, ...] = tuple(dict.fromkeys(ends))
     self._token_texts: list[str] | None = None
+    self._layout: tuple[str, str, str] | None = None
     self._template_kwargs = {
         name: self.id_to_token(i) for name, i in (
             ("bos_token", self.bos_id), ("eos_token", self.eos_id),
@@ -406,21 +407,23 @@ class Tokenizer:
   @property
   def default_system_block(self) -> str:
     """The text the template inserts when no system message is given ("" if it inserts none)."""
-    return self._system_blocks()[0]
+    return self._system_layout()[1]
 
   def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
     template = _compile_template(self.chat_template)
     return template.render(messages=messages, tools=None, documents=None,
                            add_generation_prompt=add_generation_prompt, **self._template_kwargs)
 
-  def _system_blocks(self) -> tuple[str, str]:
-    """(default block the template inserts, block it writes for the sentinel system text).
+  def _system_layout(self) -> tuple[str, str, str]:
+    """(lead-in, default system block, sentinel system block) of this template.
 
-    Found by construction: render [system S], [system S, user U] and [user U]; the user turn is
-    what [system S, user U] adds after [system S], and the default block is what [user U] has
-    before that user turn.
+    Found by construction from three probe renders: [system S], [system S, user U], [user U]. The
+    user turn is what [system S, user U] adds after [system S]; what [user U] writes before that
+    user turn is the default system block, unless it is also a prefix of [system S] (e.g. a BOS
+    text written before every chat): then it is a lead-in kept in every rendering, and the
+    template has no default.
     """
-    if getattr(self, "_blocks_cache", None) is None:
+    if self._layout is None:
       system = {"role": "system", "content": _SENTINEL_SYSTEM}
       user = {"role": "user", "content": _SENTINEL_USER}
       try:
@@ -435,26 +438,25 @@ class Tokenizer:
           or not user_turn or not user_only.endswith(user_turn)):
         raise ValueError(f"The chat template of {self.source!r} does not write the system turn as a "
                          "separate leading block; cannot render it without a system turn.")
-      default_block = user_only[:len(user_only) - len(user_turn)]
-      if system_only.startswith(default_block):
-        # What precedes the user turn is also a prefix of every system turn (e.g. a BOS text):
-        # it is a lead-in, not a default system block.
-        default_block = ""
-      self._blocks_cache = (default_block, system_only)
-    return self._blocks_cache
+      before_user = user_only[:len(user_only) - len(user_turn)]
+      if system_only.startswith(before_user):
+        self._layout = (before_user, "", system_only[len(before_user):])
+      else:
+        self._layout = ("", before_user, system_only)
+    return self._layout
 
   def _render_without_system(self, messages: list[dict], add_generation_prompt: bool) -> str:
-    default_block, sentinel_block = self._system_blocks()
+    lead, default_block, sentinel_block = self._system_layout()
     rendered = self._render(messages, add_generation_prompt)
-    if default_block:
-      if not rendered.startswith(default_block):
-        raise ValueError("The chat template's default system block does not lead the rendered chat;"
-                         " cannot remove it.")
-      rendered = rendered[len(default_block):]
-    # Cross-check by a second construction: a sentinel system turn, then that turn cut off.
+    if not rendered.startswith(lead + default_block):
+      raise ValueError("The chat template's default system block does not lead the rendered chat;"
+                       " cannot remove it.")
+    rendered = lead + rendered[len(lead) + len(default_block):]
+    # Cross-check by a second construction: a sentinel system turn, then that turn cut out.
     with_sentinel = self._render([{"role": "system", "content": _SENTINEL_SYSTEM}] + messages,
                                  add_generation_prompt)
-    if with_sentinel[len(sentinel_block):] != rendered or not with_sentinel.startswith(sentinel_block):
+    if (not with_sentinel.startswith(lead + sentinel_block)
+        or lead + with_sentinel[len(lead) + len(sentinel_block):] != rendered):
       raise ValueError("Rendering without a system turn is ambiguous for this chat template: removing"
                        " the default block and removing an explicit system turn disagree.")
     return rendered
@@ -490,10 +492,6 @@ class Tokenizer:
         f.write(self.chat_template)
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
     _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
-    eos_ids = list(self.end_of_turn_ids)
-    _write_json(os.path.join(out_dir, "generation_config.json"),
-                {"eos_token_id": eos_ids, "pad_token_id": self.pad_id,
-                 **({"bos_token_id": self.bos_id} if self.bos_id is not None else {})})
 
 
 # --- helpers -------------------------------------------------------------------------------------
