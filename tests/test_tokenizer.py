@@ -55,6 +55,7 @@ CORPUS = [
 ] * 10
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+USER_DEFINED = "<think>"  # GGUF token type 4: matched whole, but not special (kept by decode)
 
 SMOLLM_PRE = pre_tokenizers.Sequence([
     pre_tokenizers.Digits(individual_digits=True),
@@ -68,7 +69,7 @@ QWEN2_PRE = pre_tokenizers.Sequence([
 PROBES = [
     "182, 818, 725", "1,2;3.4\n5", "a  1", "x   12 ", "hello\n\n  world", "  leading", "trailing   ",
     "tab\tsep", "café naïve", "日本語", "😀🦉", "It's 3.14159!", "<|im_start|>user\nhi<|im_end|>",
-    "<|endoftext|>x<|im_end|>", "", " ", "\n",
+    "<|endoftext|>x<|im_end|>", "", " ", "\n", "a<think>b 2",
 ]
 
 
@@ -76,7 +77,8 @@ def _train_bpe(pre_tokenizer) -> tokenizers.Tokenizer:
   engine = tokenizers.Tokenizer(models.BPE())
   engine.pre_tokenizer = pre_tokenizer
   engine.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
+  trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS + [USER_DEFINED],
+                                show_progress=False,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   engine.train_from_iterator(CORPUS, trainer)
   return engine
@@ -100,7 +102,8 @@ def _write_gguf(path, engine: tokenizers.Tokenizer, pre: str, template: str | No
   writer.add_tokenizer_model("gpt2")
   writer.add_tokenizer_pre(pre)
   writer.add_token_list(tokens)
-  writer.add_token_types([3 if token in SPECIALS else 1 for token in tokens])
+  writer.add_token_types([3 if token in SPECIALS else 4 if token == USER_DEFINED else 1
+                          for token in tokens])
   writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
   writer.add_bos_token_id(1)
   writer.add_eos_token_id(2)
@@ -142,6 +145,9 @@ def test_gguf_ids_match_the_trained_tokenizer(tiny_dir, name):
   for text in PROBES + CORPUS[:3]:
     assert ours.encode(text) == trained[name].encode(text, add_special_tokens=False).ids, text
   assert ours.special_ids == {0, 1, 2}
+  think = ours.engine.token_to_id(USER_DEFINED)
+  assert ours.encode("a<think>b")[1] == think == 3
+  assert ours.decode(ours.encode("a<think>b<|im_end|>")) == "a<think>b"
 
 
 def test_qwen2_pre_tokenizer_matches_transformers_gguf_loader(tiny_dir):
@@ -437,6 +443,20 @@ def test_smollm2_chat_templates_match_transformers(smol, smol_ref):
   assert "<|im_start|>system" not in none and "SmolLM" not in none
   assert none == f"<|im_start|>user\n{chat[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
   assert smol.encode_chat(chat) == smol_ref.encode(none, add_special_tokens=False)
+
+
+@pytest.mark.slow
+def test_smollm2_from_hf_dir_reads_transformers_save(smol, smol_ref, tmp_path):
+  """transformers writes the template to chat_template.jinja, not tokenizer_config.json."""
+  smol_ref.save_pretrained(tmp_path)
+  ours = Tokenizer.from_hf_dir(tmp_path)
+  assert (ours.eos_id, ours.pad_id, ours.bos_id, ours.vocab_size) == (2, 2, 1, 49152)
+  for text in AGREEING:
+    assert ours.encode(text) == smol_ref.encode(text, add_special_tokens=False), text
+  chat = [{"role": "user", "content": "hi"}]
+  assert ours.render_chat(chat, template_default=True) == smol_ref.apply_chat_template(
+      chat, tokenize=False, add_generation_prompt=True)
+  assert ours.render_chat(chat) == smol.render_chat(chat)
 
 
 @pytest.mark.slow
