@@ -192,7 +192,7 @@ class Tokenizer:
              if (i := engine.token_to_id(text)) is not None and i in self.special_ids]
     self.end_of_turn_ids: tuple[int, ...] = tuple(dict.fromkeys(ends))
     self._token_texts: list[str] | None = None
-    self._layout: tuple[str, str, str] | None = None
+    self._layout: tuple[str, tuple[str, str, str]] | None = None
     self._template_kwargs = {
         name: self.id_to_token(i) for name, i in (
             ("bos_token", self.bos_id), ("eos_token", self.eos_id),
@@ -301,7 +301,11 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     """Text of ``ids`` (byte-level mapping undone; invalid UTF-8 becomes U+FFFD)."""
-    ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
+    array = np.asarray(ids, dtype=np.int64)
+    if array.ndim > 1:
+      raise ValueError(f"decode takes one sequence of ids, got an array of shape {array.shape}; "
+                       "decode each row.")
+    ids = array.reshape(-1).tolist()
     for i in ids:
       if not 0 <= i < self.vocab_size:
         raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size}).")
@@ -423,7 +427,7 @@ class Tokenizer:
     text written before every chat): then it is a lead-in kept in every rendering, and the
     template has no default.
     """
-    if self._layout is None:
+    if self._layout is None or self._layout[0] != self.chat_template:
       system = {"role": "system", "content": _SENTINEL_SYSTEM}
       user = {"role": "user", "content": _SENTINEL_USER}
       try:
@@ -440,10 +444,11 @@ class Tokenizer:
                          "separate leading block; cannot render it without a system turn.")
       before_user = user_only[:len(user_only) - len(user_turn)]
       if system_only.startswith(before_user):
-        self._layout = (before_user, "", system_only[len(before_user):])
+        layout = (before_user, "", system_only[len(before_user):])
       else:
-        self._layout = ("", before_user, system_only)
-    return self._layout
+        layout = ("", before_user, system_only)
+      self._layout = (self.chat_template, layout)  # keyed: chat_template is a public attribute
+    return self._layout[1]
 
   def _render_without_system(self, messages: list[dict], add_generation_prompt: bool) -> str:
     lead, default_block, sentinel_block = self._system_layout()

@@ -248,6 +248,8 @@ def test_bad_inputs(tiny, tmp_path):
     tiny.render_chat([{"role": "user"}])
   with pytest.raises(ValueError, match="token id 330 is outside the vocabulary"):
     tiny.decode([1, 330])
+  with pytest.raises(ValueError, match=r"one sequence of ids, got an array of shape \(2, 1\)"):
+    tiny.decode(np.array([[1], [2]]))
   with pytest.raises(TypeError, match="encode expects a str"):
     tiny.encode(123)
 
@@ -273,6 +275,18 @@ def test_render_chat_modes_chatml_with_default(tiny):
       "<|im_start|>user\nName an animal.<|im_end|>\n<|im_start|>assistant\nOwl.<|im_end|>\n"
       "<|im_start|>user\nAgain.<|im_end|>\n")
   assert tiny.default_system_block == "<|im_start|>system\nYou are a tiny default assistant<|im_end|>\n"
+
+
+def test_changing_the_template_relocates_the_system_block(tiny_dir):
+  tok = Tokenizer.from_gguf(tiny_dir[0] / "smollm.gguf")
+  chat = [{"role": "user", "content": "hi"}]
+  assert tok.render_chat(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+  tok.chat_template = QWEN_LIKE
+  assert tok.default_system_block == "<|im_start|>system\nYou are Tiny, a default.<|im_end|>\n"
+  assert tok.render_chat(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+  tok.chat_template = "{{ messages[0]['content'] }}"  # no turns at all: refuse, do not guess
+  with pytest.raises(ValueError, match="does not write the system turn as a separate leading block"):
+    tok.render_chat(chat)
 
 
 def test_render_chat_qwen_like_and_bos_templates(tiny_dir):
