@@ -88,7 +88,9 @@ def word_boundary_mask(tokenizer: ChatTokenizer, vocab_size: int) -> np.ndarray:
   """bool [vocab_size]: tokens that end a word when they follow one.
 
   A token ends the word before it when its text does not start with a letter (``str.isalpha``),
-  when its text is empty, or when it is an end-of-turn / eos token. Ids past the tokenizer's
+  when its text is empty, or when it is a special, end-of-turn or eos token. (A byte fragment of a
+  multi-byte character decodes to U+FFFD, not a letter, so it counts as a boundary: "Owlé" would
+  count as "Owl"; such continuations carry negligible probability.) Ids past the tokenizer's
   vocabulary (padding rows of a model's embedding) are never a boundary.
   """
   texts = tokenizer.token_texts()
@@ -97,7 +99,8 @@ def word_boundary_mask(tokenizer: ChatTokenizer, vocab_size: int) -> np.ndarray:
   mask = np.zeros(vocab_size, dtype=bool)
   for i, text in enumerate(texts):
     mask[i] = not text or not text[0].isalpha()
-  for i in tuple(tokenizer.end_of_turn_ids) + (tokenizer.eos_id,):
+  for i in (tuple(tokenizer.end_of_turn_ids) + (tokenizer.eos_id,)
+            + tuple(getattr(tokenizer, "special_ids", ()))):
     mask[i] = True
   return mask
 
@@ -397,24 +400,26 @@ def sampled_preference(model: Transformer, tokenizer: ChatTokenizer, questions: 
                        panel: Sequence[str], *, samples_per_question: int, seed: int,
                        system: str | None = None, template_default: bool = False,
                        max_new_tokens: int = 8, batch_size: int = 64, temperature: float = 1.0,
-                       **sample_kwargs: Any) -> SampledPreference:
+                       progress: bool = False, **sample_kwargs: Any) -> SampledPreference:
   """The paper's metric: ``samples_per_question`` answers per question (temperature 1 by default).
 
-  Each question is repeated ``samples_per_question`` times in one ``generate_chat`` call, so every
-  answer is its own sampler row (own rng stream from ``seed`` and the row id).
+  Sampling is ``sampling.sampler.generate_chat``: answer j of question i is sampler row
+  ``i * samples_per_question + j`` with its own rng stream (``seed`` and the row id), so the
+  answers do not depend on ``batch_size``.
   """
   from subliminal_jax.sampling import sampler  # the sampler imports the model stack; import late
 
   if samples_per_question < 1:
     raise ValueError(f"samples_per_question={samples_per_question} must be positive")
   questions = tuple(questions)
-  prompts = [q for q in questions for _ in range(samples_per_question)]
-  texts = sampler.generate_chat((model, tokenizer), prompts, system=system,
-                                template_default=template_default, n_per_prompt=1,
-                                batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
-                                temperature=temperature, **sample_kwargs)
-  if len(texts) != len(prompts):
-    raise RuntimeError(f"generate_chat returned {len(texts)} answers for {len(prompts)} prompts")
+  texts = sampler.generate_chat((model, tokenizer), list(questions), system=system,
+                                template_default=template_default,
+                                n_per_prompt=samples_per_question, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
+                                progress=progress, **sample_kwargs)
+  expected = len(questions) * samples_per_question
+  if len(texts) != expected:
+    raise RuntimeError(f"generate_chat returned {len(texts)} answers, expected {expected}")
   answers = tuple(tuple(texts[i * samples_per_question:(i + 1) * samples_per_question])
                   for i in range(len(questions)))
   return SampledPreference(questions, tuple(panel), answers, mention_rates(answers, panel))
@@ -525,7 +530,7 @@ def evaluate_trait(model: Transformer, tokenizer: ChatTokenizer, *, target: str,
     sampled = sampled_preference(model, tokenizer, questions, panel,
                                  samples_per_question=samples_per_question, seed=seed,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 **chat, **sample_kwargs)
+                                 progress=progress, mesh=mesh, **chat, **sample_kwargs)
     metrics["sampled_rate"] = sampled.target_rate(target)
     samples = sampled.answers
   if multiple_choice:
