@@ -184,7 +184,7 @@ def _minimise(table: np.ndarray, accepting: np.ndarray, initial: int):
       break
     num_blocks = new_num_blocks
   representative = np.zeros(num_blocks, np.int64)
-  representative[block[::-1]] = np.arange(len(block))[::-1]  # first state of each block
+  representative[block] = np.arange(len(block))  # any member will do: they are equivalent
   # Breadth-first renumbering from the initial block.
   order = [int(block[initial])]
   seen = {order[0]}
