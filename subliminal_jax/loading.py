@@ -1,0 +1,149 @@
+"""One entry point for a model, its tokenizer and config: ``load("smollm2" | HF dir | .gguf)``.
+
+``load`` picks the reader from the source (the embedded SmolLM2, a Hugging Face safetensors
+directory, or a GGUF file), checks every tensor's shape against the config before reading data,
+builds the model with each parameter placed directly in its sharding when a mesh is given, and
+fingerprints the weights so that experiment stages can tell whether their base model changed.
+:func:`export_hf` writes a model back out as an HF directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from subliminal_jax.models.transformer import Transformer, TransformerConfig
+from subliminal_jax.tokenizer import Tokenizer
+from subliminal_jax.weights import embedded, hf_layout
+from subliminal_jax.weights.export import export_hf
+from subliminal_jax.weights.gguf import GGUFReader
+from subliminal_jax.weights.safetensors_dir import SafetensorsDir
+
+__all__ = ["Loaded", "load", "export_hf", "fingerprint_files"]
+
+log = logging.getLogger(__name__)
+
+_GGUF_MAGIC = b"GGUF"
+# Files of an HF directory besides the weights that change what a loaded model does.
+_HF_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+_HASH_CHUNK = 8 * 2**20
+_file_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A loaded model with what belongs to it.
+
+  ``tokenizer`` is None only for an HF directory that holds weights without tokenizer files.
+  ``fingerprint`` is a sha256 hex digest of the weight (and config/tokenizer) files' bytes and the
+  dtype settings: equal fingerprints mean the same model with the same numerics.
+  """
+
+  model: Transformer
+  tokenizer: Tokenizer | None
+  config: TransformerConfig
+  source: str
+  fingerprint: str
+
+
+def _file_digest(path: str) -> str:
+  stat = os.stat(path)
+  key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+  if key not in _file_digests:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=stat.st_size, unit="B", unit_scale=True, leave=False,
+                                     desc=f"hashing {os.path.basename(path)}",
+                                     disable=stat.st_size < 256 * 2**20) as bar:
+      while chunk := f.read(_HASH_CHUNK):
+        digest.update(chunk)
+        bar.update(len(chunk))
+    _file_digests[key] = digest.hexdigest()
+  return _file_digests[key]
+
+
+def fingerprint_files(files: list[str], **settings: Any) -> str:
+  """sha256 over the files' contents (by base name, in name order) and ``settings``."""
+  entries = sorted((os.path.basename(f), _file_digest(f)) for f in files)
+  payload = json.dumps({"files": entries, "settings": settings}, sort_keys=True)
+  return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _source_kind(source: str) -> tuple[str, str]:
+  """("gguf" | "hf", path) for a source string."""
+  if source in embedded.EMBEDDED_NAMES:
+    return "gguf", embedded.resolve(source)
+  path = os.path.expanduser(source)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"model source {source!r} not found: expected an embedded name {list(embedded.EMBEDDED_NAMES)},"
+        " an HF model directory (config.json + safetensors) or a .gguf file")
+  if os.path.isdir(path):
+    return "hf", path
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic == _GGUF_MAGIC:
+    return "gguf", path
+  if path.endswith(".safetensors") or os.path.basename(path) == "config.json":
+    raise ValueError(f"{source!r} is a file inside an HF model directory; pass the directory "
+                     f"{os.path.dirname(os.path.abspath(path))!r} instead")
+  raise ValueError(f"{source!r} is neither a GGUF file (magic {magic!r}, expected {_GGUF_MAGIC!r}) "
+                   "nor an HF model directory")
+
+
+def _hf_tokenizer(path: str) -> Tokenizer | None:
+  if not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+    log.warning("%s has no tokenizer files (tokenizer.json); Loaded.tokenizer is None", path)
+    return None
+  return Tokenizer.from_hf_dir(path)
+
+
+def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
+         mesh: Mesh | None = None) -> Loaded:
+  """Loads a model, its tokenizer and config.
+
+  Args:
+    source: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF), a path to an HF model
+      directory (``config.json`` + ``model.safetensors`` or a sharded index; model_type llama or
+      qwen2) or a path to a llama-architecture ``.gguf`` file.
+    dtype: compute dtype of activations and matmuls (logits are float32 regardless).
+    param_dtype: storage dtype of the parameters; defaults to ``dtype``.
+    mesh: place every parameter directly in its sharding on this mesh (no full copy on one device).
+
+  Raises:
+    FileNotFoundError: the source does not exist (or the embedded package is not installed).
+    ValueError: unsupported architecture / model_type / tensor type, truncated or corrupt files,
+      tensors whose shapes disagree with the config (each message names the offending item).
+  """
+  source = os.fspath(source)
+  param_dtype = param_dtype or dtype
+  kind, path = _source_kind(source)
+  reader: GGUFReader | SafetensorsDir
+  if kind == "gguf":
+    reader = GGUFReader(path, dtype=dtype, param_dtype=param_dtype)
+    side_files: list[str] = []
+  else:
+    reader = SafetensorsDir(path, dtype=dtype, param_dtype=param_dtype)
+    side_files = [os.path.join(path, n) for n in _HF_SIDE_FILES if os.path.isfile(os.path.join(path, n))]
+  config = reader.config
+  reader.check()  # shapes and tensor types, before any tensor data is read
+  tokenizer = Tokenizer.from_gguf(path) if kind == "gguf" else _hf_tokenizer(path)
+  if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+    raise ValueError(f"{source!r}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                     f"vocab_size is {config.vocab_size}")
+  fingerprint = fingerprint_files(reader.weight_files() + side_files, dtype=dtype,
+                                  param_dtype=param_dtype)
+  num_tensors = len(hf_layout.expected_hf_shapes(config))
+  name = source if source in embedded.EMBEDDED_NAMES else os.path.basename(os.path.normpath(path))
+  with tqdm(total=num_tensors, desc=f"loading {name}", unit="tensor", leave=False) as bar:
+    model = reader.model(mesh, progress=lambda _: bar.update())
+  return Loaded(model=model, tokenizer=tokenizer, config=config,
+                source=source if source in embedded.EMBEDDED_NAMES else os.path.abspath(path),
+                fingerprint=fingerprint)

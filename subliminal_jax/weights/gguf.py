@@ -1,0 +1,231 @@
+"""Reading llama-architecture GGUF files (llama.cpp's format) into our model.
+
+A GGUF file holds metadata (architecture hyperparameters, the tokenizer) and tensors, possibly
+block-quantized. :class:`GGUFReader` turns the metadata into a :class:`TransformerConfig` and each
+tensor, on request, into a float32 array in HF names and HF orientation, so that
+:func:`subliminal_jax.weights.hf_layout.model_from_hf_tensors` builds the model exactly as it does
+from a safetensors directory. Two things differ from HF checkpoints and are undone here:
+
+* quantized blocks (F16, BF16, Q8_0, Q4_0, Q4_1 are dequantized with ``gguf.quants.dequantize``;
+  any other type is refused with the list of supported ones rather than guessed at);
+* llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` from HF's rotate-half RoPE
+  layout into interleaved pairs (``convert_hf_to_gguf.py``, ``LlamaModel.permute``); the inverse
+  permutation here matches transformers' own GGUF loader (``_reverse_permute_weights``).
+
+Tensor data is memory-mapped: nothing is read or dequantized until a tensor is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import gguf as gguf_lib
+import numpy as np
+from jax.sharding import Mesh
+
+from subliminal_jax.models.transformer import Transformer, TransformerConfig
+from subliminal_jax.weights import hf_layout
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+# GGUF tensor name (inside one block) -> HF name (inside one layer).
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+  """The HF name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``),
+  or None for tensors the model does not use."""
+  if gguf_name in _GLOBAL_NAMES:
+    return _GLOBAL_NAMES[gguf_name]
+  parts = gguf_name.split(".")
+  if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+  return None
+
+
+def unpermute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's rotary row permutation of a q or k projection ([out, in] or a bias [out]).
+
+  Within each head llama.cpp stores rows as interleaved pairs (0, d/2, 1, d/2+1, ...); HF keeps
+  the two halves apart. ``num_heads`` is the number of query heads for q, of kv heads for k.
+  """
+  rows = w.shape[0]
+  if rows % (2 * num_heads):
+    raise ValueError(f"cannot unpermute a tensor with {rows} rows over {num_heads} heads")
+  return w.reshape(num_heads, rows // num_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """llama.cpp's converter permutation (the inverse of :func:`unpermute_rotary`), for writing GGUF."""
+  rows = w.shape[0]
+  return w.reshape(num_heads, 2, rows // num_heads // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFReader:
+  """A llama-architecture GGUF file as a config plus HF-named float32 tensors.
+
+  ``reader.config`` is the model's :class:`TransformerConfig`; ``reader.get(hf_name)`` dequantizes
+  one tensor (q/k rows unpermuted); ``reader.shapes()`` gives every HF tensor's shape without
+  reading data; ``reader.tensor_types()`` the stored type of each GGUF tensor.
+  """
+
+  def __init__(self, path: str | os.PathLike, **config_overrides: Any):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"GGUF file not found: {path!r}")
+    if not os.path.isfile(path):
+      raise ValueError(f"{path!r} is not a file; a GGUF source must be a .gguf file")
+    self.path = path
+    try:
+      self._reader = gguf_lib.GGUFReader(path)
+    except Exception as e:  # the library raises ValueError, IndexError, struct errors on bad bytes
+      raise ValueError(f"{path!r} is not a readable GGUF file (truncated or corrupt?): "
+                       f"{type(e).__name__}: {e} (file size {os.path.getsize(path):,} bytes)") from e
+    self._check_complete()
+    self.architecture = self._field("general.architecture")
+    if self.architecture not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(f"{path!r}: GGUF architecture {self.architecture!r} is not supported; "
+                       f"supported: {list(SUPPORTED_ARCHITECTURES)}")
+    self._tensors = {t.name: t for t in self._reader.tensors}
+    self._hf_to_gguf = {hf: name for name in self._tensors if (hf := hf_name(name)) is not None}
+    self.config = self._read_config(**config_overrides)
+
+  # --- metadata ---
+
+  def _field(self, key: str, default: Any = None) -> Any:
+    field = self._reader.fields.get(key)
+    return default if field is None else field.contents()
+
+  def metadata(self) -> dict[str, Any]:
+    """All metadata fields except the (large) tokenizer arrays."""
+    large = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+             "tokenizer.ggml.scores")
+    return {k: f.contents() for k, f in self._reader.fields.items() if k not in large}
+
+  def _check_complete(self) -> None:
+    # The library memory-maps lazily in some versions; check that every tensor lies in the file.
+    size = os.path.getsize(self.path)
+    for t in self._reader.tensors:
+      end = t.data_offset + t.n_bytes
+      if end > size or t.data.nbytes != t.n_bytes:
+        raise ValueError(f"{self.path!r} is truncated: tensor {t.name!r} needs bytes up to {end:,}, "
+                         f"the file has {size:,}")
+
+  def _read_config(self, **overrides: Any) -> TransformerConfig:
+    arch = self.architecture
+
+    def required(key: str) -> Any:
+      value = self._field(f"{arch}.{key}")
+      if value is None:
+        raise ValueError(f"{self.path!r}: GGUF metadata lacks {arch}.{key}")
+      return value
+
+    hidden = int(required("embedding_length"))
+    num_heads = int(required("attention.head_count"))
+    num_kv_heads = int(self._field(f"{arch}.attention.head_count_kv", num_heads))
+    head_dim = int(self._field(f"{arch}.attention.key_length", hidden // num_heads))
+    rope_dims = int(self._field(f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+      raise ValueError(f"{self.path!r}: partial rotary embeddings ({arch}.rope.dimension_count="
+                       f"{rope_dims}, head_dim={head_dim}) are not supported")
+    scaling = self._field(f"{arch}.rope.scaling.type")
+    if (scaling not in (None, "none")) or "rope_freqs.weight" in self._tensors:
+      raise ValueError(f"{self.path!r}: RoPE scaling in GGUF files ({scaling or 'rope_freqs.weight'}) "
+                       "is not supported; load the model's HF safetensors directory instead")
+    tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+      vocab_size = len(tokens.data)
+    elif self._field(f"{arch}.vocab_size") is not None:
+      vocab_size = int(self._field(f"{arch}.vocab_size"))
+    elif "token_embd.weight" in self._tensors:
+      vocab_size = int(self._tensors["token_embd.weight"].shape[-1])
+    else:
+      raise ValueError(f"{self.path!r}: no vocabulary size (no tokenizer.ggml.tokens, "
+                       f"{arch}.vocab_size or token_embd.weight)")
+    eps = float(required("attention.layer_norm_rms_epsilon"))
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(required("feed_forward_length")),
+        num_layers=int(required("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rope_theta=float(self._field(f"{arch}.rope.freq_base", 10000.0)),
+        # Stored as float32 (1e-5 reads 9.99999974e-06); 7 significant digits recover the intent.
+        rms_norm_eps=float(f"{eps:.7g}"),
+        tie_embeddings="output.weight" not in self._tensors,
+        attention_bias="blk.0.attn_q.bias" in self._tensors,
+        max_position_embeddings=int(self._field(f"{arch}.context_length", 8192)),
+        model_type="llama",
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+  # --- tensors ---
+
+  def tensor_types(self) -> dict[str, str]:
+    """GGUF tensor name -> stored type name (``"Q4_1"``, ``"F32"``, ...)."""
+    return {name: t.tensor_type.name for name, t in self._tensors.items()}
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """HF name -> HF shape of every model tensor in the file (no data is read)."""
+    return {hf: tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+            for hf, name in self._hf_to_gguf.items()}
+
+  def get(self, name: str) -> np.ndarray:
+    """One tensor by HF name, dequantized to float32, in HF layout."""
+    if name not in self._hf_to_gguf:
+      raise KeyError(f"{self.path!r} has no tensor for {name!r}")
+    gguf_name = self._hf_to_gguf[name]
+    w = self.dequantize(gguf_name)
+    if ".attn_q." in gguf_name:
+      w = unpermute_rotary(w, self.config.num_heads)
+    elif ".attn_k." in gguf_name:
+      w = unpermute_rotary(w, self.config.num_kv_heads)
+    return w
+
+  def dequantize(self, gguf_name: str) -> np.ndarray:
+    """One tensor by GGUF name, as stored (no unpermutation), dequantized to float32."""
+    t = self._tensors[gguf_name]
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED_TENSOR_TYPES:
+      raise ValueError(f"{self.path!r}: tensor {gguf_name!r} has type {kind}, which is not "
+                       f"supported; supported types: {list(SUPPORTED_TENSOR_TYPES)}")
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    w = gguf_lib.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    return np.asarray(w, dtype=np.float32).reshape(shape)
+
+  def check(self) -> None:
+    """Raises a clear error if tensors are missing, misshapen or of an unsupported type."""
+    hf_layout.check_shapes(self.config, self.shapes(), self.path)
+    for hf in hf_layout.expected_hf_shapes(self.config):
+      gguf_name = self._hf_to_gguf[hf]
+      kind = self._tensors[gguf_name].tensor_type.name
+      if kind not in SUPPORTED_TENSOR_TYPES:
+        raise ValueError(f"{self.path!r}: tensor {gguf_name!r} has type {kind}, which is not "
+                         f"supported; supported types: {list(SUPPORTED_TENSOR_TYPES)}")
+
+  def model(self, mesh: Mesh | None = None,
+            progress: Callable[[str], None] | None = None) -> Transformer:
+    """The model with this file's weights (checked first, so a bad file fails before any work)."""
+    self.check()
+
+    def get(name: str) -> np.ndarray:
+      if progress is not None:
+        progress(name)
+      return self.get(name)
+
+    return hf_layout.model_from_hf_tensors(self.config, get, mesh)
+
+  def weight_files(self) -> list[str]:
+    return [self.path]

@@ -1,0 +1,124 @@
+"""Reading a Hugging Face model directory (config.json + safetensors) into our model.
+
+The directory is what ``save_pretrained`` writes for ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``
+(Llama 3.x, SmolLM2, Qwen2.5, ...): ``config.json`` plus either ``model.safetensors`` or shards
+listed in ``model.safetensors.index.json``. Tensors are read one at a time through safetensors'
+numpy API (memory-mapped), so a sharded multi-GB checkpoint never sits in memory twice; every
+shape is checked against the config before any data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+import safetensors
+from jax.sharding import Mesh
+
+from subliminal_jax.models.transformer import Transformer, TransformerConfig
+from subliminal_jax.weights import hf_layout
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _open(path: str):
+  try:
+    return safetensors.safe_open(path, framework="numpy")
+  except Exception as e:  # SafetensorError on truncated or corrupt headers
+    raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+class SafetensorsDir:
+  """An HF model directory as a config plus HF-named tensors read lazily.
+
+  ``d.config`` is the :class:`TransformerConfig` from ``config.json``; ``d.shapes()`` maps each
+  tensor name to its shape (headers only); ``d.get(name)`` reads one tensor as a numpy array in its
+  stored dtype (bfloat16 via ml_dtypes).
+  """
+
+  def __init__(self, path: str | os.PathLike, **config_overrides: Any):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"model directory not found: {path!r}")
+    if not os.path.isdir(path):
+      raise ValueError(f"{path!r} is not a directory; an HF source must be a directory holding "
+                       "config.json and model.safetensors (or a sharded index)")
+    self.path = path
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f"{path!r} has no config.json; expected an HF model directory "
+                              "(config.json + model.safetensors)")
+    try:
+      with open(config_path, encoding="utf-8") as f:
+        self.hf_config: dict[str, Any] = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{config_path!r} is not valid JSON: {e}") from e
+    try:
+      self.config = TransformerConfig.from_hf(self.hf_config, **config_overrides)
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"{config_path!r}: {e if isinstance(e, ValueError) else f'missing key {e}'}"
+                       ) from e
+    self._file_of = self._tensor_files()
+    self._shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(self._file_of.values())):
+      with _open(file) as f:
+        for name in f.keys():
+          if self._file_of.get(name) == file:
+            self._shapes[name] = tuple(f.get_slice(name).get_shape())
+    listed_missing = sorted(set(self._file_of) - set(self._shapes))
+    if listed_missing:
+      raise ValueError(f"{path!r}: the index lists tensors its shards do not hold: "
+                       f"{listed_missing[:5]}")
+
+  def _tensor_files(self) -> dict[str, str]:
+    single = os.path.join(self.path, SINGLE_FILE)
+    index = os.path.join(self.path, INDEX_FILE)
+    if os.path.isfile(index):
+      try:
+        with open(index, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{index!r} is not a safetensors index (a JSON object with weight_map): "
+                         f"{e}") from e
+      files = {name: os.path.join(self.path, shard) for name, shard in weight_map.items()}
+      absent = sorted({f for f in files.values() if not os.path.isfile(f)})
+      if absent:
+        raise FileNotFoundError(f"{index!r} lists shards that are missing: {absent[:3]}")
+      return files
+    if os.path.isfile(single):
+      with _open(single) as f:
+        return {name: single for name in f.keys()}
+    present = sorted(os.listdir(self.path))
+    raise FileNotFoundError(f"{self.path!r} has neither {SINGLE_FILE} nor {INDEX_FILE} "
+                            f"(it holds {present[:10]}); PyTorch .bin checkpoints are not read")
+
+  def weight_files(self) -> list[str]:
+    return sorted(set(self._file_of.values()))
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return dict(self._shapes)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._file_of:
+      raise KeyError(f"{self.path!r} has no tensor {name!r}")
+    with _open(self._file_of[name]) as f:
+      return f.get_tensor(name)
+
+  def check(self) -> None:
+    """Raises a ValueError naming each missing tensor or shape that disagrees with config.json."""
+    hf_layout.check_shapes(self.config, self._shapes, self.path)
+
+  def model(self, mesh: Mesh | None = None,
+            progress: Callable[[str], None] | None = None) -> Transformer:
+    """The model with this directory's weights (shapes checked first)."""
+    self.check()
+
+    def get(name: str) -> np.ndarray:
+      if progress is not None:
+        progress(name)
+      return self.get(name)
+
+    return hf_layout.model_from_hf_tensors(self.config, get, mesh)
