@@ -31,6 +31,7 @@ variant's few tokens are run, in fixed-shape batches under ``jax.jit``. The chat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -226,7 +227,10 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
     target_mask[i, :len(c) - 1] = True
     last[i] = len(c) - 1
   first_tokens = np.array([c[0] for c in continuations])
-  needs_forward = bool(cont_mask.any())
+  fed_lengths = np.array([len(f) for f in fed])
+  length_groups = [(int(n), np.flatnonzero(fed_lengths == n).tolist())
+                   for n in sorted(set(fed_lengths.tolist())) if n > 0]
+  num_single = int(np.count_nonzero(fed_lengths == 0))  # the prompt's forward gives all they need
 
   dp = _data_parallel(mesh)
   prompt_batch = _round_up(max(1, min(prompt_batch_size, len(prompt_ids))), dp)
@@ -236,7 +240,7 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
   graphdef, state = nnx.split(model)
   boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(vocab, bool))
   out = np.empty((len(prompt_ids), num_cont), np.float64)
-  context = jax.set_mesh(mesh) if mesh is not None else _null_context()
+  context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   bar = tqdm(total=len(prompt_ids) * num_cont, desc=desc or "teacher forcing", unit="answer",
              disable=desc is None)
   with context:
@@ -252,34 +256,27 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
       first_lp, cache = _prefill(graphdef, state, _put(ids, mesh), _put(mask, mesh), max_length)
       first_lp = np.asarray(jax.device_get(first_lp), np.float64)[:n_real]
       result = first_lp[:, first_tokens]  # [n_real, C]
-      if needs_forward:
-        pairs = [(q, c) for q in range(n_real) for c in range(num_cont)]
+      # Rows are grouped by how many tokens they feed, so no row pays for a longer one's padding.
+      for length, group in length_groups:
+        pairs = [(q, c) for q in range(n_real) for c in group]
         for pair_start in range(0, len(pairs), row_batch):
           block = pairs[pair_start:pair_start + row_batch]
           padded = block + [block[0]] * (row_batch - len(block))
           q_idx = np.array([q for q, _ in padded], np.int32)
           c_idx = np.array([c for _, c in padded], np.int32)
           token_sum, boundary_lp = _continue(
-              graphdef, state, cache, _put(q_idx, mesh), _put(cont_ids[c_idx], mesh),
-              _put(cont_mask[c_idx], mesh), _put(targets[c_idx], mesh),
-              _put(target_mask[c_idx], mesh), with_boundary, boundary_dev, _put(last[c_idx], mesh))
+              graphdef, state, cache, _put(q_idx, mesh), _put(cont_ids[c_idx, :length], mesh),
+              _put(cont_mask[c_idx, :length], mesh), _put(targets[c_idx, :length], mesh),
+              _put(target_mask[c_idx, :length], mesh), with_boundary, boundary_dev,
+              _put(last[c_idx], mesh))
           extra = (np.asarray(jax.device_get(token_sum), np.float64)
                    + np.asarray(jax.device_get(boundary_lp), np.float64))[:len(block)]
           result[q_idx[:len(block)], c_idx[:len(block)]] += extra
           bar.update(len(block))
-      else:
-        bar.update(n_real * num_cont)
+      bar.update(n_real * num_single)
       out[start:start + n_real] = result
   bar.close()
   return out
-
-
-class _null_context:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: Sequence[str],
