@@ -239,10 +239,13 @@ def _aux_shardings(aux: Any, mesh: Mesh) -> Any:
 
 
 def check_batch(batch: Batch, grad_accum_steps: int, mesh: Mesh | None) -> int:
-  """Raises a ValueError naming the problem when ``batch`` cannot be split as asked; returns B."""
+  """Raises a ValueError naming the problem when ``batch`` cannot be split as asked; returns the
+  global batch size B (numpy leaves are one process's rows, as in :func:`global_batch`)."""
   if not batch:
     raise ValueError("the batch is empty (no arrays)")
-  sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+  processes = jax.process_count() if mesh is not None else 1
+  sizes = {k: (np.shape(v)[0] * (1 if isinstance(v, jax.Array) else processes)
+               if np.ndim(v) else None) for k, v in batch.items()}
   if None in sizes.values() or len(set(sizes.values())) != 1:
     raise ValueError(f"every batch array needs the same leading (batch) size, got {sizes}")
   b = next(iter(sizes.values()))
@@ -300,8 +303,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return compiled[key]
 
   def step(state: TrainState, batch: Batch, aux: Any = None):
-    batch = global_batch(batch, mesh)
     check_batch(batch, grad_accum_steps, mesh)
+    batch = global_batch(batch, mesh)
     fn = jitted_for(state, batch, aux)
     mutable = (state.step, state.trainable, state.opt_state, state.rng)
     if mesh is None:
