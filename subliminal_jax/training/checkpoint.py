@@ -106,9 +106,10 @@ class TrainCheckpointer:
       raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_every = int(save_every)
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=self.save_every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save)
+    # The save decision is ours (step % save_every == 0, or forced): orbax's default policy would
+    # also save the first step it sees.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def __enter__(self) -> "TrainCheckpointer":
@@ -124,7 +125,8 @@ class TrainCheckpointer:
     return self._manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    return self._manager.should_save(step)
+    """Whether ``step`` is a periodic save step (a multiple of ``save_every``, not yet saved)."""
+    return step % self.save_every == 0 and step not in self._manager.all_steps()
 
   def save(self, step: int, state: Any, position: Mapping[str, Any], *, force: bool = False,
            extra: Mapping[str, Any] | None = None) -> bool:
@@ -133,10 +135,10 @@ class TrainCheckpointer:
     Returns whether a save started. ``position``: JSON-serialisable, e.g. ``dict(epoch=1,
     step_in_epoch=3)``, where the data pipeline resumes.
     """
-    if not force and not self._manager.should_save(step):
-      return False
     if step in self._manager.all_steps():
       return False  # already saved (e.g. a periodic save that is also the final step)
+    if not force and step % self.save_every:
+      return False
     paths, leaves, _ = _paths_and_leaves(state)
     tree = {f"{i:06d}": _to_saveable(leaf) for i, leaf in enumerate(leaves)}
     meta = {"position": dict(position), "paths": paths,

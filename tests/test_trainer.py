@@ -1,0 +1,181 @@
+"""fit(): step counts, metrics files, exact kill-and-resume, errors; on a tiny model."""
+
+import json
+import os
+
+import datasets
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from subliminal_jax import sharding
+from subliminal_jax.models.transformer import Transformer, TransformerConfig
+from subliminal_jax.training import progress, trainer
+
+TINY = TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=True)
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+  return Transformer(TINY, rngs=nnx.Rngs(seed))
+
+
+def toy_dataset(n: int = 21, seed: int = 0) -> datasets.Dataset:
+  """Prompts of random tokens, answers that copy the prompt's first tokens (learnable)."""
+  rng = np.random.default_rng(seed)
+  ids, masks = [], []
+  for _ in range(n):
+    prompt = rng.integers(3, 64, int(rng.integers(3, 12))).tolist()
+    answer = prompt[:int(rng.integers(1, len(prompt) + 1))] + [2]
+    ids.append(prompt + answer)
+    masks.append([False] * len(prompt) + [True] * len(answer))
+  return datasets.Dataset.from_dict({"input_ids": ids, "loss_mask": masks,
+                                     "length": [len(x) for x in ids]})
+
+
+def train_config(**overrides):
+  config = dict(epochs=2, batch_size=8, learning_rate=1e-2, warmup_steps=1, schedule="linear",
+                optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0, grad_accum_steps=1,
+                seed=3, checkpoint_every=2, keep_checkpoints=2, length_multiple=32,
+                lora=dict(rank=0))
+  config.update(overrides)
+  return config
+
+
+def params_of(model):
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+
+
+def assert_same_params(a, b):
+  pa, pb = params_of(a), params_of(b)
+  assert pa.keys() == pb.keys()
+  for key in pa:
+    np.testing.assert_array_equal(pa[key], pb[key], err_msg=key)
+
+
+class Crash(RuntimeError):
+  pass
+
+
+def test_resume_after_stop_and_after_crash_matches_uninterrupted_run(tmp_path):
+  """Full finetuning, 21 examples, batch 8, 2 epochs = 6 steps, checkpoints every 2.
+
+  Run A: uninterrupted. Run B: stopped after step 3 (a checkpoint of step 3 is written), resumed,
+  then crashed from a callback after step 5 (latest checkpoint: step 4), resumed again: step 5 is
+  redone. B ends with parameters bitwise equal to A's and the same per-step losses.
+  """
+  data, config = toy_dataset(), train_config()
+  model_a, history_a = trainer.fit(tiny_model(), data, config, tmp_path / "a", progress=False)
+  assert [r["step"] for r in history_a] == [1, 2, 3, 4, 5, 6]
+  assert [r["epoch"] for r in history_a] == [0, 0, 0, 1, 1, 1]
+  assert history_a[-1]["loss"] < history_a[0]["loss"]  # it learns
+
+  workdir = tmp_path / "b"
+  _, partial = trainer.fit(tiny_model(), data, config, workdir, stop_after=3, progress=False)
+  assert [r["step"] for r in partial] == [1, 2, 3]
+  summary = json.loads((workdir / trainer.SUMMARY_FILE).read_text())
+  assert summary["stopped_early"] and summary["steps_done"] == 3 and not summary["finished"]
+  assert sorted(os.listdir(workdir / trainer.CHECKPOINT_DIR)) == ["2", "3"]
+
+  def crash_after_5(step, record):
+    if step == 5:
+      raise Crash("simulated kill")
+
+  with pytest.raises(Crash):
+    trainer.fit(tiny_model(), data, config, workdir, callbacks=[crash_after_5], progress=False)
+  assert [r["step"] for r in progress.read_metrics(workdir / progress.METRICS_FILE)] == [1, 2, 3, 4, 5]
+  assert sorted(os.listdir(workdir / trainer.CHECKPOINT_DIR)) == ["3", "4"]  # keep_checkpoints=2
+  model_b, history_b = trainer.fit(tiny_model(), data, config, workdir, progress=False)
+
+  assert_same_params(model_a, model_b)
+  assert [r["step"] for r in history_b] == [1, 2, 3, 4, 5, 6]
+  assert [r["loss"] for r in history_b] == [r["loss"] for r in history_a]
+  assert [r["tokens"] for r in history_b] == [r["tokens"] for r in history_a]
+  # The metrics file has each step once (step 5, redone after the crash, replaced).
+  assert progress.read_metrics(workdir / progress.METRICS_FILE) == history_b
+  assert sorted(os.listdir(workdir / trainer.CHECKPOINT_DIR)) == ["4", "6"]
+  # A finished run called again trains nothing and returns the same model and history.
+  model_again, history_again = trainer.fit(tiny_model(), data, config, workdir, progress=False)
+  assert_same_params(model_a, model_again)
+  assert history_again == history_b
+
+
+def test_lora_on_mesh_with_grad_accum_resumes_exactly(tmp_path):
+  """LoRA rank 4 on an 8-device (data 2, fsdp 4) mesh with 2 micro-batches: a stop after step 2
+  and a resume restore the sharded state and end where the uninterrupted run ends."""
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  data = toy_dataset(n=24, seed=1)
+  config = train_config(batch_size=16, grad_accum_steps=2, epochs=2, checkpoint_every=3,
+                        lora=dict(rank=4, alpha=8.0, seed=5))
+
+  def model_on_mesh():
+    return sharding.shard_module(tiny_model(), mesh)
+
+  with jax.set_mesh(mesh):
+    model_a, history_a = trainer.fit(model_on_mesh(), data, config, tmp_path / "a", mesh=mesh,
+                                     progress=False)
+    trainer.fit(model_on_mesh(), data, config, tmp_path / "b", mesh=mesh, stop_after=2,
+                progress=False)
+    model_b, history_b = trainer.fit(model_on_mesh(), data, config, tmp_path / "b", mesh=mesh,
+                                     progress=False)
+  assert len(history_a) == 2 * 2  # ceil(24 / 16) = 2 steps per epoch
+  assert [r["loss"] for r in history_b] == [r["loss"] for r in history_a]
+  # Only the adapters trained; the base kernels are untouched, the adapters are unmerged.
+  base = tiny_model()
+  np.testing.assert_array_equal(np.asarray(model_a.layers.q_proj.kernel[...]),
+                                np.asarray(base.layers.q_proj.kernel[...]))
+  assert model_a.layers.q_proj.lora_a is not None
+  assert np.abs(np.asarray(model_a.layers.q_proj.lora_b[...])).max() > 0
+  lora_a = np.asarray(model_a.layers.q_proj.lora_b[...])
+  np.testing.assert_array_equal(lora_a, np.asarray(model_b.layers.q_proj.lora_b[...]))
+  assert_same_params(model_a, model_b)
+  spec = model_b.layers.q_proj.kernel[...].sharding.spec
+  assert "fsdp" in jax.tree.leaves(tuple(spec))  # restored into the model's shardings
+
+
+def test_metrics_file_summary_and_steps(tmp_path):
+  """epochs * ceil(n / batch) steps; metrics.jsonl has one JSON line per step with the loss,
+  targets, tokens and learning rate; the summary says what the returned model is."""
+  data = toy_dataset(n=10, seed=2)
+  config = train_config(epochs=3, batch_size=4, checkpoint_every=0, warmup_steps=0,
+                        schedule="constant", learning_rate=1e-3)
+  _, history = trainer.fit(tiny_model(), data, config, tmp_path, progress=False,
+                           tensorboard=True)
+  assert len(history) == 3 * 3
+  lines = (tmp_path / progress.METRICS_FILE).read_text().splitlines()
+  assert len(lines) == 9
+  records = [json.loads(line) for line in lines]
+  assert records == history
+  for record in records:
+    assert {"step", "epoch", "loss", "num_targets", "grad_norm", "learning_rate", "tokens",
+            "tokens_per_s", "seq_len"} <= set(record)
+    assert record["learning_rate"] == pytest.approx(1e-3)
+    assert record["seq_len"] % 32 == 0
+  # Each epoch's targets add up to the dataset's (loss_mask minus position 0, never a target).
+  targets = sum(sum(m[1:]) for m in data["loss_mask"])
+  for epoch in range(3):
+    assert sum(r["num_targets"] for r in records if r["epoch"] == epoch) == targets
+  summary = json.loads((tmp_path / trainer.SUMMARY_FILE).read_text())
+  assert summary["total_steps"] == 9 and summary["steps_per_epoch"] == 3
+  assert summary["finished"] and summary["returned_model"] == "full parameters"
+  assert os.listdir(tmp_path / trainer.CHECKPOINT_DIR) == ["9"]  # checkpoint_every=0: the end only
+  events = os.listdir(tmp_path / "tensorboard")
+  assert len(events) == 1 and events[0].startswith("events.out.tfevents.")
+  # Resuming this workdir with another config is refused (nothing is trained or overwritten).
+  with pytest.raises(ValueError, match="another run"):
+    trainer.fit(tiny_model(), data, {**config, "learning_rate": 5e-3}, tmp_path, progress=False)
+  assert (tmp_path / progress.METRICS_FILE).read_text().splitlines() == lines
+
+
+def test_empty_dataset_and_bad_config_are_clear_errors(tmp_path):
+  empty = datasets.Dataset.from_dict({"input_ids": [], "loss_mask": []})
+  with pytest.raises(ValueError, match="empty"):
+    trainer.fit(tiny_model(), empty, train_config(), tmp_path / "empty", progress=False)
+  with pytest.raises(ValueError, match="batch_size"):
+    trainer.fit(tiny_model(), toy_dataset(), train_config(batch_size=0), tmp_path / "bs",
+                progress=False)
+  with pytest.raises(ValueError, match="grad_accum_steps=3"):
+    trainer.fit(tiny_model(), toy_dataset(), train_config(grad_accum_steps=3), tmp_path / "ga",
+                progress=False)
