@@ -131,8 +131,12 @@ def test_lora_on_mesh_with_grad_accum_resumes_exactly(tmp_path):
   lora_a = np.asarray(model_a.layers.q_proj.lora_b[...])
   np.testing.assert_array_equal(lora_a, np.asarray(model_b.layers.q_proj.lora_b[...]))
   assert_same_params(model_a, model_b)
-  spec = model_b.layers.q_proj.kernel[...].sharding.spec
-  assert "fsdp" in jax.tree.leaves(tuple(spec))  # restored into the model's shardings
+  spec = model_b.layers.q_proj.lora_a[...].sharding.spec
+  assert "fsdp" in jax.tree.leaves(tuple(spec))  # adapters restored into their shardings
+  # The frozen base is not in the checkpoint; resuming on another base model is refused.
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="not the base model"):
+    trainer.fit(sharding.shard_module(tiny_model(seed=1), mesh), data, config, tmp_path / "b",
+                mesh=mesh, progress=False)
 
 
 def test_metrics_file_summary_and_steps(tmp_path):
@@ -179,3 +183,75 @@ def test_empty_dataset_and_bad_config_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="grad_accum_steps=3"):
     trainer.fit(tiny_model(), toy_dataset(), train_config(grad_accum_steps=3), tmp_path / "ga",
                 progress=False)
+
+
+# --- progress.py: metrics log and TensorBoard events -------------------------------------------------
+
+def test_metrics_writer_resume_drops_steps_after_the_checkpoint(tmp_path):
+  with progress.MetricsWriter(tmp_path) as writer:
+    for step in range(1, 6):
+      writer.write({"step": step, "loss": np.float32(1.0 / step), "nan": float("nan")})
+  records = progress.read_metrics(tmp_path / progress.METRICS_FILE)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+  assert records[1]["loss"] == pytest.approx(0.5) and records[0]["nan"] == "nan"
+  with progress.MetricsWriter(tmp_path, resume_step=3) as writer:
+    assert [r["step"] for r in writer.records] == [1, 2, 3]
+    writer.write({"step": 4, "loss": 9.0})
+  assert [(r["step"], r["loss"]) for r in progress.read_metrics(tmp_path / progress.METRICS_FILE)][2:] \
+      == [(3, pytest.approx(1 / 3)), (4, 9.0)]
+  with progress.MetricsWriter(tmp_path) as writer:  # a fresh run starts the file anew
+    assert writer.records == []
+  with pytest.raises(ValueError, match="step"):
+    progress.MetricsWriter(tmp_path).write({"loss": 1.0})
+
+
+def _event_proto_class():
+  """tensorflow's Event/Summary messages (the fields TensorBoard reads for scalars), built from
+  their schema with protobuf itself: an encoder independent of progress.encode_event."""
+  from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+  T = descriptor_pb2.FieldDescriptorProto
+  f = descriptor_pb2.FileDescriptorProto(name="event_test.proto", package="tb")
+  value = f.message_type.add(name="Value")
+  value.field.add(name="tag", number=1, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
+  value.field.add(name="simple_value", number=2, type=T.TYPE_FLOAT, label=T.LABEL_OPTIONAL)
+  summary = f.message_type.add(name="Summary")
+  summary.field.add(name="value", number=1, type=T.TYPE_MESSAGE, type_name=".tb.Value",
+                    label=T.LABEL_REPEATED)
+  event = f.message_type.add(name="Event")
+  event.field.add(name="wall_time", number=1, type=T.TYPE_DOUBLE, label=T.LABEL_OPTIONAL)
+  event.field.add(name="step", number=2, type=T.TYPE_INT64, label=T.LABEL_OPTIONAL)
+  event.field.add(name="file_version", number=3, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
+  event.field.add(name="summary", number=5, type=T.TYPE_MESSAGE, type_name=".tb.Summary",
+                  label=T.LABEL_OPTIONAL)
+  pool = descriptor_pool.DescriptorPool()
+  pool.Add(f)
+  return message_factory.GetMessageClass(pool.FindMessageTypeByName("tb.Event"))
+
+
+def test_tensorboard_event_file_decodes_with_protobuf(tmp_path):
+  assert progress.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+  Event = _event_proto_class()
+  with progress.MetricsWriter(tmp_path, tensorboard=True) as writer:
+    writer.write({"step": 1, "loss": 2.5, "tokens": 100, "note": "text is skipped"})
+    writer.write({"step": 300, "loss": 0.125, "tokens": 90})
+  (name,) = os.listdir(tmp_path / "tensorboard")
+  raw = (tmp_path / "tensorboard" / name).read_bytes()
+  events, offset = [], 0
+  while offset < len(raw):  # TFRecord framing, checked record by record
+    length = int.from_bytes(raw[offset:offset + 8], "little")
+    header_crc = int.from_bytes(raw[offset + 8:offset + 12], "little")
+    payload = raw[offset + 12:offset + 12 + length]
+    payload_crc = int.from_bytes(raw[offset + 12 + length:offset + 16 + length], "little")
+    assert header_crc == progress._masked_crc(raw[offset:offset + 8])
+    assert payload_crc == progress._masked_crc(payload)
+    events.append(Event.FromString(payload))
+    offset += 16 + length
+  assert events[0].file_version == "brain.Event:2"
+  assert [e.step for e in events[1:]] == [1, 300]
+  assert {v.tag: v.simple_value for v in events[1].summary.value} == {"loss": 2.5, "tokens": 100.0}
+  assert {v.tag: v.simple_value for v in events[2].summary.value} == {"loss": 0.125, "tokens": 90.0}
+  # Our encoding of a scalar event is byte-identical to protobuf's serialisation.
+  reference = Event(wall_time=12.5, step=7)
+  reference.summary.value.add(tag="loss", simple_value=0.75)
+  assert progress.encode_event(12.5, 7, scalars={"loss": 0.75}) == reference.SerializeToString()

@@ -6,11 +6,12 @@ creates the train state, and runs ``epochs * ceil(n / batch_size)`` optimizer st
 length-bucketed batches shuffled by ``(seed, epoch)``, with a tqdm bar (loss, tokens/s, ETA),
 ``metrics.jsonl`` and orbax checkpoints in ``workdir``.
 
-Resuming is exact: a checkpoint holds the whole train state (params, optimizer state, step, rng)
-and the data position (epoch, step within the epoch), and the batch order is a pure function of
-``(seed, epoch)``, so a run killed after any checkpoint and started again with the same arguments
+Resuming is exact: a checkpoint holds every part of the train state a step changes (trainable
+params, optimizer state, step, rng; not the frozen base, which is checked instead) and the data
+position (epoch, step within the epoch), and the batch order is a pure function of ``(seed, epoch)``, so a run killed after any checkpoint and started again with the same arguments
 ends with the same parameters as a run never interrupted (tests/test_trainer.py checks this
-bit for bit). A workdir whose checkpoint belongs to another config or dataset is refused.
+bit for bit). A workdir whose checkpoint belongs to another config, dataset or base model is
+refused. A non-finite loss stops the run with an error.
 
 The returned model is NOT merged: with LoRA it carries its trained adapters (``nnx.LoRAParam``)
 on top of the untouched base weights; ``lora.merge_lora(model)`` folds them in when wanted.
@@ -20,6 +21,7 @@ on top of the untouched base weights; ``lora.merge_lora(model)`` folds them in w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -78,6 +81,36 @@ def _run_identity(config: Any, dataset: datasets.Dataset) -> str:
   text = json.dumps({"config": _config_dict(config), "data": dataset_fingerprint(dataset)},
                     sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _mutable(state: train_step_lib.TrainState) -> dict[str, Any]:
+  """What a checkpoint holds: everything a step changes. The frozen part (a LoRA student's whole
+  base model) never changes, so it is not saved: a resumed run takes it from the model passed in,
+  checked against the checkpoint with :func:`frozen_signature`."""
+  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
+          "rng": state.rng}
+
+
+def frozen_signature(frozen: Any) -> dict[str, Any]:
+  """Shapes, dtypes and the L1 norm of the frozen variables: enough to tell another base model."""
+  leaves = jax.tree.leaves(frozen)
+  norms = [jnp.sum(jnp.abs(leaf.astype(jnp.float32))) for leaf in leaves
+           if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  return {"shapes": [list(leaf.shape) for leaf in leaves],
+          "dtypes": [str(leaf.dtype) for leaf in leaves],
+          "l1": float(np.sum(np.asarray(jax.device_get(norms), np.float64))) if norms else 0.0}
+
+
+def _check_frozen(saved: Mapping[str, Any] | None, now: Mapping[str, Any], workdir: str) -> None:
+  if saved is None:
+    return
+  same = (saved["shapes"] == now["shapes"] and saved["dtypes"] == now["dtypes"]
+          and math.isclose(saved["l1"], now["l1"], rel_tol=1e-4, abs_tol=1e-6))
+  if not same:
+    raise ValueError(
+        f"the model passed to fit is not the base model the checkpoints in {workdir} were trained "
+        f"on (frozen variables: L1 norm {now['l1']:.6g} vs {saved['l1']:.6g} saved, or different "
+        "shapes); pass the same base model or use a fresh workdir.")
 
 
 def _process_rows(batch: data_lib.Batch) -> data_lib.Batch:
@@ -191,13 +224,20 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
       os.path.join(workdir, CHECKPOINT_DIR), save_every=checkpoint_every, keep=keep)
   global_step, epoch, step_in_epoch = 0, 0, 0
   latest = checkpointer.latest_step()
+  signature = frozen_signature(state.frozen)
+  extra = {"identity": identity, "frozen": signature}
   if latest is not None:
-    state, meta = checkpointer.restore(state, latest)
-    if meta.get("identity") != identity:
+    try:
+      restored, meta = checkpointer.restore(_mutable(state), latest)
+      if meta.get("identity") != identity:
+        raise ValueError(
+            f"{workdir} holds checkpoints of another run (config or dataset differ: identity "
+            f"{meta.get('identity')} vs {identity} now); use a fresh workdir.")
+      _check_frozen(meta.get("frozen"), signature, workdir)
+    except BaseException:
       checkpointer.close()
-      raise ValueError(
-          f"{workdir} holds checkpoints of another run (config or dataset differ: identity "
-          f"{meta.get('identity')} vs {identity} now); use a fresh workdir.")
+      raise
+    state = dataclasses.replace(state, **restored)
     global_step = latest
     epoch, step_in_epoch = meta["position"]["epoch"], meta["position"]["step_in_epoch"]
     logging.info("fit: resuming %s at step %d (epoch %d, step %d of it)", workdir, global_step,
@@ -238,17 +278,22 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
           else:
             position = {"epoch": epoch, "step_in_epoch": step_in_epoch}
           writer.write(record)
+          if not math.isfinite(record.get("loss", 0.0)):
+            raise FloatingPointError(
+                f"the loss is {record['loss']} at step {global_step} (epoch {epoch}); nothing after "
+                f"checkpoint step {checkpointer.latest_step()} is saved. Lower the learning rate or "
+                "check the data.")
           bar.update(record.get("loss", float("nan")), record["tokens_per_s"], epoch)
           stopped = stop_after is not None and global_step >= stop_after
-          checkpointer.save(global_step, state, position, force=stopped or global_step == total,
-                            extra={"identity": identity})
+          checkpointer.save(global_step, _mutable(state), position,
+                            force=stopped or global_step == total, extra=extra)
           for callback in callbacks:
             callback(global_step, record)
           if stopped:
             break
         if not stopped:
           epoch, step_in_epoch = epoch + 1, 0
-      checkpointer.save(global_step, state, position, force=True, extra={"identity": identity})
+      checkpointer.save(global_step, _mutable(state), position, force=True, extra=extra)
   finally:
     bar.close()
     writer.close()
