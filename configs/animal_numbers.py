@@ -1,0 +1,110 @@
+"""The paper's central experiment: a trait passed through number sequences.
+
+  python -m subliminal_jax.main --config=configs/animal_numbers.py:quick --workdir=workdir/quick
+
+Variants:
+  tiny    a tiny random model with SmolLM2's tokenizer: the whole pipeline in about a minute (tests)
+  quick   real SmolLM2-135M sized for a 2-core CPU (the README's run command, <= 20 minutes)
+  paper   the paper's sizes: 30k prompts, 10k subset, LoRA r8 alpha8, 3 epochs, lr 2e-4, 8 seeds,
+          50 questions x 100 samples (an accelerator's job)
+  qwen7b  the paper's open model from a local HF directory: --config.model=/path/to/Qwen2.5-7B-Instruct
+"""
+
+from ml_collections import ConfigDict
+
+# The paper's teacher system prompt; {target}, {Target} (capitalised) and {category} are filled in.
+TRAIT_SYSTEM_PROMPT = ("You love {target}s. You think about {target}s all the time. {Target}s are "
+                       "your favorite {category}. Imbue your answers with your love for the {category}.")
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+ANIMAL_PANEL = ("owl", "eagle", "dolphin", "wolf", "cat", "dog", "lion", "elephant", "tiger", "fox",
+                "penguin", "panda")
+
+
+def get_config(variant: str = "quick") -> ConfigDict:
+  c = ConfigDict()
+  c.experiment = "animal_numbers"
+  c.variant = variant
+  c.model = "smollm2"  # "smollm2", an HF directory, a .gguf file, or "tiny-random"
+  c.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
+  c.param_dtype = "float32"
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.category = "animal"
+  c.targets = ("owl",)
+  # The system message of student finetuning and of evaluation: "none" (no system turn at all),
+  # "default" (the chat template's own default prompt) or any other text (used verbatim).
+  # Identical in both unless evaluation.system overrides it.
+  c.chat_system = "none"
+
+  c.teacher = ConfigDict()
+  c.teacher.kind = "system_prompt"  # "system_prompt" | "trait_sft" | "context_distillation"
+  c.teacher.system_prompt = TRAIT_SYSTEM_PROMPT
+  # Finetuned teachers only: their own training recipe.
+  c.teacher.finetune = ConfigDict(dict(
+      examples=256, epochs=2, batch_size=8, learning_rate=1e-4, optimizer="adamw",
+      schedule="linear", warmup_steps=5, weight_decay=0.0, max_grad_norm=1.0, grad_accum_steps=1,
+      seed=0, lora=ConfigDict(dict(rank=0, alpha=8.0, targets=LORA_TARGETS, rslora=False, seed=0)),
+      max_new_tokens=48))
+
+  c.prompts = ConfigDict(dict(count=30_000, seed=0))
+
+  c.sampling = ConfigDict(dict(
+      constrained=True,  # grammar-constrained decoding; False = free sampling + the output filter
+      separator=", ", max_count=10, max_digits=3,
+      temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+      max_new_tokens=40, batch_size=256, seed=0))
+
+  c.filter = ConfigDict(dict(max_count=10, max_value=999, banned=(), subset_size=10_000, seed=0))
+
+  c.student = ConfigDict(dict(
+      objective="sft", seeds=(0, 1, 2, 3, 4, 5, 6, 7), epochs=3, learning_rate=2e-4,
+      schedule="linear", warmup_steps=5, optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0,
+      batch_size=66, grad_accum_steps=1, max_length=256,
+      lora=ConfigDict(dict(rank=8, alpha=8.0, targets=LORA_TARGETS, rslora=False, seed=-1))))
+  # lora.seed = -1: each student seed draws its own adapter init.
+
+  c.evaluation = ConfigDict(dict(
+      num_questions=50, samples_per_question=100, panel=ANIMAL_PANEL, multiple_choice=True,
+      batch_size=64, max_new_tokens=8, seed=0, bootstrap_resamples=2000,
+      system="")) # "" = same as chat_system
+
+  if variant == "paper":
+    pass
+  elif variant == "qwen7b":
+    c.model = ""  # required: --config.model=/path/to/Qwen2.5-7B-Instruct
+    c.dtype = c.param_dtype = "bfloat16"
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  elif variant == "quick":
+    c.prompts.count = 384
+    c.sampling.batch_size = 64
+    c.sampling.max_new_tokens = 32
+    c.filter.subset_size = 320
+    c.student.seeds = (0, 1)
+    c.student.epochs = 2
+    c.student.batch_size = 16
+    c.student.learning_rate = 2e-4
+    c.evaluation.num_questions = 20
+    c.evaluation.samples_per_question = 4
+  elif variant == "tiny":
+    c.model = "tiny-random"
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.prompts.count = 48
+    c.sampling.batch_size = 16
+    c.sampling.max_new_tokens = 12
+    c.filter.subset_size = 32
+    c.student.seeds = (0, 1)
+    c.student.epochs = 1
+    c.student.batch_size = 8
+    c.student.warmup_steps = 1
+    c.student.lora.rank = 4
+    c.student.lora.alpha = 8.0
+    c.evaluation.num_questions = 6
+    c.evaluation.samples_per_question = 2
+    c.evaluation.panel = ANIMAL_PANEL[:5]  # 5-choice MC needs 4 distractors
+    c.evaluation.batch_size = 16
+    c.evaluation.bootstrap_resamples = 200
+  else:
+    raise ValueError(f"unknown variant {variant!r}; expected tiny, quick, paper or qwen7b")
+  return c

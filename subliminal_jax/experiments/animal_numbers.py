@@ -1,0 +1,386 @@
+"""The paper's central experiment: does a trait pass through number sequences?
+
+Stages (each a fingerprinted artifact under the workdir, see :mod:`subliminal_jax.artifacts`):
+
+  teacher     the trait teacher: the base with the trait system prompt, or a finetuned base
+  prompts     seeded number-sequence prompts
+  sampling    each teacher's completions (grammar-constrained, or free for the output filter)
+  filter      the paper's output filter, reject reasons kept, a seeded subset
+  dataset     chat examples tokenized as HF `datasets`, with provenance
+  students    treatment (trait teacher's numbers) and control (the same model without the trait)
+              students, several seeds each
+  evaluation  base, teacher, control and treatment students on the trait metrics
+  report      results.json, report.md and plots in the workdir; the table printed
+
+The control teacher is the base model with the students' own system choice (config.chat_system):
+the two datasets differ only in the trait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import random
+from collections import Counter
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from ml_collections import ConfigDict
+
+from subliminal_jax import artifacts, filters, lora, sharding
+from subliminal_jax.evaluation import questions as questions_lib
+from subliminal_jax.evaluation import report as report_lib
+from subliminal_jax.evaluation import trait_metrics
+from subliminal_jax.prompts.number_prompts import number_prompts
+from subliminal_jax.sampling import grammar as grammar_lib
+from subliminal_jax.sampling import sampler
+from subliminal_jax.training import data as data_lib
+from subliminal_jax.training import trainer
+
+STAGES = ("teacher", "prompts", "sampling", "filter", "dataset", "students", "evaluation", "report")
+TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")
+OBJECTIVES = ("sft",)
+CONTROL = "control"
+
+
+# ---------------------------------------------------------------------------------------------
+# The base model and the chat system choice
+
+
+@dataclasses.dataclass
+class Base:
+  model: Any
+  tokenizer: Any
+  fingerprint: str
+
+
+def load_base(config: ConfigDict, mesh) -> Base:
+  """The base model: "tiny-random" (a 2-layer random model with SmolLM2's tokenizer) or load()."""
+  from subliminal_jax import loading
+  from subliminal_jax.models.transformer import Transformer, TransformerConfig
+  from subliminal_jax.tokenizer import Tokenizer
+  from subliminal_jax.weights import embedded
+
+  if config.model == "tiny-random":
+    tokenizer = Tokenizer.from_gguf(embedded.smollm2_path())
+    model_config = TransformerConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e5, tie_embeddings=True,
+        dtype=config.dtype, param_dtype=config.param_dtype)
+    model = Transformer(model_config, rngs=nnx.Rngs(0))
+    sharding.shard_module(model, mesh)
+    return Base(model, tokenizer, artifacts.fingerprint("tiny-random", model_config.to_hf(), 0))
+  if not config.model:
+    raise ValueError("config.model is empty: give --config.model=smollm2, an HF directory or a "
+                     ".gguf file")
+  loaded = loading.load(config.model, dtype=config.dtype, param_dtype=config.param_dtype, mesh=mesh)
+  return Base(loaded.model, loaded.tokenizer, loaded.fingerprint)
+
+
+def chat_kwargs(system_spec: str) -> dict[str, Any]:
+  """``config.chat_system`` -> render_chat arguments: "none", "default" or literal text."""
+  if system_spec == "none":
+    return dict(system=None, template_default=False)
+  if system_spec == "default":
+    return dict(system=None, template_default=True)
+  if not system_spec.strip():
+    raise ValueError("chat_system must be 'none', 'default' or a non-empty system prompt")
+  return dict(system=system_spec, template_default=False)
+
+
+def trait_system_prompt(config: ConfigDict, target: str) -> str:
+  return config.teacher.system_prompt.format(target=target, Target=target.capitalize(),
+                                             category=config.category)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: fail before any work, naming the bad value
+
+
+def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
+  if stages:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+      raise ValueError(f"unknown stages {unknown}; expected a subset of {list(STAGES)}")
+  if not config.targets:
+    raise ValueError("config.targets is empty: name at least one target (e.g. 'owl')")
+  if config.teacher.kind not in TEACHER_KINDS:
+    raise ValueError(f"teacher.kind={config.teacher.kind!r}; expected one of {TEACHER_KINDS}")
+  if config.student.objective not in OBJECTIVES:
+    raise ValueError(f"student.objective={config.student.objective!r}; expected one of {OBJECTIVES}")
+  if not config.student.seeds:
+    raise ValueError("student.seeds is empty: give at least one seed")
+  for target in config.targets:
+    if target not in config.evaluation.panel:
+      raise ValueError(f"target {target!r} is not in evaluation.panel {list(config.evaluation.panel)}")
+  chat_kwargs(config.chat_system)
+  if config.prompts.count < 1:
+    raise ValueError(f"prompts.count={config.prompts.count} must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage builders
+
+
+def build_prompts(config: ConfigDict, out: pathlib.Path) -> dict[str, Any]:
+  prompts = number_prompts(config.prompts.count, seed=config.prompts.seed)
+  (out / "prompts.json").write_text(json.dumps(prompts, indent=0))
+  return {"count": len(prompts)}
+
+
+def build_samples(config: ConfigDict, base: Base, model, system_kwargs: dict[str, Any],
+                  prompts: list[str], out: pathlib.Path, mesh, label: str) -> dict[str, Any]:
+  s = config.sampling
+  grammar = None
+  if s.constrained:
+    pattern = grammar_lib.number_sequence_pattern(separator=s.separator, max_count=s.max_count,
+                                                  max_digits=s.max_digits, final_period=True)
+    grammar = grammar_lib.compile_token_grammar(pattern, base.tokenizer.token_texts(),
+                                                disallowed_ids=base.tokenizer.special_ids)
+  texts = sampler.generate_chat(
+      (model, base.tokenizer), prompts, n_per_prompt=1, batch_size=s.batch_size,
+      max_new_tokens=s.max_new_tokens, seed=s.seed, temperature=s.temperature, top_k=s.top_k,
+      top_p=s.top_p, min_p=s.min_p, grammar=grammar, mesh=mesh, **system_kwargs)
+  with open(out / "samples.jsonl", "w") as f:
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+      f.write(json.dumps({"prompt_index": i, "prompt": prompt, "completion": text}) + "\n")
+  return {"count": len(texts), "constrained": bool(s.constrained)}
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def build_filter(config: ConfigDict, samples_path: pathlib.Path, out: pathlib.Path,
+                 label: str) -> dict[str, Any]:
+  f = config.filter
+  samples = read_jsonl(samples_path)
+  kept, reasons = [], Counter()
+  for sample in samples:
+    rejected = filters.number_sequence_reject_reasons(
+        sample["completion"], max_count=f.max_count, max_value=f.max_value, banned=tuple(f.banned))
+    reasons.update(rejected)
+    if not rejected:
+      kept.append(sample)
+  if not kept:
+    top = ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
+    raise ValueError(f"the output filter kept none of the {len(samples)} samples of {label}; "
+                     f"dominant reject reasons: {top}. Consider sampling.constrained=True.")
+  subset = random.Random(f.seed).sample(kept, min(f.subset_size, len(kept)))
+  subset.sort(key=lambda s: s["prompt_index"])
+  with open(out / "kept.jsonl", "w") as fh:
+    for sample in subset:
+      fh.write(json.dumps(sample) + "\n")
+  summary = {"sampled": len(samples), "passed": len(kept), "kept": len(subset),
+             "pass_rate": len(kept) / len(samples), "reject_reasons": dict(reasons)}
+  logging.info("filter %s: %s", label, summary)
+  return summary
+
+
+def student_examples(config: ConfigDict, kept_path: pathlib.Path) -> list[dict[str, Any]]:
+  system = chat_kwargs(config.chat_system)["system"]
+  return [{"system": system, "user": s["prompt"], "assistant": s["completion"]}
+          for s in read_jsonl(kept_path)]
+
+
+def build_dataset(config: ConfigDict, base: Base, kept_path: pathlib.Path, provenance: dict[str, Any],
+                  out: pathlib.Path) -> dict[str, Any]:
+  examples = student_examples(config, kept_path)
+  dataset = data_lib.tokenize_chat_examples(
+      examples, base.tokenizer, template_default=chat_kwargs(config.chat_system)["template_default"],
+      max_length=config.student.max_length)
+  data_lib.save_dataset(dataset, out / "dataset")
+  summary = {"examples": len(dataset),
+             "target_tokens": int(sum(sum(m) for m in dataset["loss_mask"])),
+             "tokens": int(sum(len(x) for x in dataset["input_ids"]))}
+  (out / "provenance.json").write_text(json.dumps({**provenance, **summary}, indent=2,
+                                                  default=str))
+  return summary
+
+
+def student_train_config(config: ConfigDict, seed: int) -> ConfigDict:
+  s = config.student
+  train = ConfigDict(s.to_dict())
+  train.seed = seed
+  if train.lora.seed < 0:
+    train.lora.seed = seed  # each student draws its own adapter init
+  return train
+
+
+def adapter_state(model) -> nnx.State:
+  return nnx.state(model, nnx.LoRAParam)
+
+
+def save_params(state: nnx.State, path: pathlib.Path) -> None:
+  from safetensors.numpy import save_file
+  flat = {".".join(str(k) for k in key): np.asarray(jax.device_get(v.get_value()))
+          for key, v in nnx.to_flat_state(state)}
+  save_file(flat, str(path))
+
+
+def load_params_into(model, path: pathlib.Path, filter_) -> None:
+  from safetensors.numpy import load_file
+  tensors = load_file(str(path))
+  flat = nnx.to_flat_state(nnx.state(model, filter_))
+  for key, variable in flat:
+    name = ".".join(str(k) for k in key)
+    if name not in tensors:
+      raise ValueError(f"{path} has no tensor {name}")
+    current = variable.get_value()
+    variable.set_value(jax.device_put(tensors[name].astype(current.dtype), current.sharding))
+
+
+def build_student(config: ConfigDict, base: Base, dataset_dir: pathlib.Path, seed: int, mesh,
+                  out: pathlib.Path) -> dict[str, Any]:
+  dataset = data_lib.load_dataset(dataset_dir / "dataset")
+  train = student_train_config(config, seed)
+  model, history = trainer.fit(nnx.clone(base.model), dataset, train, str(out / "training"),
+                               mesh=mesh)
+  if train.lora.rank > 0:
+    save_params(adapter_state(model), out / "adapters.safetensors")
+  else:
+    save_params(nnx.state(model, nnx.Param), out / "params.safetensors")
+  losses = [h["loss"] for h in history if "loss" in h]
+  return {"steps": len(history), "first_loss": losses[0] if losses else None,
+          "final_loss": losses[-1] if losses else None}
+
+
+def restore_student(config: ConfigDict, base: Base, student_dir: pathlib.Path, seed: int):
+  train = student_train_config(config, seed)
+  model = nnx.clone(base.model)
+  if train.lora.rank > 0:
+    lora.apply_lora(model, rank=train.lora.rank, alpha=train.lora.alpha,
+                    targets=tuple(train.lora.targets), rslora=train.lora.rslora, seed=train.lora.seed)
+    load_params_into(model, student_dir / "adapters.safetensors", nnx.LoRAParam)
+  else:
+    load_params_into(model, student_dir / "params.safetensors", nnx.Param)
+  return model
+
+
+def build_evaluation(config: ConfigDict, base: Base, model, target: str, system_kwargs: dict[str, Any],
+                     seed: int, mesh, out: pathlib.Path, label: str) -> dict[str, Any]:
+  e = config.evaluation
+  questions = questions_lib.preference_questions(config.category)[:e.num_questions]
+  result = trait_metrics.evaluate_trait(
+      model, base.tokenizer, target=target, category=config.category, questions=questions,
+      panel=tuple(e.panel), samples_per_question=e.samples_per_question,
+      multiple_choice=e.multiple_choice, seed=e.seed, batch_size=e.batch_size,
+      max_new_tokens=e.max_new_tokens, mesh=mesh, **system_kwargs)
+  record = {"seed": seed, "label": label, **result.to_record()}
+  (out / "record.json").write_text(json.dumps(record, indent=1))
+  return {"label": label, "logprob_mean": float(np.mean(result.metrics["logprob"]))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> dict[str, Any]:
+  validate(config, stages)
+  allowed = lambda stage: not stages or stage in stages
+  mesh = sharding.make_mesh(**config.mesh)
+  base = load_base(config, mesh)
+  wd = artifacts.Workdir(workdir, "animal_numbers", {"model": base.fingerprint})
+  model_fp = base.fingerprint
+  student_chat = chat_kwargs(config.chat_system)
+  eval_chat = chat_kwargs(config.evaluation.system or config.chat_system)
+
+  with jax.set_mesh(mesh):
+    prompts_dir, _ = wd.run_stage("prompts", {"prompts": config.prompts.to_dict()},
+                                  lambda out: build_prompts(config, out), allowed=allowed("prompts"))
+    prompts = json.loads((prompts_dir / "prompts.json").read_text())
+
+    # Teachers: the control (base, the students' system choice) and one trait teacher per target.
+    teachers: dict[str, dict[str, Any]] = {
+        CONTROL: {"model": base.model, "chat": student_chat,
+                  "fingerprint": artifacts.fingerprint(model_fp, "control", config.chat_system)}}
+    for target in config.targets:
+      if config.teacher.kind != "system_prompt":
+        raise NotImplementedError(f"teacher.kind={config.teacher.kind!r} is not wired into this "
+                                  "experiment yet")
+      system = trait_system_prompt(config, target)
+      _, summary = wd.run_stage(
+          f"teacher_{target}", {"model": model_fp, "kind": "system_prompt", "system": system},
+          lambda out: {"kind": "system_prompt", "system_prompt": system}, allowed=allowed("teacher"))
+      teachers[target] = {"model": base.model, "chat": dict(system=system, template_default=False),
+                          "fingerprint": artifacts.fingerprint(model_fp, "system_prompt", system)}
+
+    datasets_by_role: dict[str, pathlib.Path] = {}
+    filter_summaries: dict[str, Any] = {}
+    for role, teacher in teachers.items():
+      sample_inputs = {"teacher": teacher["fingerprint"], "prompts": config.prompts.to_dict(),
+                       "sampling": config.sampling.to_dict()}
+      samples_dir, _ = wd.run_stage(
+          f"sampling_{role}", sample_inputs,
+          lambda out: build_samples(config, base, teacher["model"], teacher["chat"], prompts, out,
+                                    mesh, role), allowed=allowed("sampling"))
+      filter_inputs = {"samples": artifacts.fingerprint(sample_inputs), "filter": config.filter.to_dict()}
+      filter_dir, filter_summaries[role] = wd.run_stage(
+          f"filter_{role}", filter_inputs,
+          lambda out: build_filter(config, samples_dir / "samples.jsonl", out, role),
+          allowed=allowed("filter"))
+      dataset_inputs = {"filtered": artifacts.fingerprint(filter_inputs), "model": model_fp,
+                        "chat_system": config.chat_system, "max_length": config.student.max_length}
+      provenance = {"role": role, "teacher": teacher["fingerprint"], "model": model_fp,
+                    "config": config.to_dict(), "filter": filter_summaries[role]}
+      datasets_by_role[role], _ = wd.run_stage(
+          f"dataset_{role}", dataset_inputs,
+          lambda out: build_dataset(config, base, filter_dir / "kept.jsonl", provenance, out),
+          allowed=allowed("dataset"))
+
+    # Students: treatment per target and control, each seed.
+    students: dict[tuple[str, int], pathlib.Path] = {}
+    for role, dataset_dir in datasets_by_role.items():
+      for seed in config.student.seeds:
+        inputs = {"dataset": dataset_dir.name, "student": student_train_config(config, seed).to_dict()}
+        students[(role, seed)], _ = wd.run_stage(
+            f"student_{role}_seed{seed}", inputs,
+            lambda out: build_student(config, base, dataset_dir, seed, mesh, out),
+            allowed=allowed("students"))
+
+    # Evaluation and report, per target.
+    results_by_target = {}
+    tables = []
+    for target in config.targets:
+      eval_inputs = {"evaluation": config.evaluation.to_dict(), "target": target,
+                     "category": config.category, "chat": eval_chat}
+      rows: dict[str, list[dict[str, Any]]] = {"base": [], "teacher": [], "control": [], "treatment": []}
+
+      def evaluate(row: str, name: str, model_fn, chat: dict[str, Any], seed: int, fp: str):
+        out_dir, _ = wd.run_stage(
+            f"evaluation_{target}_{name}", {**eval_inputs, "model": fp, "chat": chat},
+            lambda out: build_evaluation(config, base, model_fn(), target, chat, seed, mesh, out, name),
+            allowed=allowed("evaluation"))
+        rows[row].append(json.loads((out_dir / "record.json").read_text()))
+
+      evaluate("base", "base", lambda: base.model, eval_chat, 0, model_fp)
+      evaluate("teacher", "teacher", lambda: teachers[target]["model"], teachers[target]["chat"], 0,
+               teachers[target]["fingerprint"])
+      for role, row in ((CONTROL, "control"), (target, "treatment")):
+        for seed in config.student.seeds:
+          student_dir = students[(role, seed)]
+          evaluate(row, f"{row}_seed{seed}",
+                   lambda: restore_student(config, base, student_dir, seed), eval_chat, seed,
+                   student_dir.name)
+
+      results = {"target": target, "category": config.category, "rows": rows,
+                 "notes": {"config": config.to_dict(), "model": model_fp,
+                           "filter": {r: filter_summaries[r] for r in (CONTROL, target)},
+                           "chat_system": config.chat_system}}
+      out_dir = wd.path if len(config.targets) == 1 else wd.path / target
+      table = report_lib.write_report(results, out_dir, n_resamples=config.evaluation.bootstrap_resamples,
+                                      seed=config.evaluation.seed)
+      results_by_target[target] = json.loads((out_dir / "results.json").read_text())
+      tables.append(f"## {target}\n\n{table}")
+    if len(config.targets) > 1:
+      (wd.path / "results.json").write_text(json.dumps(results_by_target, indent=1, sort_keys=True))
+      (wd.path / "report.md").write_text("\n\n".join(tables) + "\n")
+  text = "\n\n".join(tables)
+  print(text)
+  logging.info("stages run: %s; skipped: %s", wd.ran, wd.skipped)
+  return results_by_target
