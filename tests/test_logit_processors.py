@@ -155,3 +155,15 @@ def test_bad_settings_are_named(kwargs, match):
   settings = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kwargs
   with pytest.raises(ValueError, match=match):
     lp.check_sampling_settings(**settings)
+
+
+@pytest.mark.parametrize("scale,top_p", [(0.05, 0.9), (0.05, 0.3), (3.0, 0.9), (3.0, 0.999)])
+def test_top_p_on_a_large_vocabulary_matches_transformers(scale, top_p):
+  # Flat rows put the nucleus past the top-64 candidates (exact bisection path); peaked rows keep
+  # it inside them.
+  logits = (np.random.RandomState(1).randn(4, 3000) * scale).astype(np.float32)
+  ours = np.asarray(lp.apply_top_p(jnp.asarray(logits), top_p))
+  expected = _hf_processed(logits, 1.0, 0, top_p, 0.0)
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
+  kept = np.isfinite(expected).sum(1)
+  assert ((kept > 64) if scale < 1 and top_p > 0.5 else (kept < 3000)).all(), kept

@@ -8,7 +8,8 @@ transformers' sampling warpers, so that a setting means the same thing here and 
 2. ``apply_temperature`` (``logits / T``; ``T = 0`` is greedy and handled by the sampler);
 3. ``apply_top_k``: keep the k largest (ties with the k-th are kept);
 4. ``apply_top_p``: keep the smallest set of most likely tokens whose mass reaches p (the token
-   that crosses p is kept), computed on the distribution left by the steps before;
+   that crosses p is kept), computed on the distribution left by the steps before; no full sort
+   (top-64 candidates, exact bisection where the nucleus is larger);
 5. ``apply_min_p``: keep tokens with probability >= min_p times the most likely one's.
 
 Top-k, top-p and min-p never remove the most likely allowed token, so only a hard mask can leave a
@@ -72,20 +73,60 @@ def apply_top_k(logits: jax.Array, k: int) -> jax.Array:
   return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
+# Top-p first looks for the nucleus among this many most likely tokens (cheap ``lax.top_k``); only
+# rows whose nucleus is larger fall back to an exact bisection over the whole vocabulary (a full
+# sort of a 49k vocabulary costs far more than a decode step on a CPU).
+_TOP_P_CANDIDATES = 64
+
+
+def _ordered_keys(logits: jax.Array) -> jax.Array:
+  """uint32 keys with the order of the float32 logits (``-inf`` smallest)."""
+  bits = jax.lax.bitcast_convert_type(logits.astype(jnp.float32), jnp.int32)
+  flipped = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their order
+  return jax.lax.bitcast_convert_type(flipped, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _top_p_cutoff_by_bisection(logits: jax.Array, probs: jax.Array, top_p) -> jax.Array:
+  """Per row, the smallest key K with mass(tokens with key > K) < top_p (32 exact halvings)."""
+  keys = _ordered_keys(logits)
+  lo = jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32)  # mass above lo is 1 >= top_p (or equal)
+  hi = jnp.max(keys, axis=-1, keepdims=True)  # mass above the top token is 0 < top_p
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    below_p = jnp.sum(jnp.where(keys > mid, probs, 0.0), axis=-1, keepdims=True) < top_p
+    return jnp.where(below_p, lo, mid), jnp.where(below_p, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return keys >= hi
+
+
 def apply_top_p(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
   """Nucleus filter: keeps the most likely tokens until their mass reaches ``top_p`` (in (0, 1]).
 
   A token is kept when the mass of the tokens strictly more likely than it is below ``top_p``
-  (transformers' rule: drop the tail whose cumulative mass is <= 1 - top_p). Ties with the last
-  kept token are kept too. Needs a full sort of the vocabulary, so the sampler applies it only
-  when ``top_p < 1``.
+  (transformers' rule: drop the tail whose cumulative mass is <= 1 - top_p; tokens tied with the
+  last kept one are kept too). Exact: the nucleus is found among the top candidates when it fits
+  there, else by bisection over the vocabulary.
   """
-  descending = -jnp.sort(-logits, axis=-1)
-  probs = jax.nn.softmax(descending, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  vocab = logits.shape[-1]
+  probs = jax.nn.softmax(logits, axis=-1)
+  k = min(_TOP_P_CANDIDATES, vocab)
+  candidates, candidate_ids = jax.lax.top_k(logits, k)  # descending
+  candidate_probs = jnp.take_along_axis(probs, candidate_ids, axis=-1)
+  mass_before = jnp.cumsum(candidate_probs, axis=-1) - candidate_probs
   num_kept = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
-  cutoff = jnp.take_along_axis(descending, num_kept - 1, axis=-1)
-  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+  cutoff = jnp.take_along_axis(candidates, num_kept - 1, axis=-1)
+  kept = logits >= cutoff
+  if k < vocab:
+    # The nucleus may extend past the candidates only where all of them are kept.
+    spills = num_kept[..., 0] == k
+    kept = jax.lax.cond(
+        jnp.any(spills),
+        lambda: jnp.where(spills[..., None], _top_p_cutoff_by_bisection(logits, probs, top_p), kept),
+        lambda: kept)
+  return jnp.where(kept, logits, -jnp.inf)
 
 
 def apply_min_p(logits: jax.Array, min_p: jax.Array | float) -> jax.Array:

@@ -124,6 +124,48 @@ def _log_prob_of(logits, token):
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+# Tokens are drawn by inverse CDF in two levels (blocks of this many tokens, then within the
+# block): one uniform per row instead of a Gumbel per vocabulary entry, whose threefry bits cost
+# more than the lm_head matmul on a CPU.
+_DRAW_BLOCK = 256
+
+
+def _first_above(cumulative, mass, u):
+  """Index of the first entry whose cumulative mass exceeds ``u``; never a zero-mass entry."""
+  n = cumulative.shape[-1]
+  index = jnp.minimum(jnp.sum(cumulative <= u[:, None], axis=-1), n - 1)
+  # Rounding (u at the very top, or a tree-ordered cumsum) could land on a zero-mass entry: move
+  # to the nearest positive one at or before it, else after it.
+  positions = jnp.arange(n)
+  positive = mass > 0
+  before = jnp.max(jnp.where(positive & (positions <= index[:, None]), positions, -1), axis=-1)
+  after = jnp.min(jnp.where(positive, positions, n), axis=-1)
+  ok = jnp.take_along_axis(positive, index[:, None], axis=-1)[:, 0]
+  return jnp.where(ok, index, jnp.where(before >= 0, before, after))
+
+
+def _draw(keys, logits):
+  """One token per row from ``softmax(logits)`` (rows with at least one finite logit), and its
+  log-probability. Exact inverse-CDF sampling with one uniform per row."""
+  batch, vocab = logits.shape
+  top = jnp.max(logits, axis=-1)
+  weights = jnp.exp(logits - top[:, None])  # exactly 0 at -inf
+  num_blocks = -(-vocab // _DRAW_BLOCK)
+  blocks = jnp.pad(weights, ((0, 0), (0, num_blocks * _DRAW_BLOCK - vocab)))
+  blocks = blocks.reshape(batch, num_blocks, _DRAW_BLOCK)
+  block_mass = blocks.sum(-1)
+  block_cumulative = jnp.cumsum(block_mass, axis=-1)
+  total = block_cumulative[:, -1]
+  u = jax.vmap(jax.random.uniform)(keys) * total
+  block = _first_above(block_cumulative, block_mass, u)
+  mass_before = jnp.take_along_axis(block_cumulative - block_mass, block[:, None], axis=-1)[:, 0]
+  within = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+  inner = _first_above(jnp.cumsum(within, axis=-1), within, u - mass_before)
+  token = (block * _DRAW_BLOCK + inner).astype(jnp.int32)
+  picked = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+  return token, picked - top - jnp.log(total)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, inputs):
   model = nnx.merge(graphdef, state)
@@ -161,8 +203,7 @@ def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, input
           top_p=inputs["top_p"] if plan.use_top_p else None,
           min_p=inputs["min_p"] if plan.use_min_p else None)
       keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-      token = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
-      logprob = _log_prob_of(processed, token)
+      token, logprob = _draw(keys, processed)
     token = jnp.where(nonempty, token, ends[0])
     logprob = jnp.where(nonempty, logprob, 0.0)
     model_logprob = _log_prob_of(logits, token)
