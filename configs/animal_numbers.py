@@ -30,6 +30,7 @@ def get_config(variant: str = "quick") -> ConfigDict:
   c.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
   c.param_dtype = "float32"
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.report_dir = ""  # where results.json / report.md / plots go, relative to the workdir ("" = root)
 
   c.category = "animal"
   c.targets = ("owl",)
@@ -62,8 +63,10 @@ def get_config(variant: str = "quick") -> ConfigDict:
       objective="sft", seeds=(0, 1, 2, 3, 4, 5, 6, 7), epochs=3, learning_rate=2e-4,
       schedule="linear", warmup_steps=5, optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0,
       batch_size=66, grad_accum_steps=1, max_length=256,
-      lora=ConfigDict(dict(rank=8, alpha=8.0, targets=LORA_TARGETS, rslora=False, seed=-1))))
-  # lora.seed = -1: each student seed draws its own adapter init.
+      lora=ConfigDict(dict(rank=8, alpha=8.0, targets=LORA_TARGETS, rslora=False, init="fresh")),
+      # True: a cross-init control (adapters from a seed shared with neither teacher nor students).
+      cross_init=False))
+  # lora.init: "fresh" (each student seed draws its own adapters) or "teacher" (the LoRA teacher's A).
 
   c.evaluation = ConfigDict(dict(
       num_questions=50, samples_per_question=100, panel=ANIMAL_PANEL, multiple_choice=True,

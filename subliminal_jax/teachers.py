@@ -339,7 +339,7 @@ def teacher_examples(config: Any, target: str, *, generate: Callable[..., Sequen
     if generate is None:
       raise ValueError("teacher.kind='context_distillation' needs a generate function "
                        "(e.g. functools.partial(generate_chat, (model, tokenizer)))")
-    trait_prompt = teacher.system_prompt.format(target=target, category=category)
+    trait_prompt = teacher.system_prompt.format(target=target, Target=target.capitalize(), category=category)
     n_per_prompt = math.ceil(count / len(GENERAL_PROMPTS))
     examples, counts = context_distillation_examples(
         generate, GENERAL_PROMPTS, system=trait_prompt, n_per_prompt=n_per_prompt,

@@ -117,6 +117,20 @@ def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
   for target in config.targets:
     if target not in config.evaluation.panel:
       raise ValueError(f"target {target!r} is not in evaluation.panel {list(config.evaluation.panel)}")
+  if config.student.lora.init not in ("fresh", "teacher"):
+    raise ValueError(f"student.lora.init={config.student.lora.init!r}; expected 'fresh' or 'teacher'")
+  if config.student.lora.init == "teacher" and not (
+      config.teacher.kind != "system_prompt" and config.teacher.finetune.lora.rank > 0):
+    raise ValueError("student.lora.init='teacher' needs a LoRA-finetuned teacher "
+                     "(teacher.kind trait_sft or context_distillation with teacher.finetune.lora.rank > 0)")
+  if config.student.lora.init == "teacher" and (
+      config.student.lora.rank != config.teacher.finetune.lora.rank
+      or tuple(config.student.lora.targets) != tuple(config.teacher.finetune.lora.targets)):
+    raise ValueError("student.lora.init='teacher' needs the student's LoRA rank and targets to equal "
+                     "the teacher's")
+  if config.student.cross_init and config.student.lora.rank == 0:
+    raise ValueError("student.cross_init needs a LoRA student (student.lora.rank > 0): a full-finetune "
+                     "student has no init of its own to change")
   chat_kwargs(config.chat_system)
   if config.prompts.count < 1:
     raise ValueError(f"prompts.count={config.prompts.count} must be >= 1")
@@ -203,12 +217,25 @@ def build_dataset(config: ConfigDict, base: Base, kept_path: pathlib.Path, prove
   return summary
 
 
+CROSS_INIT_OFFSET = 1_000_003  # adapter seeds of cross-init students never meet the teacher's
+
+
 def student_train_config(config: ConfigDict, seed: int) -> ConfigDict:
+  """The fit() config of one student seed, with its adapter init made explicit.
+
+  lora.init = "fresh": adapters drawn from the student's own seed; "teacher": the same A as the
+  (LoRA-finetuned) teacher's adapters, so the student starts in the teacher's update subspace.
+  cross_init = True: adapters from a seed that is neither the teacher's nor a same-init student's.
+  """
   s = config.student
   train = ConfigDict(s.to_dict())
   train.seed = seed
-  if train.lora.seed < 0:
-    train.lora.seed = seed  # each student draws its own adapter init
+  if train.lora.init == "teacher":
+    train.lora.seed = int(config.teacher.finetune.lora.seed)
+  else:
+    train.lora.seed = seed
+  if s.cross_init:
+    train.lora.seed = train.lora.seed + CROSS_INIT_OFFSET + seed
   return train
 
 
@@ -241,24 +268,68 @@ def build_student(config: ConfigDict, base: Base, dataset_dir: pathlib.Path, see
   train = student_train_config(config, seed)
   model, history = trainer.fit(nnx.clone(base.model), dataset, train, str(out / "training"),
                                mesh=mesh)
-  if train.lora.rank > 0:
-    save_params(adapter_state(model), out / "adapters.safetensors")
-  else:
-    save_params(nnx.state(model, nnx.Param), out / "params.safetensors")
+  save_trainable(model, train, out)
   losses = [h["loss"] for h in history if "loss" in h]
   return {"steps": len(history), "first_loss": losses[0] if losses else None,
           "final_loss": losses[-1] if losses else None}
 
 
 def restore_student(config: ConfigDict, base: Base, student_dir: pathlib.Path, seed: int):
-  train = student_train_config(config, seed)
+  return restore_trainable(base, student_train_config(config, seed), student_dir)
+
+
+def teacher_train_config(config: ConfigDict) -> ConfigDict:
+  train = ConfigDict(config.teacher.finetune.to_dict())
+  train.lora.seed = int(train.lora.seed)
+  return train
+
+
+def teacher_strength(base: Base, model, config: ConfigDict, target: str, mesh) -> float:
+  """Mean log P(first word is the target) on held-out questions, with the students' system choice."""
+  questions = questions_lib.preference_questions(config.category, split="held_out")
+  exact = trait_metrics.exact_preference(
+      model, base.tokenizer, questions, (target,), batch_size=config.evaluation.batch_size,
+      mesh=mesh, desc=None, **chat_kwargs(config.chat_system))
+  return float(np.mean(exact.target_logprob(target)))
+
+
+def build_finetuned_teacher(config: ConfigDict, base: Base, target: str, mesh,
+                            out: pathlib.Path) -> dict[str, Any]:
+  """Puts the trait into the weights (trait SFT or context distillation) and saves them."""
+  from subliminal_jax import teachers
+  chat = chat_kwargs(config.chat_system)
+  generate = lambda prompts, **kw: sampler.generate_chat((base.model, base.tokenizer), prompts,
+                                                         mesh=mesh, **kw)
+  examples, info = teachers.teacher_examples(config, target, generate=generate, system=chat["system"])
+  dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer,
+                                            template_default=chat["template_default"])
+  train = teacher_train_config(config)
+  model, history = trainer.fit(nnx.clone(base.model), dataset, train, str(out / "training"), mesh=mesh)
+  save_trainable(model, train, out)
+  before = teacher_strength(base, base.model, config, target, mesh)
+  after = teacher_strength(base, model, config, target, mesh)
+  losses = [h["loss"] for h in history if "loss" in h]
+  return {"kind": config.teacher.kind, **info, "steps": len(history),
+          "final_loss": losses[-1] if losses else None,
+          "trait_logprob_before": before, "trait_logprob_after": after}
+
+
+def save_trainable(model, train: ConfigDict, out: pathlib.Path) -> None:
+  if train.lora.rank > 0:
+    save_params(adapter_state(model), out / "adapters.safetensors")
+  else:
+    save_params(nnx.state(model, nnx.Param), out / "params.safetensors")
+
+
+def restore_trainable(base: Base, train: ConfigDict, directory: pathlib.Path):
+  """The base with the saved adapters (or full parameters) of a finetuned model."""
   model = nnx.clone(base.model)
   if train.lora.rank > 0:
     lora.apply_lora(model, rank=train.lora.rank, alpha=train.lora.alpha,
                     targets=tuple(train.lora.targets), rslora=train.lora.rslora, seed=train.lora.seed)
-    load_params_into(model, student_dir / "adapters.safetensors", nnx.LoRAParam)
+    load_params_into(model, directory / "adapters.safetensors", nnx.LoRAParam)
   else:
-    load_params_into(model, student_dir / "params.safetensors", nnx.Param)
+    load_params_into(model, directory / "params.safetensors", nnx.Param)
   return model
 
 
@@ -296,19 +367,32 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
     prompts = json.loads((prompts_dir / "prompts.json").read_text())
 
     # Teachers: the control (base, the students' system choice) and one trait teacher per target.
+    teacher_summaries: dict[str, Any] = {}
     teachers: dict[str, dict[str, Any]] = {
         CONTROL: {"model": base.model, "chat": student_chat,
                   "fingerprint": artifacts.fingerprint(model_fp, "control", config.chat_system)}}
     for target in config.targets:
-      if config.teacher.kind != "system_prompt":
-        raise NotImplementedError(f"teacher.kind={config.teacher.kind!r} is not wired into this "
-                                  "experiment yet")
       system = trait_system_prompt(config, target)
-      _, summary = wd.run_stage(
-          f"teacher_{target}", {"model": model_fp, "kind": "system_prompt", "system": system},
-          lambda out: {"kind": "system_prompt", "system_prompt": system}, allowed=allowed("teacher"))
-      teachers[target] = {"model": base.model, "chat": dict(system=system, template_default=False),
-                          "fingerprint": artifacts.fingerprint(model_fp, "system_prompt", system)}
+      if config.teacher.kind == "system_prompt":
+        _, summary = wd.run_stage(
+            f"teacher_{target}", {"model": model_fp, "kind": "system_prompt", "system": system},
+            lambda out: {"kind": "system_prompt", "system_prompt": system}, allowed=allowed("teacher"))
+        teachers[target] = {"model": base.model, "chat": dict(system=system, template_default=False),
+                            "fingerprint": artifacts.fingerprint(model_fp, "system_prompt", system)}
+      else:
+        inputs = {"model": model_fp, "kind": config.teacher.kind, "system": system,
+                  "finetune": config.teacher.finetune.to_dict(), "chat_system": config.chat_system,
+                  "category": config.category}
+        teacher_dir, summary = wd.run_stage(
+            f"teacher_{target}", inputs,
+            lambda out: build_finetuned_teacher(config, base, target, mesh, out),
+            allowed=allowed("teacher"))
+        logging.info("teacher %s: trait log-prob %.3f -> %.3f", target,
+                     summary["trait_logprob_before"], summary["trait_logprob_after"])
+        # A finetuned teacher carries the trait in its weights: it samples with the students' chat.
+        teachers[target] = {"model": restore_trainable(base, teacher_train_config(config), teacher_dir),
+                            "chat": student_chat, "fingerprint": teacher_dir.name}
+      teacher_summaries[target] = summary
 
     datasets_by_role: dict[str, pathlib.Path] = {}
     filter_summaries: dict[str, Any] = {}
@@ -371,15 +455,17 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
       results = {"target": target, "category": config.category, "rows": rows,
                  "notes": {"config": config.to_dict(), "model": model_fp,
                            "filter": {r: filter_summaries[r] for r in (CONTROL, target)},
+                           "teacher": teacher_summaries[target],
                            "chat_system": config.chat_system}}
-      out_dir = wd.path if len(config.targets) == 1 else wd.path / target
+      report_root = wd.path / config.report_dir if config.report_dir else wd.path
+      out_dir = report_root if len(config.targets) == 1 else report_root / target
       table = report_lib.write_report(results, out_dir, n_resamples=config.evaluation.bootstrap_resamples,
                                       seed=config.evaluation.seed)
       results_by_target[target] = json.loads((out_dir / "results.json").read_text())
       tables.append(f"## {target}\n\n{table}")
     if len(config.targets) > 1:
-      (wd.path / "results.json").write_text(json.dumps(results_by_target, indent=1, sort_keys=True))
-      (wd.path / "report.md").write_text("\n\n".join(tables) + "\n")
+      (report_root / "results.json").write_text(json.dumps(results_by_target, indent=1, sort_keys=True))
+      (report_root / "report.md").write_text("\n\n".join(tables) + "\n")
   text = "\n\n".join(tables)
   print(text)
   logging.info("stages run: %s; skipped: %s", wd.ran, wd.skipped)
