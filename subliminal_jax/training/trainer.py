@@ -68,12 +68,13 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 def dataset_fingerprint(dataset: datasets.Dataset) -> str:
   """sha256 (16 hex) of the token ids and loss masks, in row order: identifies the data exactly."""
+  if dataset._indices is not None:  # a select()/shuffle() view: hash the rows it shows
+    dataset = dataset.flatten_indices()
   digest = hashlib.sha256()
   for column in ("input_ids", "loss_mask"):
-    chunked = dataset.data.column(column)
-    for chunk in chunked.chunks:
-      digest.update(np.asarray(chunk.offsets).astype(np.int64).tobytes())
-      digest.update(np.asarray(chunk.values).astype(np.int32).tobytes())
+    for chunk in dataset.data.column(column).chunks:
+      digest.update(np.asarray(chunk.value_lengths()).astype(np.int64).tobytes())
+      digest.update(np.asarray(chunk.flatten()).astype(np.int32).tobytes())
   return digest.hexdigest()[:16]
 
 
@@ -150,7 +151,8 @@ def plan(num_examples: int, config: Any) -> dict[str, int]:
 def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config: Any,
         workdir: str | os.PathLike, *, loss_fn: Callable | None = None, aux: Any = None,
         mesh: jax.sharding.Mesh | None = None, stop_after: int | None = None,
-        callbacks: Sequence[Callback] = (), progress: bool = True, tensorboard: bool = False
+        callbacks: Sequence[Callback] = (), progress: bool = True, tensorboard: bool = False,
+        batches: Callable[..., Any] = data_lib.batches
         ) -> tuple[nnx.Module, list[dict[str, Any]]]:
   """Trains ``model`` on ``dataset``; resumes from the latest checkpoint in ``workdir``.
 
@@ -173,6 +175,9 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
     callbacks: ``callback(step, record)`` after every step.
     progress: show the tqdm bar.
     tensorboard: also write TensorBoard event files under ``workdir/tensorboard``.
+    batches: the epoch iterator, called as ``data.batches`` is (dataset, batch_size, seed, epoch,
+      pad_id, bucket, start_step, length_multiple); e.g. ``distillation_data.paired_batches``
+      for teacher/student pairs.
 
   Returns:
     ``(model, history)``: the trained model (LoRA adapters kept unmerged) and one record per
@@ -200,7 +205,7 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
   length_multiple = int(_get(config, "length_multiple", 16))
   checkpoint_every = int(_get(config, "checkpoint_every", 0)) or total
   keep = int(_get(config, "keep_checkpoints", 2))
-  pad_id = int(_get(config, "pad_id", 0))  # right padding sits outside every mask: any id works
+  pad_id = 0  # right padding sits outside every mask, so any valid id works
   if stop_after is not None and not 1 <= stop_after:
     raise ValueError(f"stop_after must be a step >= 1 or None, got {stop_after!r}")
   identity = _run_identity(config, dataset)
@@ -248,9 +253,12 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
                f"LoRA rank {lora['rank']}" if lora["rank"] else "full finetuning", checkpoint_every,
                workdir)
 
-  writer = progress_lib.MetricsWriter(workdir, resume_step=global_step if latest else None,
-                                      tensorboard=tensorboard)
-  bar = progress_lib.ProgressBar(total, start_step=global_step, enabled=progress)
+  # With several processes only the first writes the shared files and shows the bar.
+  lead = jax.process_index() == 0
+  writer = progress_lib.MetricsWriter(
+      workdir, resume_step=global_step if latest else None, tensorboard=tensorboard and lead,
+      filename=progress_lib.METRICS_FILE if lead else f"metrics.process{jax.process_index()}.jsonl")
+  bar = progress_lib.ProgressBar(total, start_step=global_step, enabled=progress and lead)
   position = {"epoch": epoch, "step_in_epoch": step_in_epoch}
   started = time.perf_counter()
   stopped = False
@@ -259,9 +267,9 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
     with mesh_context:
       last = time.perf_counter()
       while epoch < steps["epochs"] and not stopped:
-        for batch in data_lib.batches(dataset, batch_size=batch_size, seed=seed, epoch=epoch,
-                                      pad_id=pad_id, bucket=bucket, start_step=step_in_epoch,
-                                      length_multiple=length_multiple):
+        for batch in batches(dataset, batch_size=batch_size, seed=seed, epoch=epoch,
+                             pad_id=pad_id, bucket=bucket, start_step=step_in_epoch,
+                             length_multiple=length_multiple):
           state, metrics = step_fn(state, _process_rows(batch), aux)
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
                      if np.ndim(v) == 0}
@@ -307,7 +315,8 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
              else "full parameters", "first_loss": losses[0] if losses else None,
              "final_loss": losses[-1] if losses else None,
              "wall_time_s_this_call": time.perf_counter() - started}
-  with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-    json.dump(summary, f, indent=2)
+  if lead:
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+      json.dump(summary, f, indent=2)
   return train_step_lib.model_from_state(graphdef, state), history
 
