@@ -185,6 +185,18 @@ def test_empty_dataset_and_bad_config_are_clear_errors(tmp_path):
                 progress=False)
 
 
+def test_dataset_fingerprint_tracks_rows_and_masks():
+  data = toy_dataset(n=6)
+  same = toy_dataset(n=6)
+  assert trainer.dataset_fingerprint(data) == trainer.dataset_fingerprint(same)
+  assert trainer.dataset_fingerprint(data.select(range(6))) == trainer.dataset_fingerprint(data)
+  assert trainer.dataset_fingerprint(data.select([1, 0, 2, 3, 4, 5])) != trainer.dataset_fingerprint(data)
+  masks = [list(m) for m in data["loss_mask"]]
+  masks[0][-1] = not masks[0][-1]
+  changed = datasets.Dataset.from_dict({"input_ids": data["input_ids"], "loss_mask": masks})
+  assert trainer.dataset_fingerprint(changed) != trainer.dataset_fingerprint(data)
+
+
 # --- progress.py: metrics log and TensorBoard events -------------------------------------------------
 
 def test_metrics_writer_resume_drops_steps_after_the_checkpoint(tmp_path):

@@ -49,13 +49,14 @@ class MetricsWriter:
       after that checkpoint by the interrupted run) are dropped. None: a fresh run, the file is
       started anew.
     tensorboard: also write TensorBoard event files under ``<workdir>/tensorboard``.
+    filename: the JSON-lines file in ``workdir``.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None,
-               tensorboard: bool = False):
+               tensorboard: bool = False, filename: str = METRICS_FILE):
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = os.path.join(workdir, filename)
     kept = ([r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             if resume_step is not None else [])
     tmp = self.path + ".tmp"
