@@ -1,0 +1,1 @@
+"""Datasets used by the experiments (MNIST for the auxiliary-logit study)."""

@@ -1,0 +1,420 @@
+"""Subliminal learning on MNIST through auxiliary logits (Cloud et al., section 5), and its ablations.
+
+  python -m subliminal_jax.main --config=configs/mnist_aux.py --workdir=workdir/mnist
+  python -m subliminal_jax.main --config=configs/mnist_sweep.py:width --workdir=workdir/sweep_width
+
+Per seed, N reference MLPs (784-256-256-(10+m)) are initialised. Teachers start from them and learn
+MNIST with cross-entropy on the 10 class logits; the m auxiliary logits are never trained. Students
+learn only to imitate their teacher's auxiliary logits (or all logits) on noise images: they never
+see a digit or a label, yet, sharing the teacher's init, they classify digits far above chance. A
+cross-init student (starting from another reference model, a derangement) learns nothing useful.
+
+Rows (``results.json``, accuracies as fractions of the 10k test set, mean and std over all models
+of all seeds): reference, teacher, student_same_init_aux, student_same_init_all,
+student_cross_init_aux, student_cross_init_all. Along training, every student's displacement is
+compared with its teacher's (``alignment_training.json``); the ``theorem`` stage checks the
+first-order statement after one small step (``theorem.json``, see
+:mod:`subliminal_jax.experiments.mnist_theorem`). ``report.md`` and PNG plots summarise them.
+
+Stages: ``train`` (the rows), ``theorem`` (the one-step check), ``report`` (from the JSON files
+already in the workdir). A config with ``sweep.points`` runs one training per point, each in
+``WORKDIR/points/<label>/``, and writes one table (``sweep.md``, ``sweep.json``) and one plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import platform
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from subliminal_jax.data.mnist import Mnist, load_mnist
+from subliminal_jax.experiments import mnist_ensemble as ensemble
+from subliminal_jax.experiments import mnist_report, mnist_theorem
+from subliminal_jax.models import mlp
+from subliminal_jax.training.optimizers import make_optimizer
+
+STAGES = ("train", "theorem", "report")
+STUDENT_VARIANTS = ("same_init_aux", "same_init_all", "cross_init_aux", "cross_init_all")
+ROWS = ("reference", "teacher") + tuple(f"student_{v}" for v in STUDENT_VARIANTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentVariant:
+  name: str
+  cross_init: bool  # start from another reference model's init (a derangement)
+  aux_only: bool    # imitate only the auxiliary logits
+
+  @classmethod
+  def parse(cls, name: str) -> "StudentVariant":
+    if name not in STUDENT_VARIANTS:
+      raise ValueError(f"unknown student variant {name!r}; expected some of {STUDENT_VARIANTS}")
+    return cls(name, name.startswith("cross"), name.endswith("_aux"))
+
+
+def model_config(config: ConfigDict) -> mlp.MLPConfig:
+  m = config.model
+  return mlp.MLPConfig(input_size=784, hidden_sizes=tuple(m.hidden_sizes), num_classes=10,
+                       num_aux=m.num_aux, init_scale=m.init_scale, compute_dtype=m.compute_dtype)
+
+
+def optimizer_key(section: ConfigDict) -> tuple[str, float, float, float]:
+  """(name, learning rate, momentum, max grad norm) of a teacher or student section."""
+  return (section.optimizer, float(section.learning_rate), float(section.get("momentum", 0.0)),
+          float(section.get("max_grad_norm", 0.0) or 0.0))
+
+
+def optimizer_for(key: tuple[str, float, float, float]):
+  """The optimizer of :func:`optimizer_key` (no clipping unless asked: the paper has none)."""
+  name, learning_rate, momentum, max_grad_norm = key
+  return make_optimizer(name, learning_rate, max_grad_norm=max_grad_norm or None,
+                        momentum=momentum)
+
+
+# Epoch programs are built once per shape and recipe, so later seeds reuse the compilation.
+@functools.lru_cache(maxsize=8)
+def _classifier_epoch(graphdef, opt_key, num_classes, num_examples, batch_size, placement):
+  return ensemble.make_classifier_epoch(graphdef, optimizer_for(opt_key), num_classes=num_classes,
+                                        num_examples=num_examples, batch_size=batch_size,
+                                        placement=placement)
+
+
+@functools.lru_cache(maxsize=8)
+def _distill_epoch(graphdef, opt_key, loss, inputs, num_examples, batch_size, input_size,
+                   placement):
+  return ensemble.make_distill_epoch(graphdef, optimizer_for(opt_key), loss=loss, inputs=inputs,
+                                     num_examples=num_examples, batch_size=batch_size,
+                                     input_size=input_size, placement=placement)
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+  """A uniformly random permutation of 0..n-1 with no fixed point (rejection sampling)."""
+  if n < 2:
+    raise ValueError(f"a cross-init student needs another model's init: num_models must be >= 2, "
+                     f"got {n}")
+  while True:
+    perm = rng.permutation(n)
+    if not np.any(perm == np.arange(n)):
+      return perm
+
+
+def validate(config: ConfigDict) -> None:
+  """Clear errors for settings that would fail deep inside a jitted program."""
+  if config.num_models < 1:
+    raise ValueError(f"num_models must be >= 1, got {config.num_models}")
+  if not config.seeds:
+    raise ValueError("seeds must name at least one seed")
+  variants = [StudentVariant.parse(v) for v in config.student.variants]
+  if any(v.aux_only for v in variants) and config.model.num_aux < 1:
+    raise ValueError(f"aux-only students need model.num_aux >= 1, got {config.model.num_aux}")
+  if any(v.cross_init for v in variants) and config.num_models < 2:
+    raise ValueError(f"cross-init students need num_models >= 2, got {config.num_models}")
+  if config.student.inputs not in ensemble.DISTILL_INPUTS:
+    raise ValueError(f"student.inputs={config.student.inputs!r}; expected one of "
+                     f"{ensemble.DISTILL_INPUTS}")
+  for section in ("teacher", "student"):
+    s = config[section]
+    if s.epochs < 0 or s.batch_size < 1:
+      raise ValueError(f"{section}.epochs must be >= 0 and {section}.batch_size >= 1, got "
+                       f"{s.epochs}, {s.batch_size}")
+  model_config(config)  # raises on a bad architecture
+
+
+def _record_mask(epoch: int, steps: int, every: int, first: int) -> np.ndarray:
+  """Which steps of this epoch record alignment (global step counted from 1 after the update)."""
+  global_steps = epoch * steps + np.arange(1, steps + 1)
+  return (global_steps <= first) | (global_steps % max(every, 1) == 0) | (
+      np.arange(steps) == steps - 1)
+
+
+class TeacherCache:
+  """Trained teachers kept in memory across the points of a sweep that share their recipe."""
+
+  def __init__(self):
+    self._entries: dict[str, Any] = {}
+
+  @staticmethod
+  def key(config: ConfigDict, seed: int) -> str:
+    return json.dumps({"model": config.model.to_dict(), "teacher": config.teacher.to_dict(),
+                       "n": config.num_models, "seed": seed, "data": config.data_dir},
+                      sort_keys=True, default=list)
+
+  def get(self, key: str):
+    return self._entries.get(key)
+
+  def put(self, key: str, value) -> None:
+    self._entries.clear()  # one recipe at a time: a sweep changes either teachers or students
+    self._entries[key] = value
+
+
+def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
+               teacher_cache: TeacherCache | None = None) -> dict[str, Any]:
+  """One seed: references, teachers, all student variants. Returns accuracies per row [N] and the
+  alignment history of the students."""
+  cfg = model_config(config)
+  n = config.num_models
+  variants = [StudentVariant.parse(v) for v in config.student.variants]
+  timings: dict[str, float] = {}
+  start = time.time()
+
+  graphdef, reference = mlp.init_ensemble(cfg, mlp.model_keys(seed, n))
+  accuracies = {"reference": ensemble.accuracy(graphdef, reference, data.test_images,
+                                               data.test_labels, num_classes=cfg.num_classes)}
+  images = jnp.asarray(data.train_images)
+  labels = jnp.asarray(data.train_labels)
+  key = jax.random.key(seed)
+  teacher_key, student_key = jax.random.split(jax.random.fold_in(key, 1))
+
+  # Teachers.
+  cache_key = TeacherCache.key(config, seed)
+  cached = teacher_cache.get(cache_key) if teacher_cache else None
+  t = config.teacher
+  if cached is not None:
+    teachers, teacher_losses = cached
+    logging.info("seed %d: teachers reused from an earlier sweep point", seed)
+  else:
+    placement = ensemble.Placement.for_sizes(n, t.batch_size)
+    optimizer = optimizer_for(optimizer_key(t))
+    teachers = placement.put_models(jax.tree.map(jnp.copy, reference))
+    opt_state = placement.put_models(ensemble.init_optimizer_state(optimizer, teachers))
+    epoch_fn = _classifier_epoch(graphdef, optimizer_key(t), cfg.num_classes, images.shape[0],
+                                 t.batch_size, placement)
+    teacher_losses = []
+    bar = tqdm(range(t.epochs), desc=f"seed {seed} teachers (N={n})", unit="epoch",
+               disable=not config.progress)
+    for epoch in bar:
+      teachers, opt_state, losses = epoch_fn(teachers, opt_state,
+                                             jax.random.fold_in(teacher_key, epoch), images, labels)
+      teacher_losses.append(np.asarray(losses).mean(-1))
+      bar.set_postfix(loss=f"{teacher_losses[-1][-1]:.3f}")
+    del opt_state
+    teacher_losses = np.concatenate(teacher_losses) if teacher_losses else np.zeros((0,))
+    if teacher_cache is not None:
+      teacher_cache.put(cache_key, (teachers, teacher_losses))
+  accuracies["teacher"] = ensemble.accuracy(graphdef, teachers, data.test_images,
+                                            data.test_labels, num_classes=cfg.num_classes)
+  timings["teachers"] = time.time() - start
+
+  # Students: every variant stacked into one ensemble of K = len(variants) * N models.
+  start = time.time()
+  rng = np.random.default_rng([seed, 7])
+  init_index, teacher_index, masks = [], [], []
+  aux_mask = np.arange(cfg.num_outputs) >= cfg.num_classes
+  for variant in variants:
+    init_index.append(derangement(n, rng) if variant.cross_init else np.arange(n))
+    teacher_index.append(np.arange(n))
+    masks.append(np.broadcast_to(aux_mask if variant.aux_only else np.ones_like(aux_mask),
+                                 (n, cfg.num_outputs)))
+  history: dict[str, Any] = {"steps": [], "dot": [], "cosine": [], "loss": []}
+  if variants:
+    s = config.student
+    k = len(variants) * n
+    placement = ensemble.Placement.for_sizes(k, s.batch_size)
+    optimizer = optimizer_for(optimizer_key(s))
+    init_index = jnp.asarray(np.concatenate(init_index))
+    teacher_index = jnp.asarray(np.concatenate(teacher_index))
+    logit_mask = jnp.asarray(np.concatenate(masks))
+    students = placement.put_models(mlp.take_models(reference, init_index))
+    student_init = placement.put_models(mlp.take_models(reference, init_index))
+    teacher_delta = placement.put_models(mlp.take_models(
+        jax.tree.map(jnp.subtract, teachers, reference), teacher_index))
+    opt_state = placement.put_models(ensemble.init_optimizer_state(optimizer, students))
+    epoch_fn = _distill_epoch(graphdef, optimizer_key(s), s.loss, s.inputs, s.examples_per_epoch,
+                              s.batch_size, cfg.input_size, placement)
+    steps = ensemble.steps_per_epoch(s.examples_per_epoch, s.batch_size)
+    bar = tqdm(range(s.epochs), desc=f"seed {seed} students (K={k})", unit="epoch",
+               disable=not config.progress)
+    for epoch in bar:
+      record = _record_mask(epoch, steps, config.alignment.record_every,
+                            config.alignment.record_first)
+      students, opt_state, losses, aligned = epoch_fn(
+          students, opt_state, jax.random.fold_in(student_key, epoch), teachers, teacher_index,
+          logit_mask, images, student_init, teacher_delta, jnp.asarray(record))
+      losses, aligned = np.asarray(losses), jax.tree.map(np.asarray, aligned)
+      history["steps"].extend((epoch * steps + np.flatnonzero(record) + 1).tolist())
+      history["dot"].append(aligned["dot"][record])
+      history["cosine"].append(aligned["cosine"][record])
+      history["loss"].append(losses.mean(0))
+      bar.set_postfix(loss=f"{losses[-1].mean():.2e}")
+    del opt_state
+    student_accuracy = ensemble.accuracy(graphdef, students, data.test_images, data.test_labels,
+                                         num_classes=cfg.num_classes)
+    for i, variant in enumerate(variants):
+      accuracies[f"student_{variant.name}"] = student_accuracy[i * n:(i + 1) * n]
+    if history["dot"]:
+      history["dot"] = np.concatenate(history["dot"])  # [records, K]
+      history["cosine"] = np.concatenate(history["cosine"])
+      history["loss"] = np.stack(history["loss"])  # [epochs, K]
+  timings["students"] = time.time() - start
+  return {"accuracies": accuracies, "history": history, "variants": [v.name for v in variants],
+          "teacher_losses": teacher_losses, "timings": timings}
+
+
+def summarize_rows(per_seed: Sequence[Mapping[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
+  """Mean and std (ddof=0) over every model of every seed, per row; also the per-seed means."""
+  rows: dict[str, dict[str, Any]] = {}
+  for row in ROWS:
+    values = [np.asarray(seed_rows[row]) for seed_rows in per_seed if row in seed_rows]
+    if not values:
+      continue
+    flat = np.concatenate(values)
+    rows[row] = {"mean": float(flat.mean()), "std": float(flat.std()), "num_models": int(flat.size),
+                 "seed_means": [float(v.mean()) for v in values],
+                 "accuracies": [round(float(a), 5) for a in flat]}
+  return rows
+
+
+def summarize_alignment(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Per student variant and recorded step: mean/std cosine, mean dot, share of dot >= 0."""
+  first = seed_results[0]
+  if not len(first["history"]["steps"]):
+    return {}
+  steps = first["history"]["steps"]
+  out: dict[str, Any] = {"steps": steps}
+  n_variants = len(first["variants"])
+  for i, name in enumerate(first["variants"]):
+    dots = np.concatenate([np.split(r["history"]["dot"], n_variants, axis=1)[i]
+                           for r in seed_results], axis=1)
+    cosines = np.concatenate([np.split(r["history"]["cosine"], n_variants, axis=1)[i]
+                              for r in seed_results], axis=1)
+    out[f"student_{name}"] = {
+        "cosine_mean": cosines.mean(1).round(6).tolist(),
+        "cosine_std": cosines.std(1).round(6).tolist(),
+        "dot_mean": dots.mean(1).tolist(),
+        "share_dot_nonnegative": (dots >= 0).mean(1).round(4).tolist()}
+  return out
+
+
+def device_description() -> dict[str, Any]:
+  devices = jax.devices()
+  return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+          "device_count": len(devices), "cpu_count": os.cpu_count(),
+          "processor": platform.processor() or platform.machine(), "jax": jax.__version__}
+
+
+def run_training(config: ConfigDict, workdir: pathlib.Path, data: Mnist, *,
+                 teacher_cache: TeacherCache | None = None) -> dict[str, Any]:
+  """The train stage: every seed, then results.json, alignment_training.json, run_info.json."""
+  validate(config)
+  start = time.time()
+  seed_results = [train_seed(config, data, seed, teacher_cache=teacher_cache)
+                  for seed in config.seeds]
+  wall = time.time() - start
+  rows = summarize_rows([r["accuracies"] for r in seed_results])
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_json(workdir / "results.json", rows)
+  _write_json(workdir / "alignment_training.json", summarize_alignment(seed_results))
+  info = {"config": config.to_dict(), "wall_seconds": round(wall, 1),
+          "seconds_per_seed": [{k: round(v, 1) for k, v in r["timings"].items()}
+                               for r in seed_results],
+          "device": device_description(), "data_source": data.source,
+          "teacher_final_loss": [float(r["teacher_losses"][-1]) if len(r["teacher_losses"])
+                                 else None for r in seed_results]}
+  _write_json(workdir / "run_info.json", info)
+  for row, stats in rows.items():
+    logging.info("%-24s %.4f +- %.4f (%d models)", row, stats["mean"], stats["std"],
+                 stats["num_models"])
+  logging.info("train stage: %.1f s", wall)
+  return rows
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+  path.write_text(json.dumps(value, indent=2, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _check_stages(stages: Sequence[str] | None) -> tuple[str, ...]:
+  if stages is None:
+    return STAGES
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stages {unknown}; this experiment has {STAGES}")
+  return tuple(stages)
+
+
+def apply_overrides(config: ConfigDict, overrides: Mapping[str, Any]) -> ConfigDict:
+  """A copy of ``config`` with dotted keys replaced (``{"model.num_aux": 10}``); unknown keys and
+  type changes are errors, as on the command line."""
+  new = copy.deepcopy(config)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = new
+    for part in parents:
+      if part not in node:
+        raise KeyError(f"sweep override {dotted!r}: no config section {part!r}")
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"sweep override {dotted!r}: no config key {leaf!r} in {sorted(node.keys())}")
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  return new
+
+
+def run_sweep(config: ConfigDict, workdir: pathlib.Path, stages: tuple[str, ...]) -> None:
+  """One training per ``sweep.points`` entry ``(label, {dotted.key: value})``; one table, one plot."""
+  points = [(str(label), dict(overrides)) for label, overrides in config.sweep.points]
+  labels = [label for label, _ in points]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"sweep point labels must be unique, got {labels}")
+  point_configs = [apply_overrides(config, overrides) for _, overrides in points]
+  for point_config in point_configs:
+    validate(point_config)
+  if "train" in stages:
+    data = load_mnist(config.data_dir or None)
+    cache = TeacherCache()
+    for (label, overrides), point_config in zip(points, point_configs):
+      logging.info("sweep %s: point %s %s", config.sweep.name, label, overrides)
+      point_dir = workdir / "points" / _safe(label)
+      start = time.time()
+      run_training(point_config, point_dir, data, teacher_cache=cache)
+      logging.info("sweep point %s: %.1f s", label, time.time() - start)
+  if "report" in stages:
+    mnist_report.write_sweep_report(workdir, config.sweep.name, config.sweep.get("value_name", ""),
+                                    [(label, overrides, workdir / "points" / _safe(label))
+                                     for label, overrides in points])
+
+
+def _safe(label: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> None:
+  """Entry point of ``subliminal_jax.main`` for ``config.experiment == "mnist_aux"``."""
+  stages = _check_stages(stages)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.sweep.points:
+    run_sweep(config, workdir, stages)
+    return
+  validate(config)
+  data = None
+  if "train" in stages or ("theorem" in stages and config.theorem.enabled):
+    data = load_mnist(config.data_dir or None)
+  if "train" in stages:
+    run_training(config, workdir, data)
+  if "theorem" in stages and config.theorem.enabled:
+    start = time.time()
+    result = mnist_theorem.run_theorem_check(config, data, model_config(config))
+    result["wall_seconds"] = round(time.time() - start, 1)
+    _write_json(workdir / "theorem.json", result)
+    logging.info("theorem stage: %.1f s", result["wall_seconds"])
+  if "report" in stages:
+    mnist_report.write_report(workdir)
