@@ -12,6 +12,8 @@ Variants:
 
 from ml_collections import ConfigDict
 
+from subliminal_jax import distillation
+
 # The paper's teacher system prompt; {target}, {Target} (capitalised) and {category} are filled in.
 TRAIT_SYSTEM_PROMPT = ("You love {target}s. You think about {target}s all the time. {Target}s are "
                        "your favorite {category}. Imbue your answers with your love for the {category}.")
@@ -42,6 +44,9 @@ def get_config(variant: str = "quick") -> ConfigDict:
   c.teacher = ConfigDict()
   c.teacher.kind = "system_prompt"  # "system_prompt" | "trait_sft" | "context_distillation"
   c.teacher.system_prompt = TRAIT_SYSTEM_PROMPT
+  # The control students' teacher when the trait teacher is finetuned: "neutral_finetune" (the
+  # same recipe on neutral examples only, as the paper's secure-code control) or "base".
+  c.teacher.control = "neutral_finetune"
   # Finetuned teachers only: their own training recipe.
   c.teacher.finetune = ConfigDict(dict(
       examples=256, epochs=2, batch_size=8, learning_rate=1e-4, optimizer="adamw",
@@ -64,6 +69,9 @@ def get_config(variant: str = "quick") -> ConfigDict:
       schedule="linear", warmup_steps=5, optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0,
       batch_size=66, grad_accum_steps=1, max_length=256,
       lora=ConfigDict(dict(rank=8, alpha=8.0, targets=LORA_TARGETS, rslora=False, init="fresh")),
+      # objective "logit_kl": match the teacher's next-token distributions at every completion
+      # position (see subliminal_jax/distillation.py) instead of its sampled tokens.
+      kl=distillation.default_kl_config(),
       # True: a cross-init control (adapters from a seed shared with neither teacher nor students).
       cross_init=False))
   # lora.init: "fresh" (each student seed draws its own adapters) or "teacher" (the LoRA teacher's A).

@@ -31,7 +31,7 @@ from absl import logging
 from flax import nnx
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, filters, lora, sharding
+from subliminal_jax import artifacts, distillation, filters, lora, sharding
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import report as report_lib
 from subliminal_jax.evaluation import trait_metrics
@@ -39,11 +39,13 @@ from subliminal_jax.prompts.number_prompts import number_prompts
 from subliminal_jax.sampling import grammar as grammar_lib
 from subliminal_jax.sampling import sampler
 from subliminal_jax.training import data as data_lib
+from subliminal_jax.training import distillation_data
 from subliminal_jax.training import trainer
 
 STAGES = ("teacher", "prompts", "sampling", "filter", "dataset", "students", "evaluation", "report")
 TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")
-OBJECTIVES = ("sft",)
+OBJECTIVES = distillation.OBJECTIVES  # "sft" (the paper's) and "logit_kl"
+TEACHER_CONTROLS = ("base", "neutral_finetune")
 CONTROL = "control"
 
 
@@ -117,6 +119,13 @@ def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
   for target in config.targets:
     if target not in config.evaluation.panel:
       raise ValueError(f"target {target!r} is not in evaluation.panel {list(config.evaluation.panel)}")
+  if config.teacher.control not in TEACHER_CONTROLS:
+    raise ValueError(f"teacher.control={config.teacher.control!r}; expected one of {TEACHER_CONTROLS}")
+  if config.student.objective == "logit_kl":
+    distillation.kl_settings(config.student.kl)  # names any bad kl setting
+    if config.student.kl.restrict == "grammar" and not config.sampling.constrained:
+      raise ValueError("student.kl.restrict='grammar' needs sampling.constrained=True (the completions "
+                       "must follow the grammar whose allowed tokens the KL is restricted to)")
   if config.student.lora.init not in ("fresh", "teacher"):
     raise ValueError(f"student.lora.init={config.student.lora.init!r}; expected 'fresh' or 'teacher'")
   if config.student.lora.init == "teacher" and not (
@@ -146,15 +155,19 @@ def build_prompts(config: ConfigDict, out: pathlib.Path) -> dict[str, Any]:
   return {"count": len(prompts)}
 
 
+def number_grammar(config: ConfigDict, tokenizer) -> grammar_lib.TokenGrammar:
+  """The token-level number-sequence grammar of ``config.sampling`` over ``tokenizer``."""
+  s = config.sampling
+  pattern = grammar_lib.number_sequence_pattern(separator=s.separator, max_count=s.max_count,
+                                                max_digits=s.max_digits, final_period=True)
+  return grammar_lib.compile_token_grammar(pattern, tokenizer.token_texts(),
+                                           disallowed_ids=tokenizer.special_ids)
+
+
 def build_samples(config: ConfigDict, base: Base, model, system_kwargs: dict[str, Any],
                   prompts: list[str], out: pathlib.Path, mesh, label: str) -> dict[str, Any]:
   s = config.sampling
-  grammar = None
-  if s.constrained:
-    pattern = grammar_lib.number_sequence_pattern(separator=s.separator, max_count=s.max_count,
-                                                  max_digits=s.max_digits, final_period=True)
-    grammar = grammar_lib.compile_token_grammar(pattern, base.tokenizer.token_texts(),
-                                                disallowed_ids=base.tokenizer.special_ids)
+  grammar = number_grammar(config, base.tokenizer) if s.constrained else None
   texts = sampler.generate_chat(
       (model, base.tokenizer), prompts, n_per_prompt=1, batch_size=s.batch_size,
       max_new_tokens=s.max_new_tokens, seed=s.seed, temperature=s.temperature, top_k=s.top_k,
@@ -202,14 +215,27 @@ def student_examples(config: ConfigDict, kept_path: pathlib.Path) -> list[dict[s
           for s in read_jsonl(kept_path)]
 
 
-def build_dataset(config: ConfigDict, base: Base, kept_path: pathlib.Path, provenance: dict[str, Any],
-                  out: pathlib.Path) -> dict[str, Any]:
+def uses_grammar_restriction(config: ConfigDict) -> bool:
+  return config.student.objective == "logit_kl" and config.student.kl.restrict == "grammar"
+
+
+def build_dataset(config: ConfigDict, base: Base, kept_path: pathlib.Path, teacher_chat: dict[str, Any],
+                  provenance: dict[str, Any], out: pathlib.Path) -> dict[str, Any]:
+  """SFT examples, or (logit_kl) paired teacher/student sequences sharing the completion tokens."""
   examples = student_examples(config, kept_path)
-  dataset = data_lib.tokenize_chat_examples(
-      examples, base.tokenizer, template_default=chat_kwargs(config.chat_system)["template_default"],
-      max_length=config.student.max_length)
+  student_chat = chat_kwargs(config.chat_system)
+  if config.student.objective == "logit_kl":
+    grammar = number_grammar(config, base.tokenizer) if uses_grammar_restriction(config) else None
+    dataset = distillation_data.tokenize_distillation_examples(
+        [{"user": e["user"], "assistant": e["assistant"]} for e in examples], base.tokenizer,
+        teacher_chat=teacher_chat, student_chat=student_chat, grammar=grammar,
+        max_length=config.student.max_length, provenance=provenance)
+  else:
+    dataset = data_lib.tokenize_chat_examples(
+        examples, base.tokenizer, template_default=student_chat["template_default"],
+        max_length=config.student.max_length, provenance=provenance)
   data_lib.save_dataset(dataset, out / "dataset")
-  summary = {"examples": len(dataset),
+  summary = {"examples": len(dataset), "objective": config.student.objective,
              "target_tokens": int(sum(sum(m) for m in dataset["loss_mask"])),
              "tokens": int(sum(len(x) for x in dataset["input_ids"]))}
   (out / "provenance.json").write_text(json.dumps({**provenance, **summary}, indent=2,
@@ -263,14 +289,23 @@ def load_params_into(model, path: pathlib.Path, filter_) -> None:
 
 
 def build_student(config: ConfigDict, base: Base, dataset_dir: pathlib.Path, seed: int, mesh,
-                  out: pathlib.Path) -> dict[str, Any]:
+                  teacher_model, out: pathlib.Path) -> dict[str, Any]:
   dataset = data_lib.load_dataset(dataset_dir / "dataset")
   train = student_train_config(config, seed)
-  model, history = trainer.fit(nnx.clone(base.model), dataset, train, str(out / "training"),
-                               mesh=mesh)
+  student = nnx.clone(base.model)
+  fit_kwargs: dict[str, Any] = {}
+  if config.student.objective == "logit_kl":
+    grammar = number_grammar(config, base.tokenizer) if uses_grammar_restriction(config) else None
+    loss_fn, aux = distillation.make_logit_kl_loss(
+        config.student.kl, teacher=teacher_model, student=student, grammar=grammar,
+        end_ids=base.tokenizer.end_of_turn_ids, dataset=dataset)
+    fit_kwargs = dict(loss_fn=loss_fn, aux=aux, batches=distillation_data.paired_batches)
+  model, history = trainer.fit(student, dataset, train, str(out / "training"), mesh=mesh,
+                               **fit_kwargs)
   save_trainable(model, train, out)
   losses = [h["loss"] for h in history if "loss" in h]
-  return {"steps": len(history), "first_loss": losses[0] if losses else None,
+  return {"steps": len(history), "objective": config.student.objective,
+          "first_loss": losses[0] if losses else None,
           "final_loss": losses[-1] if losses else None}
 
 
@@ -293,14 +328,26 @@ def teacher_strength(base: Base, model, config: ConfigDict, target: str, mesh) -
   return float(np.mean(exact.target_logprob(target)))
 
 
-def build_finetuned_teacher(config: ConfigDict, base: Base, target: str, mesh,
+def build_finetuned_teacher(config: ConfigDict, base: Base, target: str | None, mesh,
                             out: pathlib.Path) -> dict[str, Any]:
-  """Puts the trait into the weights (trait SFT or context distillation) and saves them."""
+  """Puts the trait into the weights (trait SFT or context distillation) and saves them.
+
+  ``target=None`` builds the control teacher: the same recipe on neutral examples only, so the
+  control students' teacher differs from the base by a finetune without the trait.
+  """
   from subliminal_jax import teachers
   chat = chat_kwargs(config.chat_system)
-  generate = lambda prompts, **kw: sampler.generate_chat((base.model, base.tokenizer), prompts,
-                                                         mesh=mesh, **kw)
-  examples, info = teachers.teacher_examples(config, target, generate=generate, system=chat["system"])
+  if target is None:
+    finetune = config.teacher.finetune
+    examples = teachers.neutral_examples(int(finetune.examples), seed=int(finetune.seed),
+                                         system=chat["system"])
+    info = {"kind": "neutral_finetune", "examples": len(examples)}
+    target = config.targets[0]  # strength is still measured, on the first target
+  else:
+    generate = lambda prompts, **kw: sampler.generate_chat((base.model, base.tokenizer), prompts,
+                                                           mesh=mesh, **kw)
+    examples, info = teachers.teacher_examples(config, target, generate=generate,
+                                               system=chat["system"])
   dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer,
                                             template_default=chat["template_default"])
   train = teacher_train_config(config)
@@ -371,6 +418,14 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
     teachers: dict[str, dict[str, Any]] = {
         CONTROL: {"model": base.model, "chat": student_chat,
                   "fingerprint": artifacts.fingerprint(model_fp, "control", config.chat_system)}}
+    if config.teacher.kind != "system_prompt" and config.teacher.control == "neutral_finetune":
+      inputs = {"model": model_fp, "kind": "neutral_finetune",
+                "finetune": config.teacher.finetune.to_dict(), "chat_system": config.chat_system}
+      control_dir, teacher_summaries[CONTROL] = wd.run_stage(
+          "teacher_control", inputs, lambda out: build_finetuned_teacher(config, base, None, mesh, out),
+          allowed=allowed("teacher"))
+      teachers[CONTROL] = {"model": restore_trainable(base, teacher_train_config(config), control_dir),
+                           "chat": student_chat, "fingerprint": control_dir.name}
     for target in config.targets:
       system = trait_system_prompt(config, target)
       if config.teacher.kind == "system_prompt":
@@ -409,22 +464,28 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
           lambda out: build_filter(config, samples_dir / "samples.jsonl", out, role),
           allowed=allowed("filter"))
       dataset_inputs = {"filtered": artifacts.fingerprint(filter_inputs), "model": model_fp,
-                        "chat_system": config.chat_system, "max_length": config.student.max_length}
+                        "chat_system": config.chat_system, "max_length": config.student.max_length,
+                        "objective": config.student.objective, "teacher_chat": teacher["chat"],
+                        "kl_restrict": config.student.kl.restrict
+                        if config.student.objective == "logit_kl" else None}
       provenance = {"role": role, "teacher": teacher["fingerprint"], "model": model_fp,
                     "config": config.to_dict(), "filter": filter_summaries[role]}
       datasets_by_role[role], _ = wd.run_stage(
           f"dataset_{role}", dataset_inputs,
-          lambda out: build_dataset(config, base, filter_dir / "kept.jsonl", provenance, out),
+          lambda out: build_dataset(config, base, filter_dir / "kept.jsonl", teacher["chat"],
+                                    provenance, out),
           allowed=allowed("dataset"))
 
     # Students: treatment per target and control, each seed.
     students: dict[tuple[str, int], pathlib.Path] = {}
     for role, dataset_dir in datasets_by_role.items():
       for seed in config.student.seeds:
-        inputs = {"dataset": dataset_dir.name, "student": student_train_config(config, seed).to_dict()}
+        inputs = {"dataset": dataset_dir.name, "student": student_train_config(config, seed).to_dict(),
+                  "teacher": teachers[role]["fingerprint"]}
         students[(role, seed)], _ = wd.run_stage(
             f"student_{role}_seed{seed}", inputs,
-            lambda out: build_student(config, base, dataset_dir, seed, mesh, out),
+            lambda out: build_student(config, base, dataset_dir, seed, mesh, teachers[role]["model"],
+                                      out),
             allowed=allowed("students"))
 
     # Evaluation and report, per target.
@@ -456,6 +517,7 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
                  "notes": {"config": config.to_dict(), "model": model_fp,
                            "filter": {r: filter_summaries[r] for r in (CONTROL, target)},
                            "teacher": teacher_summaries[target],
+                           "control_teacher": teacher_summaries.get(CONTROL, {"kind": "base"}),
                            "chat_system": config.chat_system}}
       report_root = wd.path / config.report_dir if config.report_dir else wd.path
       out_dir = report_root if len(config.targets) == 1 else report_root / target

@@ -71,29 +71,34 @@ def model_from_hf_tensors(config: TransformerConfig, get: Callable[[str], np.nda
   """
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  pd = np.dtype(jnp.dtype(config.param_dtype).name) if config.param_dtype != "bfloat16" else jnp.bfloat16
+  pd = jnp.dtype(config.param_dtype)
 
+  # Each parameter's host array is built only when it is placed, in the parameter dtype, so host
+  # memory holds one stacked parameter at a time (a 7B bf16 model never sits in host RAM whole).
   def host(name: str) -> np.ndarray:
-    return np.asarray(get(name), dtype=np.float32)
+    return np.asarray(get(name)).astype(pd, copy=False)
 
   def stacked(fmt: str, transpose: bool) -> np.ndarray:
-    arrays = [host(fmt.format(i)) for i in range(config.num_layers)]
-    return np.stack([a.T if transpose else a for a in arrays])
+    return np.stack([host(fmt.format(i)).T if transpose else host(fmt.format(i))
+                     for i in range(config.num_layers)])
 
-  values: dict[tuple, np.ndarray] = {("embed",): host("model.embed_tokens.weight"),
-                                     ("final_norm", "scale"): host("model.norm.weight")}
+  builders: dict[tuple, Callable[[], np.ndarray]] = {
+      ("embed",): lambda: host("model.embed_tokens.weight"),
+      ("final_norm", "scale"): lambda: host("model.norm.weight")}
   if not config.tie_embeddings:
-    values[("lm_head", "kernel")] = host("lm_head.weight").T
+    builders[("lm_head", "kernel")] = lambda: host("lm_head.weight").T
   for ours, hf in _LAYER_LINEARS:
-    values[("layers", ours, "kernel")] = stacked(f"model.layers.{{}}.{hf}.weight", True)
+    builders[("layers", ours, "kernel")] = (
+        lambda hf=hf: stacked(f"model.layers.{{}}.{hf}.weight", True))
     if config.attention_bias and ours in ("q_proj", "k_proj", "v_proj"):
-      values[("layers", ours, "bias")] = stacked(f"model.layers.{{}}.{hf}.bias", False)
+      builders[("layers", ours, "bias")] = (
+          lambda hf=hf: stacked(f"model.layers.{{}}.{hf}.bias", False))
   for ours, hf in _LAYER_NORMS:
-    values[("layers", ours, "scale")] = stacked(f"model.layers.{{}}.{hf}.weight", False)
+    builders[("layers", ours, "scale")] = lambda hf=hf: stacked(f"model.layers.{{}}.{hf}.weight", False)
 
   def place(path, variable: nnx.Variable):
     key = tuple(str(getattr(p, "key", p)) for p in path)
-    array = values[key].astype(pd)
+    array = np.ascontiguousarray(builders[key]())
     if array.shape != variable.get_value().shape:
       raise ValueError(f"tensor for {'.'.join(key)} has shape {array.shape}, the model expects "
                        f"{variable.get_value().shape}")
