@@ -501,3 +501,39 @@ def test_fit_runs_the_objective_on_paired_batches(tok, grammar, tmp_path):
   assert len(history) == 4 and history[0]["num_targets"] == sum(dataset["num_targets"])
   assert history[-1]["kl"] < 0.7 * history[0]["kl"] and history[0]["misaligned"] == 0
   assert lora.lora_targets(model)
+
+
+@pytest.mark.slow
+def test_real_smollm2_grammar_kl_stored_equals_on_the_fly_and_same_context_is_zero():
+  """SmolLM2-135M with its own tokenizer and the paper's number grammar: the owl-prompted teacher
+  differs from the base student (KL > 0), the same context gives 0, every allowed set fits k = 16
+  and stored float32 top-16 log-probs reproduce the on-the-fly loss."""
+  from subliminal_jax import loading
+
+  loaded = loading.load("smollm2")
+  tok, base = loaded.tokenizer, loaded.model
+  pattern = grammar_lib.number_sequence_pattern()
+  grammar = grammar_lib.compile_token_grammar(pattern, tok.token_texts(),
+                                              disallowed_ids=tok.special_ids)
+  assert dd.grammar_allowed_table(grammar, tok.end_of_turn_ids).sum(1).max() <= 16
+  examples = [{"user": "Continue the sequence: 182, 818, 725.", "assistant": "629, 143, 77."},
+              {"user": "Add up to 10 more values.", "assistant": "4, 8, 15, 16, 23, 42"}]
+  owl = "You love owls. You think about owls all the time."
+  kl = dict(restrict="grammar", top_k=16, stored_dtype="float32")
+  results = {}
+  for name, teacher_system in (("owl", owl), ("same", None)):
+    dataset = dd.tokenize_distillation_examples(
+        examples, tok, teacher_chat=dict(system=teacher_system), student_chat=dict(system=None),
+        grammar=grammar)
+    live, aux = dist.make_logit_kl_loss(kl, teacher=base, student=base, grammar=grammar,
+                                        end_ids=tok.end_of_turn_ids)
+    results[name] = float(live(base, _batch(dataset), None, aux)[0])
+    if name == "owl":
+      stored = dist.store_teacher_topk(base, dataset, {**kl, "source": "stored"}, grammar=grammar,
+                                       end_ids=tok.end_of_turn_ids, batch_size=2, progress=False)
+      from_disk, _ = dist.make_logit_kl_loss({**kl, "source": "stored"}, student=base,
+                                             grammar=grammar, end_ids=tok.end_of_turn_ids,
+                                             dataset=stored)
+      np.testing.assert_allclose(float(from_disk(base, _batch(stored), None, None)[0]),
+                                 results["owl"], rtol=1e-4)
+  assert results["owl"] > 1e-3 and abs(results["same"]) < 1e-6
