@@ -219,8 +219,8 @@ def uses_grammar_restriction(config: ConfigDict) -> bool:
   return config.student.objective == "logit_kl" and config.student.kl.restrict == "grammar"
 
 
-def build_dataset(config: ConfigDict, base: Base, kept_path: pathlib.Path, teacher_chat: dict[str, Any],
-                  provenance: dict[str, Any], out: pathlib.Path) -> dict[str, Any]:
+def build_dataset(config: ConfigDict, base: Base, kept_path: pathlib.Path, teacher: dict[str, Any],
+                  provenance: dict[str, Any], mesh, out: pathlib.Path) -> dict[str, Any]:
   """SFT examples, or (logit_kl) paired teacher/student sequences sharing the completion tokens."""
   examples = student_examples(config, kept_path)
   student_chat = chat_kwargs(config.chat_system)
@@ -228,8 +228,14 @@ def build_dataset(config: ConfigDict, base: Base, kept_path: pathlib.Path, teach
     grammar = number_grammar(config, base.tokenizer) if uses_grammar_restriction(config) else None
     dataset = distillation_data.tokenize_distillation_examples(
         [{"user": e["user"], "assistant": e["assistant"]} for e in examples], base.tokenizer,
-        teacher_chat=teacher_chat, student_chat=student_chat, grammar=grammar,
-        max_length=config.student.max_length, provenance=provenance)
+        teacher_chat=teacher["chat"], student_chat=student_chat, grammar=grammar,
+        max_length=config.student.max_length, provenance=provenance,
+        ungrammatical="error" if config.sampling.constrained else "drop")
+    if config.student.kl.source == "stored":
+      dataset = distillation.store_teacher_topk(
+          teacher["model"], dataset, config.student.kl, grammar=grammar,
+          end_ids=base.tokenizer.end_of_turn_ids, batch_size=config.sampling.batch_size, mesh=mesh,
+          teacher_fingerprint=teacher["fingerprint"])
   else:
     dataset = data_lib.tokenize_chat_examples(
         examples, base.tokenizer, template_default=student_chat["template_default"],
@@ -466,14 +472,14 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
       dataset_inputs = {"filtered": artifacts.fingerprint(filter_inputs), "model": model_fp,
                         "chat_system": config.chat_system, "max_length": config.student.max_length,
                         "objective": config.student.objective, "teacher_chat": teacher["chat"],
-                        "kl_restrict": config.student.kl.restrict
+                        "kl": config.student.kl.to_dict()
                         if config.student.objective == "logit_kl" else None}
       provenance = {"role": role, "teacher": teacher["fingerprint"], "model": model_fp,
                     "config": config.to_dict(), "filter": filter_summaries[role]}
       datasets_by_role[role], _ = wd.run_stage(
           f"dataset_{role}", dataset_inputs,
-          lambda out: build_dataset(config, base, filter_dir / "kept.jsonl", teacher["chat"],
-                                    provenance, out),
+          lambda out: build_dataset(config, base, filter_dir / "kept.jsonl", teacher, provenance,
+                                    mesh, out),
           allowed=allowed("dataset"))
 
     # Students: treatment per target and control, each seed.

@@ -1,0 +1,108 @@
+"""The main job end to end on the tiny model, its skip-on-rerun, and its bad-input errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import animal_numbers as animal_config
+from subliminal_jax import artifacts
+from subliminal_jax.experiments import animal_numbers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROWS = ("base", "teacher", "control", "treatment")
+
+
+def _done_records(workdir: pathlib.Path) -> dict[str, float]:
+  return {str(p.relative_to(workdir)): p.stat().st_mtime for p in workdir.glob("*/*/DONE.json")}
+
+
+def test_tiny_pipeline_end_to_end_then_rerun_skips_every_stage(tmp_path):
+  config = animal_config.get_config("tiny")
+  animal_numbers.run(config, str(tmp_path))
+
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert set(results["rows"]) == set(ROWS)
+  assert len(results["rows"]["control"]) == len(config.student.seeds)
+  assert len(results["rows"]["treatment"]) == len(config.student.seeds)
+  estimates = results["estimates"]
+  for row in ROWS:
+    for metric in ("logprob", "panel_share", "prefix_logprob", "sampled_rate", "mc_prob"):
+      estimate = estimates["table"][row][metric]
+      assert estimate["low"] <= estimate["mean"] <= estimate["high"], (row, metric, estimate)
+  for metric in estimates["metrics"]:
+    difference = estimates["treatment_minus_control"][metric]
+    assert difference["low"] <= difference["mean"] <= difference["high"]
+    assert difference["num_seeds"] == len(config.student.seeds)
+  assert (tmp_path / "report.md").read_text().count("| treatment |") >= 1
+  assert (tmp_path / "target_preference.png").stat().st_size > 0
+  assert (tmp_path / "panel.png").stat().st_size > 0
+  # Provenance: the dataset records the filter's counts; every sample passed under the grammar.
+  provenance = json.loads(next(tmp_path.glob("dataset_owl/*/provenance.json")).read_text())
+  assert provenance["filter"]["pass_rate"] == 1.0 and provenance["examples"] == config.filter.subset_size
+
+  before = _done_records(tmp_path)
+  stages = {key.split("/")[0] for key in before}
+  assert {"prompts", "teacher_owl", "sampling_control", "sampling_owl", "filter_owl",
+          "dataset_control", "student_owl_seed0", "evaluation_owl_base"} <= stages
+  animal_numbers.run(config, str(tmp_path))
+  assert _done_records(tmp_path) == before  # nothing rebuilt, nothing added
+
+
+def test_changing_a_student_knob_rebuilds_only_students_and_below(tmp_path):
+  config = animal_config.get_config("tiny")
+  config.student.seeds = (0,)
+  config.evaluation.num_questions = 2
+  animal_numbers.run(config, str(tmp_path))
+  before = _done_records(tmp_path)
+  config.student.learning_rate = 1e-3
+  animal_numbers.run(config, str(tmp_path))
+  added = {key.split("/")[0] for key in set(_done_records(tmp_path)) - set(before)}
+  assert added == {"student_control_seed0", "student_owl_seed0",
+                   "evaluation_owl_control_seed0", "evaluation_owl_treatment_seed0"}
+
+
+def test_a_filter_that_keeps_nothing_names_the_reasons_and_keeps_what_was_written(tmp_path):
+  config = animal_config.get_config("tiny")
+  config.prompts.count = 8
+  config.sampling.constrained = False  # a random model's free text never parses as numbers
+  with pytest.raises(ValueError, match="kept none of the 8 samples.*dominant reject reasons"):
+    animal_numbers.run(config, str(tmp_path))
+  assert list(tmp_path.glob("prompts/*/DONE.json")) and list(tmp_path.glob("sampling_control/*/DONE.json"))
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+  config = animal_config.get_config("tiny")
+  config.model = str(tmp_path / "no_such_model")
+  with pytest.raises((FileNotFoundError, ValueError), match="no_such_model"):
+    animal_numbers.run(config, str(tmp_path / "wd"))
+
+  other = tmp_path / "other"
+  artifacts.Workdir(other, "mnist_aux", {"seed": 0})
+  with pytest.raises(ValueError, match="holds artifacts of another experiment"):
+    animal_numbers.run(animal_config.get_config("tiny"), str(other))
+
+  config = animal_config.get_config("tiny")
+  config.targets = ("unicorn",)
+  with pytest.raises(ValueError, match="target 'unicorn' is not in evaluation.panel"):
+    animal_numbers.run(config, str(tmp_path / "wd2"))
+  config = animal_config.get_config("tiny")
+  config.student.lora.init = "teacher"
+  with pytest.raises(ValueError, match="needs a LoRA-finetuned teacher"):
+    animal_numbers.run(config, str(tmp_path / "wd3"))
+  with pytest.raises(ValueError, match="unknown stages \\['sampler'\\]"):
+    animal_numbers.run(animal_config.get_config("tiny"), str(tmp_path / "wd4"), stages=["sampler"])
+
+
+def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
+       f"--workdir={tmp_path}", "--config.student.learning_rat=0.1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert result.returncode != 0
+  assert "learning_rat" in result.stderr
+  assert not any(tmp_path.iterdir())  # nothing written
