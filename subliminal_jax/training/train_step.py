@@ -63,9 +63,24 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def _place(value: Any, target: NamedSharding) -> jax.Array:
+  if isinstance(value, jax.Array) and value.sharding == target:
+    return value
+  if target.is_fully_addressable or (isinstance(value, jax.Array) and not value.is_fully_addressable):
+    return jax.device_put(value, target)
+  # Several processes: every process holds the same host value and hands each of its devices
+  # its own shard (jax.device_put cannot send a process-local array to other hosts' devices).
+  return sharding.put_host_array(np.asarray(value), target)
+
+
 def place_state(state: Any, mesh: Mesh) -> Any:
   """Puts every Variable of an NNX State (or optimizer state) on ``mesh`` by its logical axes."""
-  return jax.device_put(state, sharding.state_shardings(state, mesh))
+  def place(target, leaf):
+    if isinstance(leaf, nnx.Variable):
+      return leaf.replace(_place(leaf.get_value(), target))
+    return _place(leaf, target)
+  # The shardings tree is a prefix of the state (one sharding per Variable), so it leads.
+  return jax.tree.map(place, sharding.state_shardings(state, mesh), state)
 
 
 def init_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh | None = None) -> nnx.Module:
@@ -126,8 +141,8 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
     frozen = place_state(frozen, mesh)
     opt_shardings = sharding.state_shardings(jax.eval_shape(optimizer.init, params), mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), _replicated(mesh))
-    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), _replicated(mesh))
+    step = _place(np.zeros((), np.int32), _replicated(mesh))
+    rng = _place(np.asarray(jax.random.key_data(jax.random.key(seed))), _replicated(mesh))
   else:
     opt_state = jax.jit(optimizer.init)(params)
     step = jnp.zeros((), jnp.int32)

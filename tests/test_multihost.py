@@ -1,0 +1,122 @@
+"""Multi-host training on one machine: two processes x 4 CPU devices (jax.distributed, gloo
+collectives), each feeding its half of the global batch, follow the same loss curve as one process
+with 8 devices.
+
+Both runs are subprocesses, so each gets its own XLA_FLAGS; this file is also the worker script
+(``python tests/test_multihost.py --worker ...``).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GLOBAL_BATCH, STEPS = 8, 3
+
+
+def worker(num_processes: int, process_id: int, port: int, out: str) -> None:
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from subliminal_jax import distributed, sharding
+  from subliminal_jax.models.transformer import Transformer, TransformerConfig
+  from subliminal_jax.training import optimizers
+  from subliminal_jax.training import train_step as ts
+
+  if num_processes > 1:
+    distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+  assert jax.device_count() == 8 and jax.process_count() == num_processes
+  mesh = sharding.make_mesh(2, 2, 2)
+  config = TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8)
+  model = Transformer(config, rngs=nnx.Rngs(0))  # the same init on every process
+  schedule = optimizers.make_schedule(1e-2, 10, warmup_steps=1)
+  optimizer = optimizers.make_optimizer("adamw", schedule, weight_decay=0.01)
+  graphdef, state = ts.create_train_state(model, optimizer, mesh=mesh)
+  step = ts.make_train_step(graphdef, optimizer, mesh=mesh, grad_accum_steps=2, schedule=schedule)
+  rows = GLOBAL_BATCH // num_processes
+  history = []
+  for i in range(STEPS):
+    rs = np.random.RandomState(i)
+    ids = rs.randint(0, 64, (GLOBAL_BATCH, 16)).astype(np.int32)
+    attention = np.arange(16)[None, :] < rs.randint(6, 17, (GLOBAL_BATCH, 1))
+    loss_mask = attention & (np.arange(16)[None, :] >= rs.randint(1, 6, (GLOBAL_BATCH, 1)))
+    local = slice(process_id * rows, (process_id + 1) * rows)  # this process's half of the rows
+    state, metrics = step(state, dict(input_ids=ids[local], attention_mask=attention[local],
+                                      loss_mask=loss_mask[local]))
+    history.append({k: float(v) for k, v in metrics.items()})
+  kernel = state.trainable["layers"]["q_proj"]["kernel"].get_value()
+  record = dict(history=history, processes=jax.process_count(),
+                local_devices=jax.local_device_count(),
+                kernel_spec=str(kernel.sharding.spec), kernel_addressable=kernel.is_fully_addressable)
+  pathlib.Path(out).write_text(json.dumps(record))
+  if num_processes > 1:
+    jax.distributed.shutdown()
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(num_processes: int, tmp_path: pathlib.Path) -> list[dict]:
+  port = _free_port()
+  devices = 8 // num_processes
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  outs = [tmp_path / f"run{num_processes}_{i}.json" for i in range(num_processes)]
+  procs = [subprocess.Popen([sys.executable, __file__, "--worker", f"--num_processes={num_processes}",
+                             f"--process_id={i}", f"--port={port}", f"--out={outs[i]}"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+           for i in range(num_processes)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=600)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  return [json.loads(o.read_text()) for o in outs]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
+  (single,) = _launch(1, tmp_path)
+  multi = _launch(2, tmp_path)
+  assert single["processes"] == 1 and single["local_devices"] == 8
+  for record in multi:
+    assert record["processes"] == 2 and record["local_devices"] == 4
+    assert not record["kernel_addressable"]  # parameters really span both processes
+    assert record["kernel_spec"] == single["kernel_spec"]
+  for step, expected in enumerate(single["history"]):
+    for record in multi:
+      got = record["history"][step]
+      assert got["num_targets"] == expected["num_targets"], step
+      for key in ("loss", "grad_norm", "param_norm", "update_norm", "learning_rate"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), (step, key)
+  # Each step is a fresh random batch, so the loss need not fall in a few steps; the parameters
+  # must move on every step.
+  assert all(h["update_norm"] > 0 for h in single["history"])
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--worker", action="store_true")
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  worker(args.num_processes, args.process_id, args.port, args.out)
