@@ -48,14 +48,14 @@ def get_config(variant: str = "default") -> ConfigDict:
 
   # The theorem check: one step from the shared init toward teacher theta0 + eps * D.
   c.theorem = ConfigDict(dict(
-      enabled=True, seeds=(0, 1, 2), num_models=4, teacher_steps=20, batch_size=256,
-      epsilons=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+      enabled=True, seeds=(0, 1, 2), num_models=4, teacher_steps=20, batch_size=128,
+      epsilons=(1e-3, 1e-2, 1e-1, 1.0),
       inputs=("uniform", "gaussian", "mnist"),
       losses=("kl_aux", "kl_all", "mse_aux", "mse_all"),
       directions=("trained", "random"),
       optimizers=("sgd", "adam", "sign_sgd"),
       sgd_learning_rate=0.01, learning_rate=3e-4,
-      trajectory_steps=200, trajectory_learning_rate=0.05))
+      trajectory_steps=100, trajectory_learning_rate=0.05))
 
   # Sweeps (configs/mnist_sweep.py): points = ((label, {"dotted.key": value}), ...).
   c.sweep = ConfigDict(dict(name="", value_name="", points=()))

@@ -90,7 +90,7 @@ def _epoch_batches(key: jax.Array | None, num_examples: int, batch_size: int
 
 def init_optimizer_state(optimizer: optax.GradientTransformation, params: nnx.State):
   """One optimizer state per model (vmapped, so clipping and Adam's counters stay per model)."""
-  return jax.jit(jax.vmap(optimizer.init))(params)
+  return jax.vmap(optimizer.init)(params)
 
 
 def _update(optimizer, grads, opt_state, params):

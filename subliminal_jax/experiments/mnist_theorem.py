@@ -80,6 +80,7 @@ def _first_order_fn(graphdef, kind: str):
       in_axes=(0, 0, None, None)))
 
 
+@jax.jit
 def _random_direction(key: jax.Array, like, norms: jax.Array):
   """Gaussian directions with the given global norm per model (leading axis)."""
   leaves, treedef = jax.tree.flatten(like)
@@ -89,6 +90,23 @@ def _random_direction(key: jax.Array, like, norms: jax.Array):
   scale = norms / draw_norms
   return jax.tree.unflatten(treedef, [d * scale.reshape((-1,) + (1,) * (d.ndim - 1))
                                       for d in draws])
+
+
+@functools.lru_cache(maxsize=4)
+def _teacher_epoch(graphdef, optimizer_name, learning_rate, num_classes, num_examples, batch_size,
+                   placement):
+  optimizer = make_optimizer(optimizer_name, learning_rate, max_grad_norm=None)
+  return optimizer, ensemble.make_classifier_epoch(
+      graphdef, optimizer, num_classes=num_classes, num_examples=num_examples,
+      batch_size=batch_size, placement=placement)
+
+
+@functools.lru_cache(maxsize=4)
+def _trajectory_epoch(graphdef, learning_rate, steps, batch_size, input_size, placement):
+  optimizer = make_optimizer("sgd", learning_rate, max_grad_norm=None)
+  return optimizer, ensemble.make_distill_epoch(
+      graphdef, optimizer, loss="kl", inputs="uniform", num_examples=steps * batch_size,
+      batch_size=batch_size, input_size=input_size, placement=placement)
 
 
 def run_theorem_check(config: ConfigDict, data: Mnist, model: mlp.MLPConfig) -> dict[str, Any]:
@@ -140,12 +158,10 @@ def run_theorem_check(config: ConfigDict, data: Mnist, model: mlp.MLPConfig) -> 
 
 def _train_teachers(config, cfg, graphdef, reference, images, labels, seed):
   th, t = config.theorem, config.teacher
-  optimizer = make_optimizer(t.optimizer, t.learning_rate, max_grad_norm=None)
   num_examples = min(th.teacher_steps * t.batch_size, images.shape[0])
-  placement = ensemble.Placement.for_sizes(th.num_models, t.batch_size)
-  epoch = ensemble.make_classifier_epoch(graphdef, optimizer, num_classes=cfg.num_classes,
-                                         num_examples=num_examples, batch_size=t.batch_size,
-                                         placement=placement)
+  optimizer, epoch = _teacher_epoch(graphdef, t.optimizer, t.learning_rate, cfg.num_classes,
+                                    num_examples, t.batch_size,
+                                    ensemble.Placement.for_sizes(th.num_models, t.batch_size))
   teachers = jax.tree.map(jnp.copy, reference)
   teachers, _, _ = epoch(teachers, ensemble.init_optimizer_state(optimizer, teachers),
                          jax.random.key(seed + 20_000), images[:num_examples],
@@ -157,12 +173,9 @@ def _sgd_trajectory(config, cfg, graphdef, reference, teachers, images, seed):
   """Plain gradient descent on the aux-logit KL over uniform noise, alignment after every step."""
   th = config.theorem
   n = th.num_models
-  optimizer = make_optimizer("sgd", th.trajectory_learning_rate, max_grad_norm=None)
-  placement = ensemble.Placement.for_sizes(n, th.batch_size)
-  epoch = ensemble.make_distill_epoch(graphdef, optimizer, loss="kl", inputs="uniform",
-                                      num_examples=th.trajectory_steps * th.batch_size,
-                                      batch_size=th.batch_size, input_size=cfg.input_size,
-                                      placement=placement)
+  optimizer, epoch = _trajectory_epoch(graphdef, th.trajectory_learning_rate, th.trajectory_steps,
+                                       th.batch_size, cfg.input_size,
+                                       ensemble.Placement.for_sizes(n, th.batch_size))
   students = jax.tree.map(jnp.copy, reference)
   mask = jnp.broadcast_to(jnp.arange(cfg.num_outputs) >= cfg.num_classes, (n, cfg.num_outputs))
   delta = jax.tree.map(jnp.subtract, teachers, reference)

@@ -142,12 +142,19 @@ def model_keys(seed: int, num_models: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_models))
 
 
+@functools.lru_cache(maxsize=16)
+def _initializer(config: MLPConfig):
+  # One compiled initializer per architecture (a fresh jax.jit per call would recompile).
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: MLP(config, rngs=nnx.Rngs(0))))
+  init = jax.jit(jax.vmap(lambda key: nnx.state(MLP(config, rngs=nnx.Rngs(params=key)),
+                                                nnx.Param)))
+  return graphdef, init
+
+
 def init_ensemble(config: MLPConfig, keys: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
   """``len(keys)`` independently initialised MLPs: (graphdef, params stacked on axis 0)."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: MLP(config, rngs=nnx.Rngs(0))))
-  params = jax.jit(jax.vmap(lambda key: nnx.state(MLP(config, rngs=nnx.Rngs(params=key)),
-                                                  nnx.Param)))(keys)
-  return graphdef, params
+  graphdef, init = _initializer(config)
+  return graphdef, init(keys)
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
