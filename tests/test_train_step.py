@@ -319,3 +319,60 @@ def test_bad_configurations_raise_clear_errors():
   ragged = dict(padded_batch(0), loss_mask=np.ones((4, 12), bool))
   with pytest.raises(ValueError, match="same leading \\(batch\\) size"):
     ts.make_train_step(graphdef, sgd)(state, ragged)
+
+
+# ---------------------------------------------------------------------------------------------
+# aux, rng and inputs laid out differently
+
+
+def imitation_loss(model, batch, rng, aux):
+  """Squared error to a teacher MLP given as aux (its nnx.State), plus one uniform draw per call
+  (reported per target, so the metric is the mean draw of the step's micro-batches)."""
+  target = jax.lax.stop_gradient(apply_teacher(aux, batch["x"]))
+  squares = ((model(batch["x"]) - target) ** 2).sum(-1)
+  count = jnp.asarray(squares.shape[0], jnp.int32)
+  return squares.sum(), count, {"draw": jax.random.uniform(rng) * count}
+
+
+MLP_CONFIG = MLPConfig(input_size=12, hidden_sizes=(16,), num_classes=4, num_aux=4)
+MLP_GRAPHDEF = nnx.graphdef(MLP(MLP_CONFIG, rngs=nnx.Rngs(0)))
+
+
+def apply_teacher(params, x):
+  return nnx.merge(MLP_GRAPHDEF, params)(x)
+
+
+def test_aux_teacher_rng_and_relaid_inputs_on_a_mesh():
+  rs = np.random.RandomState(0)
+  batch = dict(x=rs.randn(16, 12).astype(np.float32))
+  teacher = nnx.state(MLP(MLP_CONFIG, rngs=nnx.Rngs(9)), nnx.Param)
+  optimizer = optimizers.make_optimizer("adam", 1e-2)
+
+  def run(mesh, aux, relay=False):
+    graphdef, state = ts.create_train_state(MLP(MLP_CONFIG, rngs=nnx.Rngs(0)), optimizer, mesh=mesh,
+                                            seed=4)
+    if relay:  # e.g. restored from a checkpoint with another layout: the step reshards it
+      def elsewhere(x):
+        sharded = x.ndim and x.shape[0] % 4 == 0
+        spec = jax.sharding.PartitionSpec("data") if sharded else jax.sharding.PartitionSpec()
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+      state = jax.tree.map(elsewhere, state)
+      assert state.trainable["layers"][0]["kernel"].get_value().sharding.spec[0] == "data"
+    step = ts.make_train_step(graphdef, optimizer, mesh=mesh, loss_fn=imitation_loss,
+                              grad_accum_steps=2)
+    draws = []
+    for _ in range(2):
+      b = batch if mesh is None else {"x": jax.device_put(batch["x"])}  # a single-device jax Array
+      state, metrics = step(state, b, aux)
+      draws.append(float(metrics["draw"]))
+    return state, draws, float(metrics["loss"])
+
+  plain, draws, loss = run(None, teacher)
+  assert draws[0] != draws[1] and 0 < min(draws) and max(draws) < 1
+  mesh = sharding.make_mesh(4, 2, 1)
+  sharded_teacher = ts.place_state(teacher, mesh)
+  for relay in (False, True):
+    state, mesh_draws, mesh_loss = run(mesh, sharded_teacher, relay)
+    assert mesh_draws == pytest.approx(draws, rel=1e-6)  # same rng stream with or without a mesh
+    assert mesh_loss == pytest.approx(loss, rel=1e-5)
+    assert max_relative_error(state.trainable, plain.trainable) <= 1e-5

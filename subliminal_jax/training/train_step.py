@@ -101,12 +101,13 @@ def global_batch(batch: Batch, mesh: Mesh | None) -> dict[str, jax.Array]:
 
   Numpy leaves are this PROCESS's rows: with several processes each passes its own slice and
   ``jax.make_array_from_process_local_data`` assembles the global array (one process: the whole
-  batch). jax Arrays are taken as already global.
+  batch). jax Arrays are taken as already global (and resharded if they are laid out otherwise).
   """
   out = {}
   for key, value in batch.items():
     if isinstance(value, jax.Array):
-      out[key] = value
+      target = sharding.batch_sharding(mesh, value.ndim) if mesh is not None else None
+      out[key] = value if target is None or value.sharding == target else jax.device_put(value, target)
     elif mesh is None:
       out[key] = jnp.asarray(value)
     else:
@@ -243,6 +244,24 @@ def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
   return step_fn
 
 
+def conform(tree: Any, shardings: Any) -> Any:
+  """``tree`` with every array laid out as ``shardings`` (a prefix tree, one sharding per
+  Variable) says: jit refuses committed arguments sharded otherwise, e.g. a state restored from a
+  checkpoint with another layout. Returns ``tree`` itself when everything already matches."""
+  def value(leaf):
+    return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  pairs = []
+  jax.tree.map(lambda s, leaf: pairs.append((s, value(leaf))), shardings, tree)
+  if all(not isinstance(x, jax.Array) or x.sharding == s for s, x in pairs):
+    return tree
+  def fix(target, leaf):
+    x = value(leaf)
+    if isinstance(x, jax.Array) and x.sharding != target:
+      x = jax.device_put(x, target)
+    return leaf.replace(x) if isinstance(leaf, nnx.Variable) else x
+  return jax.tree.map(fix, shardings, tree)
+
+
 def _aux_shardings(aux: Any, mesh: Mesh) -> Any:
   """Keep an aux leaf's own sharding when it is already on ``mesh``; replicate anything else."""
   def leaf(x):
@@ -299,14 +318,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     new, metrics = step_fn(state, batch, aux)
     return (new.step, new.trainable, new.opt_state, new.rng), metrics
 
-  compiled: dict[Any, Callable] = {}
+  compiled: dict[Any, tuple[Callable, Any]] = {}
 
-  def jitted_for(state: TrainState, batch: Batch, aux: Any) -> Callable:
+  def jitted_for(state: TrainState, batch: Batch, aux: Any) -> tuple[Callable, Any]:
+    """The jitted step for this state/aux structure and the (mutable, frozen) shardings it expects."""
     key = (jax.tree.structure(state), jax.tree.structure(aux), tuple(sorted(batch)),
            tuple(np.ndim(v) for _, v in sorted(batch.items())))
     if key not in compiled:
       if mesh is None:
-        compiled[key] = jax.jit(split_step, donate_argnums=0)
+        compiled[key] = jax.jit(split_step, donate_argnums=0), None
       else:
         s = train_state_shardings(state, mesh)
         mutable_shardings = (s.step, s.trainable, s.opt_state, s.rng)
@@ -314,20 +334,22 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         compiled[key] = jax.jit(
             split_step, donate_argnums=0,
             in_shardings=(mutable_shardings, s.frozen, batch_shardings, _aux_shardings(aux, mesh)),
-            out_shardings=(mutable_shardings, _replicated(mesh)))
+            out_shardings=(mutable_shardings, _replicated(mesh))), (mutable_shardings, s.frozen)
     return compiled[key]
 
   def step(state: TrainState, batch: Batch, aux: Any = None):
     check_batch(batch, grad_accum_steps, mesh)
     batch = global_batch(batch, mesh)
-    fn = jitted_for(state, batch, aux)
+    fn, expected = jitted_for(state, batch, aux)
     mutable = (state.step, state.trainable, state.opt_state, state.rng)
+    frozen = state.frozen
     if mesh is None:
-      (step_, trainable, opt_state, rng), metrics = fn(mutable, state.frozen, batch, aux)
+      (step_, trainable, opt_state, rng), metrics = fn(mutable, frozen, batch, aux)
     else:
+      mutable, frozen = conform(mutable, expected[0]), conform(frozen, expected[1])
       with jax.set_mesh(mesh):
-        (step_, trainable, opt_state, rng), metrics = fn(mutable, state.frozen, batch, aux)
-    return TrainState(step=step_, trainable=trainable, frozen=state.frozen, opt_state=opt_state,
+        (step_, trainable, opt_state, rng), metrics = fn(mutable, frozen, batch, aux)
+    return TrainState(step=step_, trainable=trainable, frozen=frozen, opt_state=opt_state,
                       rng=rng), metrics
 
   return step
