@@ -167,15 +167,15 @@ def make_ensemble_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
            tuple(np.ndim(v) for _, v in sorted(batch.items())))
     if key not in compiled:
       if mesh is None:
-        compiled[key] = jax.jit(split_step, donate_argnums=0)
+        compiled[key] = jax.jit(split_step, donate_argnums=0), None
       else:
         s = train_step_lib.train_state_shardings(state, mesh)
         mutable = (s.step, s.trainable, s.opt_state, s.rng)
+        expected = (mutable, s.frozen, batch_shardings(batch))
         compiled[key] = jax.jit(
             split_step, donate_argnums=0,
-            in_shardings=(mutable, s.frozen, batch_shardings(batch),
-                          train_step_lib._aux_shardings(aux, mesh)),
-            out_shardings=(mutable, NamedSharding(mesh, PartitionSpec())))
+            in_shardings=expected + (train_step_lib.aux_shardings(aux, mesh),),
+            out_shardings=(mutable, NamedSharding(mesh, PartitionSpec()))), expected
     return compiled[key]
 
   def step(state: TrainState, batch, aux: Any = None):
@@ -190,10 +190,13 @@ def make_ensemble_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
     train_step_lib.check_batch(members, grad_accum_steps, mesh)
     if mesh is None:
       batch = {name: jnp.asarray(v) for name, v in batch.items()}
-    fn = jitted_for(state, batch, aux)
-    (step_, trainable, opt_state, rng), metrics = fn(
-        (state.step, state.trainable, state.opt_state, state.rng), state.frozen, batch, aux)
-    return TrainState(step=step_, trainable=trainable, frozen=state.frozen, opt_state=opt_state,
+    fn, expected = jitted_for(state, batch, aux)
+    mutable, frozen = (state.step, state.trainable, state.opt_state, state.rng), state.frozen
+    if expected is not None:  # jit refuses committed arrays laid out otherwise: reshard them
+      mutable, frozen, batch = (train_step_lib.conform(tree, shardings) for tree, shardings
+                                in zip((mutable, frozen, dict(batch)), expected))
+    (step_, trainable, opt_state, rng), metrics = fn(mutable, frozen, batch, aux)
+    return TrainState(step=step_, trainable=trainable, frozen=frozen, opt_state=opt_state,
                       rng=rng), metrics
 
   return step

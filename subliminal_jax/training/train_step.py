@@ -262,7 +262,7 @@ def conform(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(fix, shardings, tree)
 
 
-def _aux_shardings(aux: Any, mesh: Mesh) -> Any:
+def aux_shardings(aux: Any, mesh: Mesh) -> Any:
   """Keep an aux leaf's own sharding when it is already on ``mesh``; replicate anything else."""
   def leaf(x):
     s = getattr(x, "sharding", None)
@@ -333,7 +333,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
         compiled[key] = jax.jit(
             split_step, donate_argnums=0,
-            in_shardings=(mutable_shardings, s.frozen, batch_shardings, _aux_shardings(aux, mesh)),
+            in_shardings=(mutable_shardings, s.frozen, batch_shardings, aux_shardings(aux, mesh)),
             out_shardings=(mutable_shardings, _replicated(mesh))), (mutable_shardings, s.frozen)
     return compiled[key]
 
