@@ -106,9 +106,9 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
       assert got["num_targets"] == expected["num_targets"], step
       for key in ("loss", "grad_norm", "param_norm", "update_norm", "learning_rate"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5), (step, key)
-  # Each step is a fresh random batch, so the loss need not fall in a few steps; the parameters
-  # must move on every step.
-  assert all(h["update_norm"] > 0 for h in single["history"])
+  # Each step is a fresh random batch, so the loss need not fall in a few steps. Warmup of 1 step:
+  # step 0 runs at lr 0 (no update), the later steps must move the parameters.
+  assert [h["update_norm"] > 0 for h in single["history"]] == [False, True, True]
 
 
 if __name__ == "__main__":
