@@ -97,7 +97,8 @@ def _one_step(graphdef, kind, learning_rate, optimizer, params, rest, direction,
 
   student, control = update_on(y_teacher), update_on(y_base)
   out = alignment.alignment(student, teacher_delta)
-  out["dot_per_lr_eps"] = alignment.tree_dot(student, direction) / (learning_rate * epsilon)
+  if optimizer is None:
+    out["dot_per_lr_eps"] = alignment.tree_dot(student, direction) / (learning_rate * epsilon)
   paired = alignment.alignment(alignment.tree_sub(student, control), teacher_delta)
   out["paired_dot"], out["paired_cosine"] = paired["dot"], paired["cosine"]
   out["flipped_share"] = jnp.mean((y_teacher != y_base).astype(jnp.float32))
@@ -113,7 +114,8 @@ def one_step_check(model: nnx.Module, direction: nnx.State, *, epsilon: float, i
                    sample_seed: int = 0) -> dict[str, float]:
   """Student at ``model``'s parameters, teacher at ``+ epsilon * direction``; one step on ``inputs``.
 
-  Returns dot, cosine, dot_per_lr_eps (-> first_order as eps -> 0, "kl" with plain SGD) and, for
+  Returns dot, cosine, dot_per_lr_eps (plain gradient descent only; -> first_order as eps -> 0 for
+  "kl"), first_order ("kl") and, for
   "sampled", paired_dot / paired_cosine (treatment minus the same-noise control) and the share of
   positions where the two samples differ.
   """
@@ -145,8 +147,9 @@ class TheoremCheck:
              "mean_cosine": float(np.mean([d["cosine"] for d in draws])),
              "min_cosine": float(np.min([d["cosine"] for d in draws]))}
       if self.imitation == "kl":
-        ratio = [d["dot_per_lr_eps"] / d["first_order"] for d in draws if d["first_order"] > 0]
-        row["mean_dot_over_first_order"] = float(np.mean(ratio)) if ratio else float("nan")
+        if "dot_per_lr_eps" in draws[0]:  # plain gradient descent only
+          ratio = [d["dot_per_lr_eps"] / d["first_order"] for d in draws if d["first_order"] > 0]
+          row["mean_dot_over_first_order"] = float(np.mean(ratio)) if ratio else float("nan")
       else:
         row["share_paired_dot_nonnegative"] = self.share_nonnegative(eps, "paired_dot")
         row["mean_paired_cosine"] = float(np.mean([d["paired_cosine"] for d in draws]))
