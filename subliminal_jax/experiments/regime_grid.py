@@ -341,7 +341,13 @@ def plot_heatmap(record: Mapping[str, Any], path: pathlib.Path) -> None:
       panel.set_title(", ".join(f"{a}={v}" for a, v in zip(others, facet)), fontsize=8)
   fig.colorbar(image, ax=panels[0].tolist(),
                label=f"treatment - control, log P({record['target']})")
-  fig.suptitle(f"Regime grid ({record['variant']}): shift [95% CI], * = CI above 0", fontsize=9)
+  title = f"Regime grid ({record['variant']}): shift [95% CI], * = CI above 0"
+  cross = record["cross_init"].get("summary")
+  if cross:
+    e = cross["shift_logprob"]
+    title += (f"\ncross-init control of {cross['cross_init_of']}: {e['mean']:+.3f} "
+              f"[{e['low']:+.3f}, {e['high']:+.3f}]")
+  fig.suptitle(title, fontsize=9)
   fig.savefig(path, dpi=110, metadata={"Software": None})
   plt.close(fig)
 
@@ -375,6 +381,7 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
     animal_numbers.validate(cells[0].config, stages)
   out = pathlib.Path(workdir)
   summaries = []
+  cross: dict[str, Any] = {"status": "not run", "of": None}
   with tqdm(total=len(cells), desc="regime grid", unit="cell") as bar:
     for cell in cells:
       bar.set_postfix_str(cell.name)
@@ -384,22 +391,25 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
       logging.info("cell %s: shift %s in %.0f s", cell.name, _estimate(summary["shift_logprob"]),
                    summary["seconds"])
 
-  best = best_cell(summaries)
-  cross: dict[str, Any] = {"status": "not run", "of": best["name"] if best else None}
-  if config.cross_init == "never":
-    cross["reason"] = "cross_init='never'"
-  elif config.cross_init == "if_positive" and best["shift_logprob"]["low"] <= 0:
-    cross["reason"] = (f"no cell's lower CI bound is above zero (best {best['name']}: "
-                       f"{_number(best['shift_logprob']['low'])})")
-  else:
-    source = next(c for c in cells if c.name == best["name"])
-    try:
-      control = cross_init_cell(source)
-    except ValueError as e:
-      cross.update(status="unsupported", reason=str(e))
+    best = best_cell(summaries)
+    cross["of"] = best["name"]
+    if config.cross_init == "never":
+      cross["reason"] = "cross_init='never'"
+    elif config.cross_init == "if_positive" and best["shift_logprob"]["low"] <= 0:
+      cross["reason"] = (f"no cell's lower CI bound is above zero (best {best['name']}: "
+                         f"{_number(best['shift_logprob']['low'])})")
     else:
-      logging.info("cross-init control of %s", source.name)
-      cross.update(status="ran", summary=_run_cell(control, workdir, stages))
+      source = next(c for c in cells if c.name == best["name"])
+      try:
+        control = cross_init_cell(source)
+      except ValueError as e:
+        cross.update(status="unsupported", reason=str(e))
+      else:
+        bar.total += 1
+        bar.set_postfix_str(control.name)
+        logging.info("cross-init control of the best cell %s", source.name)
+        cross.update(status="ran", summary=_run_cell(control, workdir, stages))
+        bar.update(1)
 
   base = config.base
   record = {
