@@ -219,13 +219,7 @@ class GGUFReader:
             progress: Callable[[str], None] | None = None) -> Transformer:
     """The model with this file's weights (checked first, so a bad file fails before any work)."""
     self.check()
-
-    def get(name: str) -> np.ndarray:
-      if progress is not None:
-        progress(name)
-      return self.get(name)
-
-    return hf_layout.model_from_hf_tensors(self.config, get, mesh)
+    return hf_layout.model_from_hf_tensors(self.config, self.get, mesh, progress)
 
   def weight_files(self) -> list[str]:
     return [self.path]

@@ -63,11 +63,13 @@ def check_shapes(config: TransformerConfig, shapes: Mapping[str, tuple[int, ...]
 
 
 def model_from_hf_tensors(config: TransformerConfig, get: Callable[[str], np.ndarray],
-                          mesh: Mesh | None = None) -> Transformer:
+                          mesh: Mesh | None = None,
+                          progress: Callable[[str], None] | None = None) -> Transformer:
   """Builds the model from HF-layout tensors, each parameter placed directly in its sharding.
 
   ``get(name)`` returns one tensor as a host array; the model is first built abstractly
   (``nnx.eval_shape``), so no random initialisation and no full copy on one device happen.
+  ``progress(name)``, if given, is called before each tensor is read.
   """
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -76,6 +78,8 @@ def model_from_hf_tensors(config: TransformerConfig, get: Callable[[str], np.nda
   # Each parameter's host array is built only when it is placed, in the parameter dtype, so host
   # memory holds one stacked parameter at a time (a 7B bf16 model never sits in host RAM whole).
   def host(name: str) -> np.ndarray:
+    if progress is not None:
+      progress(name)
     return np.asarray(get(name)).astype(pd, copy=False)
 
   def stacked(fmt: str, transpose: bool) -> np.ndarray:

@@ -115,10 +115,4 @@ class SafetensorsDir:
             progress: Callable[[str], None] | None = None) -> Transformer:
     """The model with this directory's weights (shapes checked first)."""
     self.check()
-
-    def get(name: str) -> np.ndarray:
-      if progress is not None:
-        progress(name)
-      return self.get(name)
-
-    return hf_layout.model_from_hf_tensors(self.config, get, mesh)
+    return hf_layout.model_from_hf_tensors(self.config, self.get, mesh, progress)
