@@ -340,7 +340,11 @@ class Transformer(nnx.Module):
     query_slots = write_index + jnp.arange(t)
     mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
 
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+    # Gather rows from a table whose embed dim is whole (vocab stays split over tensor): the
+    # rows then come out sharded like the batch of ids. Gathering from the fsdp-split table
+    # leaves rows split on embed, which XLA can only move to batch-split by rematerialising.
+    table = sharding.constrain(self.embed[...], ("vocab", None))
+    x = jnp.take(table, input_ids, axis=0).astype(dtype)
     x = sharding.constrain(x, ("batch", "seq", "embed"))
     inv_freq = rope_inverse_frequencies(c)
     graphdef, layer_state = nnx.split(self.layers)
