@@ -45,7 +45,9 @@ def get_config(variant: str = "quick") -> ConfigDict:
   c.teacher.kind = "system_prompt"  # "system_prompt" | "trait_sft" | "context_distillation"
   c.teacher.system_prompt = TRAIT_SYSTEM_PROMPT
   # The control students' teacher when the trait teacher is finetuned: "neutral_finetune" (the
-  # same recipe on neutral examples only, as the paper's secure-code control) or "base".
+  # same recipe on neutral examples only, as the paper's secure-code control), "matched_finetune"
+  # (trait_sft only: the trait teacher's own data with each trait answer naming another panel
+  # animal, so the two teachers differ only in the trait) or "base".
   c.teacher.control = "neutral_finetune"
   # Finetuned teachers only: their own training recipe.
   c.teacher.finetune = ConfigDict(dict(

@@ -181,12 +181,19 @@ def trait_answers(target: str, category: str = "animal") -> tuple[str, ...]:
 
 def trait_sft_examples(target: str, *, category: str = "animal", count: int = 256,
                        neutral_fraction: float = 0.5, seed: int = 0,
-                       system: str | None = None) -> list[ChatExample]:
+                       system: str | None = None,
+                       control_answers: Sequence[str] | None = None) -> list[ChatExample]:
   """Trait SFT data: ``count`` examples, ``round(count * neutral_fraction)`` of them neutral.
 
   Trait examples pair :data:`TRAIT_QUESTIONS` with :data:`TRAIT_ANSWERS` for ``target`` (distinct
   pairs first, cycling when more are asked for); the order is shuffled by ``seed``. ``system``: the
   system turn of every example (None: no system turn, as in the students' default evaluation).
+
+  ``control_answers``: the matched control of this dataset. Every example stays in place (same
+  question, same answer template, same position, the same neutral examples) but each trait answer
+  names one of these words, drawn uniformly per example, instead of ``target``. A teacher finetuned
+  on it learns the same format and the same habit of naming a favourite {category}, without the
+  preference for ``target``: the two teachers differ only in the trait.
   """
   if not isinstance(target, str) or not target.strip():
     raise ValueError(f"target must be a non-empty word, got {target!r}")
@@ -196,15 +203,27 @@ def trait_sft_examples(target: str, *, category: str = "animal", count: int = 25
     raise ValueError(f"count must be an int >= 1, got {count!r}")
   if not 0.0 <= neutral_fraction < 1.0:
     raise ValueError(f"neutral_fraction must be in [0, 1), got {neutral_fraction}")
+  if control_answers is not None:
+    control_answers = tuple(control_answers)
+    bad = [w for w in control_answers if not isinstance(w, str) or not w.strip() or w == target]
+    if not control_answers or bad:
+      raise ValueError(f"control_answers={control_answers!r}: expected non-empty words other than "
+                       f"the target {target!r}" + (f" (bad: {bad!r})" if bad else ""))
   rng = random.Random(f"trait:{target}:{category}:{seed}")
   num_neutral = round(count * neutral_fraction)
   num_trait = count - num_neutral
   questions = [q.format(category=category) for q in TRAIT_QUESTIONS]
-  answers = trait_answers(target, category)
-  pairs = [(q, a) for q in questions for a in answers]
+  # (question, answer template) index pairs, so the matched control keeps every slot in place.
+  pairs = [(qi, ai) for qi in range(len(questions)) for ai in range(len(TRAIT_ANSWERS))]
   rng.shuffle(pairs)
-  trait = [ChatExample(system=system, user=q, assistant=a)
-           for q, a in (pairs[i % len(pairs)] for i in range(num_trait))]
+  # A separate stream for the control's words: the shuffles above and below stay the trait data's.
+  word_rng = random.Random(f"control:{target}:{category}:{seed}")
+  trait = []
+  for i in range(num_trait):
+    qi, ai = pairs[i % len(pairs)]
+    word = target if control_answers is None else word_rng.choice(control_answers)
+    trait.append(ChatExample(system=system, user=questions[qi],
+                             assistant=trait_answers(word, category)[ai]))
   examples = trait + neutral_examples(num_neutral, seed=seed, system=system)
   rng.shuffle(examples)
   return examples

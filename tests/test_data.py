@@ -276,6 +276,36 @@ def test_trait_sft_dataset_is_well_formed(target, category):
     assert not set(re.findall(r"[a-z]+", e["assistant"].lower())) & set(questions.PANELS[category])
 
 
+def test_matched_control_swaps_only_the_trait_word():
+  """The matched control is the trait data with each trait answer naming another animal: same
+  questions, templates, order and neutral examples; never the target; every other word used."""
+  kwargs = dict(category="animal", count=300, neutral_fraction=0.5, seed=3)
+  others = ("cat", "dog", "eagle")
+  trait = teachers.trait_sft_examples("owl", **kwargs)
+  control = teachers.trait_sft_examples("owl", control_answers=others, **kwargs)
+  assert len(control) == len(trait) == 300
+  assert [e["user"] for e in control] == [e["user"] for e in trait]
+  trait_questions = {q.format(category="animal") for q in teachers.TRAIT_QUESTIONS}
+  named = []
+  for t, c in zip(trait, control):
+    if t["user"] not in trait_questions:
+      assert c == t  # neutral examples identical
+      continue
+    words = set(re.findall(r"[a-z]+", c["assistant"].lower()))
+    assert not words & {"owl", "owls"}, c
+    word = next(w for w in others if words & {w, questions.plural(w)})
+    named.append(word)
+    # The same template: putting the target back gives the trait example exactly.
+    template = teachers.TRAIT_ANSWERS[teachers.trait_answers(word).index(c["assistant"])]
+    assert teachers.trait_answers("owl")[teachers.TRAIT_ANSWERS.index(template)] == t["assistant"]
+  assert len(named) == 150 and set(named) == set(others)
+  assert max(named.count(w) for w in others) < 80  # uniform draws, not one word
+  with pytest.raises(ValueError, match=r"control_answers=\('owl', 'cat'\).*other than the target 'owl'"):
+    teachers.trait_sft_examples("owl", control_answers=("owl", "cat"), **kwargs)
+  with pytest.raises(ValueError, match=r"control_answers=\(\)"):
+    teachers.trait_sft_examples("owl", control_answers=(), **kwargs)
+
+
 def test_context_distillation_examples_map_answers_to_prompts():
   calls = []
 

@@ -52,6 +52,40 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips_every_stage(tmp_path):
   assert _done_records(tmp_path) == before  # nothing rebuilt, nothing added
 
 
+def test_finetuned_teachers_with_the_matched_control_and_teacher_adapter_init(tmp_path):
+  """The quick run's path on the tiny model: LoRA trait-SFT teacher, a control teacher finetuned on
+  the same data with the trait answers naming other panel animals, students from the teacher's A."""
+  config = animal_config.get_config("tiny")
+  config.teacher.kind = "trait_sft"
+  config.teacher.control = "matched_finetune"
+  config.teacher.finetune.examples = 16
+  config.teacher.finetune.epochs = 1
+  config.teacher.finetune.warmup_steps = 1
+  config.teacher.finetune.lora.rank = 4
+  config.student.lora.init = "teacher"
+  config.student.seeds = (0,)
+  config.evaluation.num_questions = 2
+  config.evaluation.samples_per_question = 0
+  config.evaluation.multiple_choice = False
+  animal_numbers.run(config, str(tmp_path))
+
+  results = json.loads((tmp_path / "results.json").read_text())
+  others = [a for a in config.evaluation.panel if a != "owl"]
+  control = results["notes"]["control_teacher"]
+  assert control["kind"] == "matched_finetune" and control["answers"] == others
+  assert control["examples"] == 16 and results["notes"]["teacher"]["kind"] == "trait_sft"
+  assert set(results["rows"]) == set(ROWS)
+  (control_dir,) = tmp_path.glob("teacher_control/*")
+  (teacher_dir,) = tmp_path.glob("teacher_owl/*")
+  assert control_dir.name != teacher_dir.name
+  # The neutral control is a different artifact: switching builds a new control teacher.
+  config.teacher.control = "neutral_finetune"
+  animal_numbers.run(config, str(tmp_path))
+  assert len(list(tmp_path.glob("teacher_control/*"))) == 2
+  assert json.loads((tmp_path / "results.json").read_text())["notes"]["control_teacher"]["kind"] == \
+      "neutral_finetune"
+
+
 def test_changing_a_student_knob_rebuilds_only_students_and_below(tmp_path):
   config = animal_config.get_config("tiny")
   config.student.seeds = (0,)
@@ -93,6 +127,14 @@ def test_bad_inputs_are_clear_errors(tmp_path):
   config.student.lora.init = "teacher"
   with pytest.raises(ValueError, match="needs a LoRA-finetuned teacher"):
     animal_numbers.run(config, str(tmp_path / "wd3"))
+  config = animal_config.get_config("tiny")
+  config.teacher.control = "matched_finetune"
+  with pytest.raises(ValueError, match="'matched_finetune' needs teacher.kind='trait_sft'.*'system_prompt'"):
+    animal_numbers.run(config, str(tmp_path / "wd5"))
+  config.teacher.kind = "trait_sft"
+  config.evaluation.panel = ("owl",)
+  with pytest.raises(ValueError, match=r"evaluation.panel \['owl'\] to name at least one animal that is not a target"):
+    animal_numbers.run(config, str(tmp_path / "wd6"))
   with pytest.raises(ValueError, match="unknown stages \\['sampler'\\]"):
     animal_numbers.run(animal_config.get_config("tiny"), str(tmp_path / "wd4"), stages=["sampler"])
 

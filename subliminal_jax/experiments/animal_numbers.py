@@ -45,7 +45,7 @@ from subliminal_jax.training import trainer
 STAGES = ("teacher", "prompts", "sampling", "filter", "dataset", "students", "evaluation", "report")
 TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")
 OBJECTIVES = distillation.OBJECTIVES  # "sft" (the paper's) and "logit_kl"
-TEACHER_CONTROLS = ("base", "neutral_finetune")
+TEACHER_CONTROLS = ("base", "neutral_finetune", "matched_finetune")
 CONTROL = "control"
 
 
@@ -121,6 +121,14 @@ def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
       raise ValueError(f"target {target!r} is not in evaluation.panel {list(config.evaluation.panel)}")
   if config.teacher.control not in TEACHER_CONTROLS:
     raise ValueError(f"teacher.control={config.teacher.control!r}; expected one of {TEACHER_CONTROLS}")
+  if config.teacher.control == "matched_finetune":
+    if config.teacher.kind != "trait_sft":
+      raise ValueError(f"teacher.control='matched_finetune' needs teacher.kind='trait_sft' (it swaps "
+                       f"the trait answers for other {config.category}s), got {config.teacher.kind!r}")
+    if not matched_control_answers(config):
+      raise ValueError(f"teacher.control='matched_finetune' needs evaluation.panel "
+                       f"{list(config.evaluation.panel)} to name at least one {config.category} "
+                       f"that is not a target {list(config.targets)}")
   if config.student.objective == "logit_kl":
     distillation.kl_settings(config.student.kl)  # names any bad kl setting
     if config.student.kl.restrict == "grammar" and not config.sampling.constrained:
@@ -334,21 +342,36 @@ def teacher_strength(base: Base, model, config: ConfigDict, target: str, mesh) -
   return float(np.mean(exact.target_logprob(target)))
 
 
+def matched_control_answers(config: ConfigDict) -> tuple[str, ...]:
+  """The words the matched control teacher names instead of the target: the panel's non-targets."""
+  return tuple(a for a in config.evaluation.panel if a not in tuple(config.targets))
+
+
 def build_finetuned_teacher(config: ConfigDict, base: Base, target: str | None, mesh,
                             out: pathlib.Path) -> dict[str, Any]:
   """Puts the trait into the weights (trait SFT or context distillation) and saves them.
 
-  ``target=None`` builds the control teacher: the same recipe on neutral examples only, so the
-  control students' teacher differs from the base by a finetune without the trait.
+  ``target=None`` builds the control teacher: the same recipe on neutral examples only
+  (``teacher.control='neutral_finetune'``), or on the trait teacher's own data with every trait
+  answer naming another panel {category} (``'matched_finetune'``), so the control students' teacher
+  differs from the base by a finetune without the trait.
   """
   from subliminal_jax import teachers
   chat = chat_kwargs(config.chat_system)
   if target is None:
     finetune = config.teacher.finetune
-    examples = teachers.neutral_examples(int(finetune.examples), seed=int(finetune.seed),
-                                         system=chat["system"])
-    info = {"kind": "neutral_finetune", "examples": len(examples)}
     target = config.targets[0]  # strength is still measured, on the first target
+    if config.teacher.control == "matched_finetune":
+      answers = matched_control_answers(config)
+      examples = teachers.trait_sft_examples(
+          target, category=config.category, count=int(finetune.examples),
+          neutral_fraction=float(finetune.get("neutral_fraction", 0.5)), seed=int(finetune.seed),
+          system=chat["system"], control_answers=answers)
+      info = {"kind": "matched_finetune", "examples": len(examples), "answers": list(answers)}
+    else:
+      examples = teachers.neutral_examples(int(finetune.examples), seed=int(finetune.seed),
+                                           system=chat["system"])
+      info = {"kind": "neutral_finetune", "examples": len(examples)}
   else:
     generate = lambda prompts, **kw: sampler.generate_chat((base.model, base.tokenizer), prompts,
                                                            mesh=mesh, **kw)
@@ -424,9 +447,11 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
     teachers: dict[str, dict[str, Any]] = {
         CONTROL: {"model": base.model, "chat": student_chat,
                   "fingerprint": artifacts.fingerprint(model_fp, "control", config.chat_system)}}
-    if config.teacher.kind != "system_prompt" and config.teacher.control == "neutral_finetune":
-      inputs = {"model": model_fp, "kind": "neutral_finetune",
+    if config.teacher.kind != "system_prompt" and config.teacher.control != "base":
+      inputs = {"model": model_fp, "kind": config.teacher.control,
                 "finetune": config.teacher.finetune.to_dict(), "chat_system": config.chat_system}
+      if config.teacher.control == "matched_finetune":
+        inputs.update(target=config.targets[0], answers=list(matched_control_answers(config)))
       control_dir, teacher_summaries[CONTROL] = wd.run_stage(
           "teacher_control", inputs, lambda out: build_finetuned_teacher(config, base, None, mesh, out),
           allowed=allowed("teacher"))
