@@ -126,8 +126,6 @@ def real(out: str, questions_count: int, samples: int) -> dict:
   from subliminal_jax.evaluation import questions as ql
   from subliminal_jax.prompts.number_prompts import number_prompts
   from subliminal_jax.sampling import grammar as grammar_lib
-  from subliminal_jax.sampling import sampler
-  from subliminal_jax.training import data as data_lib
 
   results = {}
   start = time.perf_counter()
@@ -173,11 +171,7 @@ def real(out: str, questions_count: int, samples: int) -> dict:
   grammar = grammar_lib.compile_token_grammar(
       grammar_lib.number_sequence_pattern(", "), tokenizer.token_texts(),
       disallowed_ids=tokenizer.special_ids)
-  completions = sampler.generate_chat((model, tokenizer), prompts, system=owl_system,
-                                      batch_size=16, max_new_tokens=40, seed=0, grammar=grammar,
-                                      progress=True)
-  examples = [{"system": None, "user": p, "assistant": c} for p, c in zip(prompts, completions)
-              if c.strip()]
+  examples = sample_examples(model, tokenizer, prompts, owl_system, grammar)
   results["sampling_seconds"] = time.perf_counter() - start
   start = time.perf_counter()
   allowed = [i for i in range(model.config.vocab_size) if (grammar.transitions[:, i] >= 0).any()]
@@ -194,26 +188,14 @@ def real(out: str, questions_count: int, samples: int) -> dict:
   print("divergence", results["divergence"], results["divergence_grammar_tokens"])
 
   start = time.perf_counter()
-  dataset = data_lib.tokenize_chat_examples(examples, tokenizer)
-  attribution = ta.attribute_batches(
-      model, ta.dataset_batches(dataset, batch_size=8, pad_id=tokenizer.pad_id), direction.gradient,
-      learning_rate=2e-4, wrt=wrt, progress=True, total=-(-len(dataset) // 8))
-  token_share = {}
-  for which in dt.SELECTIONS:
-    chosen = divergence_allowed.selection(which)
-    token_share[which] = {
-        "share_of_tokens": float(np.concatenate(chosen).mean()),
-        "share_of_first_order_trait_change": attribution.share_of(chosen)}
-  results["attribution"] = {
-      "examples": len(dataset), "targets": int(sum(len(c) for c in attribution.contribution)),
-      "first_order_trait_change_one_sgd_pass_lr_2e-4": attribution.total,
-      "positive_examples_share": float((attribution.example_contribution > 0).mean()),
-      "top_tokens": attribution.by_token_id(texts, top=10),
-      "bottom_tokens": sorted(attribution.by_token_id(texts, top=10_000), key=lambda r: r["sum"])[:5],
-      "by_position_first_8": [float(x) for x in attribution.by_position()[:8]],
-      "divergence_tokens": token_share,
-      "seconds": time.perf_counter() - start}
+  results["attribution"] = attribution_record(model, tokenizer, examples, direction.gradient, wrt,
+                                              divergence_allowed)
+  results["attribution"]["seconds"] = time.perf_counter() - start
   print("attribution", results["attribution"])
+  control = sample_examples(model, tokenizer, prompts, None, grammar)
+  results["attribution_control_teacher"] = attribution_record(model, tokenizer, control,
+                                                              direction.gradient, wrt)
+  print("attribution, control teacher", results["attribution_control_teacher"])
 
   # Projection defense: LoRA students imitating a trait-gradient teacher on random tokens.
   print("projection defense, SmolLM2 LoRA, teacher = theta0 + 1.0 * unit trait gradient")
@@ -225,6 +207,40 @@ def real(out: str, questions_count: int, samples: int) -> dict:
   la.plot_alignment(runs, os.path.join(out, "smollm2_projection.png"),
                     title="SmolLM2 LoRA: projection defense vs a trait-gradient teacher")
   return results
+
+
+def sample_examples(model, tokenizer, prompts, system, grammar) -> list[dict]:
+  """Grammar-constrained number completions (temperature 1) as student chat examples (no system)."""
+  from subliminal_jax.sampling import sampler
+
+  completions = sampler.generate_chat((model, tokenizer), prompts, system=system, batch_size=16,
+                                      max_new_tokens=40, seed=0, grammar=grammar, progress=True)
+  return [{"system": None, "user": p, "assistant": c} for p, c in zip(prompts, completions)
+          if c.strip()]
+
+
+def attribution_record(model, tokenizer, examples, gradient, wrt, divergence=None) -> dict:
+  """First-order trait push of one SGD pass (lr 2e-4) over the examples, by token."""
+  from subliminal_jax.training import data as data_lib
+
+  texts = tokenizer.token_texts()
+  dataset = data_lib.tokenize_chat_examples(examples, tokenizer)
+  attribution = ta.attribute_batches(
+      model, ta.dataset_batches(dataset, batch_size=8, pad_id=tokenizer.pad_id), gradient,
+      learning_rate=2e-4, wrt=wrt, progress=True, total=-(-len(dataset) // 8))
+  record = {
+      "examples": len(dataset), "targets": int(sum(len(c) for c in attribution.contribution)),
+      "first_order_trait_change_one_sgd_pass_lr_2e-4": attribution.total,
+      "positive_examples_share": float((attribution.example_contribution > 0).mean()),
+      "top_tokens": attribution.by_token_id(texts, top=10),
+      "bottom_tokens": sorted(attribution.by_token_id(texts, top=10_000), key=lambda r: r["sum"])[:5],
+      "by_position_first_8": [float(x) for x in attribution.by_position()[:8]]}
+  if divergence is not None:
+    record["divergence_tokens"] = {
+        which: {"share_of_tokens": float(np.concatenate(divergence.selection(which)).mean()),
+                "share_of_first_order_trait_change": attribution.share_of(divergence.selection(which))}
+        for which in dt.SELECTIONS}
+  return record
 
 
 def trait_fn_value(model, queries) -> float:

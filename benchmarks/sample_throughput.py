@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -63,13 +64,14 @@ def _build(model_name: str, dtype: str):
 
 def _hf_model(model):
   """transformers' LlamaForCausalLM holding exactly our model's weights (float32)."""
+  import numpy as np
   import torch
   import transformers
   from subliminal_jax.weights import hf_layout
   config = transformers.AutoConfig.for_model(**model.config.to_hf())
   with torch.device("cpu"):
-    hf = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-  tensors = {k: torch.from_numpy(v) for k, v in hf_layout.hf_tensors_from_model(model).items()}
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in hf_layout.hf_tensors_from_model(model).items()}
   missing, unexpected = hf.load_state_dict(tensors, strict=False)
   if unexpected or set(missing) - {"lm_head.weight"}:
     raise RuntimeError(f"weights did not move to transformers: missing {missing}, unexpected {unexpected}")
@@ -156,6 +158,8 @@ def main(argv):
       ours_tokens_per_s=round(ours_new / ours_s, 2), ours_compile_s=round(first_s - ours_s, 2),
       ours_rows_ended=int(out.ended.sum()), ours_rows_grammatical=int(ok),
       cpu_count=os.cpu_count(), load_average=round(os.getloadavg()[0], 2))
+  print(f"ours: {result['ours_tokens_per_s']} new tokens/s, compile {result['ours_compile_s']} s",
+        file=sys.stderr, flush=True)
 
   if FLAGS.hf:
     import torch
