@@ -117,7 +117,8 @@ def _cpu_base() -> ConfigDict:
 
 def _gpu_base() -> ConfigDict:
   """The paper's data sizes (30k prompts, 10k kept, 3 epochs, 50 questions x 100 samples) with a
-  LoRA r8 trait-SFT teacher, so that every student init of the grid is defined."""
+  LoRA r8 trait-SFT teacher, so that every student init of the grid is defined, and the matched
+  control teacher."""
   b = _animal_numbers_configs().get_config("paper")
   b.teacher.kind = "trait_sft"
   b.teacher.finetune.examples = 1024
@@ -125,6 +126,9 @@ def _gpu_base() -> ConfigDict:
   b.teacher.finetune.batch_size = 32
   b.teacher.finetune.learning_rate = 5e-4
   b.teacher.finetune.lora.rank = 8
+  # The cpu grid's neutral-finetune control differed from the trait teacher in more than the trait
+  # (README, Results): the matched control names another animal in the same answers.
+  b.teacher.control = "matched_finetune"
   b.student.seeds = (0, 1, 2, 3, 4)
   b.student.batch_size = 64
   return b

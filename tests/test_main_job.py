@@ -108,6 +108,18 @@ def test_a_filter_that_keeps_nothing_names_the_reasons_and_keeps_what_was_writte
   assert list(tmp_path.glob("prompts/*/DONE.json")) and list(tmp_path.glob("sampling_control/*/DONE.json"))
 
 
+def test_adding_seeds_keeps_the_existing_students_fingerprints():
+  config = animal_config.get_config("tiny")
+  config.student.seeds = (0, 1)
+  more = animal_config.get_config("tiny")
+  more.student.seeds = (0, 1, 2, 3)
+  for seed in (0, 1):
+    assert (artifacts.fingerprint(animal_numbers.student_train_config(config, seed).to_dict()) ==
+            artifacts.fingerprint(animal_numbers.student_train_config(more, seed).to_dict()))
+  assert (animal_numbers.student_train_config(more, 0).to_dict() !=
+          animal_numbers.student_train_config(more, 1).to_dict())
+
+
 def test_bad_inputs_are_clear_errors(tmp_path):
   config = animal_config.get_config("tiny")
   config.model = str(tmp_path / "no_such_model")

@@ -268,7 +268,8 @@ def student_train_config(config: ConfigDict, seed: int) -> ConfigDict:
   cross_init = True: adapters from a seed that is neither the teacher's nor a same-init student's.
   """
   s = config.student
-  train = ConfigDict(s.to_dict())
+  # Without the list of seeds: adding a seed must not change (and so rebuild) the others.
+  train = ConfigDict({k: v for k, v in s.to_dict().items() if k != "seeds"})
   train.seed = seed
   if train.lora.init == "teacher":
     train.lora.seed = int(config.teacher.finetune.lora.seed)
