@@ -4,9 +4,14 @@
 
 Variants:
   tiny    a tiny random model with SmolLM2's tokenizer: the whole pipeline in about a minute (tests)
-  quick   real SmolLM2-135M sized for a 2-core CPU (the README's run command, <= 20 minutes)
-  paper   the paper's sizes: 30k prompts, 10k subset, LoRA r8 alpha8, 3 epochs, lr 2e-4, 8 seeds,
-          50 questions x 100 samples (an accelerator's job)
+  quick   real SmolLM2-135M sized for a 2-core CPU (the README's run command): the regime where the
+          cpu regime grid found a positive shift (LoRA trait-SFT teacher, matched control teacher,
+          SFT students from the teacher's adapter A, 12 steps, 6 seeds)
+  paper   the paper's sizes (30k prompts, 10k subset, LoRA r8 alpha8, 3 epochs, lr 2e-4, 8 seeds,
+          50 questions x 100 samples; an accelerator's job) in that regime: a LoRA trait-SFT teacher
+          and the matched control. The paper's own protocol (system-prompted teacher, base as the
+          control's teacher): --config.teacher.kind=system_prompt --config.teacher.control=base
+          --config.student.lora.init=fresh
   qwen7b  the paper's open model from a local HF directory: --config.model=/path/to/Qwen2.5-7B-Instruct
 """
 
@@ -84,17 +89,25 @@ def get_config(variant: str = "quick") -> ConfigDict:
       system="")) # "" = same as chat_system
 
   if variant == "paper":
-    pass
+    # The regime the cpu grid found (README, Results), at the paper's data sizes.
+    c.teacher.kind = "trait_sft"
+    c.teacher.control = "matched_finetune"
+    c.teacher.finetune.examples = 1024
+    c.teacher.finetune.epochs = 3
+    c.teacher.finetune.batch_size = 32
+    c.teacher.finetune.learning_rate = 5e-4
+    c.teacher.finetune.lora.rank = 8
+    c.student.lora.init = "teacher"
   elif variant == "qwen7b":
     c.model = ""  # required: --config.model=/path/to/Qwen2.5-7B-Instruct
     c.dtype = c.param_dtype = "bfloat16"
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   elif variant == "quick":
-    # Real SmolLM2 on a 2-core CPU in about 20 minutes, in the regime where theory predicts a
-    # channel (REFERENCE.md 3b): the trait is put into LoRA weights (trait SFT teacher), students
-    # start from the teacher's adapter init and imitate its next-token distributions restricted
-    # to the number grammar; control students imitate a teacher finetuned the same way on
-    # neutral examples only.
+    # Real SmolLM2 on a 2-core CPU (about 25 minutes, estimated from the grid's stage times), in the regime where the cpu regime grid
+    # found treatment - control +0.353 [0.156, 0.565] in log P(owl) with 6 seeds: the trait is put
+    # into LoRA weights (trait SFT teacher), SFT students start from the teacher's adapter init;
+    # control students learn from a teacher finetuned on the same data with every trait answer
+    # naming another panel animal (the matched control).
     c.teacher.kind = "trait_sft"
     c.teacher.finetune.examples = 128
     c.teacher.finetune.epochs = 3
@@ -105,12 +118,13 @@ def get_config(variant: str = "quick") -> ConfigDict:
     c.sampling.batch_size = 64
     c.sampling.max_new_tokens = 32
     c.filter.subset_size = 96
-    c.student.objective = "logit_kl"
-    c.student.kl.restrict = "grammar"
+    c.teacher.control = "matched_finetune"
+    c.student.objective = "sft"
+    c.student.kl.restrict = "grammar"  # for --config.student.objective=logit_kl
     c.student.lora.init = "teacher"
-    c.student.seeds = (0, 1)
+    c.student.seeds = (0, 1, 2, 3, 4, 5)
     c.student.epochs = 1
-    c.student.batch_size = 16
+    c.student.batch_size = 8
     c.student.warmup_steps = 1
     c.student.learning_rate = 1e-3
     c.evaluation.num_questions = 10
