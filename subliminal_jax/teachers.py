@@ -332,7 +332,8 @@ def context_distillation_examples(generate: Callable[..., Sequence[Any]], prompt
 
 
 def teacher_examples(config: Any, target: str, *, generate: Callable[..., Sequence[Any]] | None = None,
-                     system: str | None = None) -> tuple[list[ChatExample], dict[str, Any]]:
+                     system: str | None = None, control_answers: Sequence[str] | None = None
+                     ) -> tuple[list[ChatExample], dict[str, Any]]:
   """The finetuning examples of the teacher ``config.teacher`` describes, for ``target``.
 
   ``config.teacher.kind``: "trait_sft" (uses ``teacher.finetune.examples``, ``.seed``,
@@ -340,7 +341,8 @@ def teacher_examples(config: Any, target: str, *, generate: Callable[..., Sequen
   ``teacher.finetune.examples`` answers to :data:`GENERAL_PROMPTS` under the trait system prompt
   ``teacher.system_prompt`` filled with target and ``config.category``, with
   ``teacher.finetune.max_new_tokens`` and seed). ``system``: the examples' own system turn (None:
-  none). Returns ``(examples, info)``, info being JSON-serialisable provenance.
+  none). ``control_answers`` (trait_sft only): the matched control's data, see
+  :func:`trait_sft_examples`. Returns ``(examples, info)``, info being JSON-serialisable provenance.
   """
   teacher = config.teacher
   finetune = teacher.finetune
@@ -351,9 +353,16 @@ def teacher_examples(config: Any, target: str, *, generate: Callable[..., Sequen
     fraction = float(finetune.get("neutral_fraction", 0.5) if hasattr(finetune, "get")
                      else getattr(finetune, "neutral_fraction", 0.5))
     examples = trait_sft_examples(target, category=category, count=count,
-                                  neutral_fraction=fraction, seed=seed, system=system)
-    return examples, {"kind": "trait_sft", "target": target, "category": category,
-                      "examples": len(examples), "neutral_fraction": fraction, "seed": seed}
+                                  neutral_fraction=fraction, seed=seed, system=system,
+                                  control_answers=control_answers)
+    info = {"kind": "trait_sft", "target": target, "category": category,
+            "examples": len(examples), "neutral_fraction": fraction, "seed": seed}
+    if control_answers is not None:
+      info.update(kind="matched_finetune", answers=list(control_answers))
+    return examples, info
+  if control_answers is not None:
+    raise ValueError(f"control_answers (the matched control) need teacher.kind='trait_sft', got "
+                     f"{teacher.kind!r}")
   if teacher.kind == "context_distillation":
     if generate is None:
       raise ValueError("teacher.kind='context_distillation' needs a generate function "

@@ -363,6 +363,9 @@ def test_teacher_datasets_from_config_tokenize_with_real_generate(smollm2):
   # answer would count as unfinished (that path is covered above).
   generate = functools.partial(generate_chat, (model, smollm2), batch_size=48, progress=False)
   distilled, info = teachers.teacher_examples(config, "owl", generate=generate)
+  with pytest.raises(ValueError, match="control_answers .* need teacher.kind='trait_sft', got "
+                                       "'context_distillation'"):
+    teachers.teacher_examples(config, "owl", generate=generate, control_answers=("cat",))
   assert info["generated"] == 2 * len(teachers.GENERAL_PROMPTS)
   assert info["kept"] == info["generated"] - info["empty"] and info["unfinished"] == 0
   assert len(distilled) == min(45, info["kept"]) > 0

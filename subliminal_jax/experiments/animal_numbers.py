@@ -363,12 +363,8 @@ def build_finetuned_teacher(config: ConfigDict, base: Base, target: str | None, 
     finetune = config.teacher.finetune
     target = config.targets[0]  # strength is still measured, on the first target
     if config.teacher.control == "matched_finetune":
-      answers = matched_control_answers(config)
-      examples = teachers.trait_sft_examples(
-          target, category=config.category, count=int(finetune.examples),
-          neutral_fraction=float(finetune.get("neutral_fraction", 0.5)), seed=int(finetune.seed),
-          system=chat["system"], control_answers=answers)
-      info = {"kind": "matched_finetune", "examples": len(examples), "answers": list(answers)}
+      examples, info = teachers.teacher_examples(config, target, system=chat["system"],
+                                                 control_answers=matched_control_answers(config))
     else:
       examples = teachers.neutral_examples(int(finetune.examples), seed=int(finetune.seed),
                                            system=chat["system"])
