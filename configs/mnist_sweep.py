@@ -14,19 +14,9 @@ and cross init); override with --config.num_models=25 --config.seeds=0,1,2 and
 --config.student.variants=same_init_aux,same_init_all,cross_init_aux,cross_init_all.
 """
 
-import importlib.util
-import os
-
 from ml_collections import ConfigDict
 
-
-def _base_config_module():
-  """configs/mnist_aux.py, loaded by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_aux.py")
-  spec = importlib.util.spec_from_file_location("mnist_aux_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from subliminal_jax import config_files
 
 
 AXES = {
@@ -57,7 +47,8 @@ AXES = {
 def get_config(axis: str = "width") -> ConfigDict:
   if axis not in AXES:
     raise ValueError(f"unknown sweep axis {axis!r}; expected one of {sorted(AXES)}")
-  c = _base_config_module().get_config("tiny" if axis == "tiny" else "default")
+  base = config_files.load_neighbour(__file__, "mnist_aux.py")
+  c = base.get_config("tiny" if axis == "tiny" else "default")
   c.num_models = 10 if axis != "tiny" else 3
   c.seeds = (0,)
   c.student.variants = ("same_init_aux", "cross_init_aux")

@@ -23,21 +23,11 @@ a comma-separated list of such names. Any base knob can be changed for every cel
 line, e.g. ``--config.base.student.epochs=2``.
 """
 
-import importlib.util
-import os
-
 from ml_collections import ConfigDict
 
+from subliminal_jax import config_files
+
 VARIANTS = ("cpu", "gpu", "tiny")
-
-
-def _animal_numbers_configs():
-  """configs/animal_numbers.py, loaded by path (config files are not always importable as a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "animal_numbers.py")
-  spec = importlib.util.spec_from_file_location("animal_numbers_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def axis(name: str, *levels: tuple[str, dict]) -> ConfigDict:
@@ -102,7 +92,7 @@ def _cpu_base() -> ConfigDict:
   """The quick run's regime (LoRA r8 trait-SFT teacher, matched control teacher, 12 student steps
   at batch 8) with 3 student seeds and an evaluation cut to what carries signal at 135M on a CPU:
   the exact log-probabilities (no sampled answers, no multiple choice)."""
-  b = _animal_numbers_configs().get_config("quick")
+  b = config_files.load_neighbour(__file__, "animal_numbers.py").get_config("quick")
   # The README's first table used the neutral-finetune control (--config.base.teacher.control=
   # neutral_finetune); its confound is why the default is now the matched control.
   b.teacher.control = "matched_finetune"
@@ -122,7 +112,7 @@ def _gpu_base() -> ConfigDict:
   """The paper's data sizes (30k prompts, 10k kept, 3 epochs, 50 questions x 100 samples) with a
   LoRA r8 trait-SFT teacher, so that every student init of the grid is defined, and the matched
   control teacher."""
-  b = _animal_numbers_configs().get_config("paper")
+  b = config_files.load_neighbour(__file__, "animal_numbers.py").get_config("paper")
   b.teacher.kind = "trait_sft"
   b.teacher.finetune.examples = 1024
   b.teacher.finetune.epochs = 3
@@ -138,7 +128,7 @@ def _gpu_base() -> ConfigDict:
 
 
 def _tiny_base() -> ConfigDict:
-  b = _animal_numbers_configs().get_config("tiny")
+  b = config_files.load_neighbour(__file__, "animal_numbers.py").get_config("tiny")
   b.student.seeds = (0, 1)
   b.filter.subset_size = 16
   b.evaluation.num_questions = 4

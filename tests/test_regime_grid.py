@@ -233,3 +233,11 @@ def test_command_line_rejects_an_unknown_cell_before_any_work(tmp_path):
   assert result.returncode != 0
   assert "names no cells ['sft__lora9']" in result.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_config_files_load_a_neighbour_by_path_and_name_a_missing_one(tmp_path):
+  from subliminal_jax import config_files
+  (tmp_path / "base.py").write_text("def get_config(v='x'):\n  return {'variant': v}\n")
+  assert config_files.load_neighbour(str(tmp_path / "grid.py"), "base.py").get_config("y") == {"variant": "y"}
+  with pytest.raises(FileNotFoundError, match=r"config file .*missing\.py not found \(loaded by .*grid\.py\)"):
+    config_files.load_neighbour(str(tmp_path / "grid.py"), "missing.py")
