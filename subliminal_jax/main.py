@@ -8,6 +8,7 @@ writes every artifact into the workdir. Multi-host runs initialise ``jax.distrib
 from __future__ import annotations
 
 import importlib
+import logging as std_logging
 import os
 
 import jax
@@ -25,13 +26,26 @@ _CACHE_DIR = flags.DEFINE_string(
     or os.path.expanduser("~/.cache/subliminal_jax/xla"),
     "Persistent XLA compilation cache ('' disables). Students, seeds and reruns compile the same "
     "programs; the cache turns each repeat compile into a file read.")
+_ORBAX_INFO_LOGS = flags.DEFINE_bool(
+    "orbax_info_logs", False, "Show orbax-checkpoint's INFO logs (about 25 lines per checkpoint "
+    "written, which bury the stages' progress); its warnings and errors always show.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class OrbaxInfoFilter(std_logging.Filter):
+  """Drops log records below WARNING that come from orbax's own modules."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+    return record.levelno >= std_logging.WARNING or not from_orbax
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from subliminal_jax import distributed
+  if not _ORBAX_INFO_LOGS.value:
+    logging.get_absl_handler().addFilter(OrbaxInfoFilter())
   if _CACHE_DIR.value:
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

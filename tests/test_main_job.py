@@ -160,3 +160,43 @@ def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   assert result.returncode != 0
   assert "learning_rat" in result.stderr
   assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _records_of_an_orbax_save(directory: pathlib.Path, log_filter) -> list:
+  """Every absl record that reaches a handler during one real orbax save and one log line of ours."""
+  import logging as std_logging
+
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from absl import logging as absl_logging
+
+  records = []
+  handler = std_logging.Handler(level=std_logging.DEBUG)
+  handler.emit = records.append
+  if log_filter is not None:
+    handler.addFilter(log_filter)
+  absl_logger = std_logging.getLogger("absl")
+  previous_level = absl_logger.level
+  absl_logger.addHandler(handler)
+  absl_logger.setLevel(std_logging.INFO)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(directory / "ckpt", {"w": np.arange(4.0)})
+      checkpointer.wait_until_finished()
+    absl_logging.info("stage progress line")
+    absl_logging.warning("a warning")
+  finally:
+    absl_logger.removeHandler(handler)
+    absl_logger.setLevel(previous_level)
+  return records
+
+
+def test_orbax_info_logs_are_dropped_and_ours_and_warnings_kept(tmp_path):
+  from subliminal_jax.main import OrbaxInfoFilter
+
+  unfiltered = _records_of_an_orbax_save(tmp_path / "a", None)
+  assert any("/orbax/" in r.pathname and r.levelno < 30 for r in unfiltered)  # orbax does log INFO
+  filtered = _records_of_an_orbax_save(tmp_path / "b", OrbaxInfoFilter())
+  assert not any("/orbax/" in r.pathname and r.levelno < 30 for r in filtered)
+  messages = [r.getMessage() for r in filtered]
+  assert "stage progress line" in messages and "a warning" in messages
