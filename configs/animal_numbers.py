@@ -88,6 +88,13 @@ def get_config(variant: str = "quick") -> ConfigDict:
       batch_size=64, max_new_tokens=8, seed=0, bootstrap_resamples=2000,
       system="")) # "" = same as chat_system
 
+  # Resumable checkpoints inside the training stages (teachers, students). They change nothing that
+  # is trained, so they are in no fingerprint. every: steps between checkpoints (0 = only at the
+  # end); a killed run's rerun continues the interrupted stage from its last one. keep: leave them
+  # (parameters plus optimizer state, 3x the weights for full finetuning) beside the stage's
+  # weights once it is done.
+  c.training_checkpoints = ConfigDict(dict(every=200, keep=False))
+
   if variant == "paper":
     # The regime the cpu grid found (README, Results), at the paper's data sizes.
     c.teacher.kind = "trait_sft"

@@ -3,9 +3,10 @@
 Each stage's artifact lives in ``WORKDIR/<stage>/<fingerprint>/`` with a ``DONE.json`` holding the
 stage's inputs and summary. The fingerprint hashes everything the stage depends on (its config
 slice and its upstream fingerprints), so a config change invalidates exactly the stages downstream
-of it, and rerunning an unchanged experiment skips every stage. A stage writes into a temporary
-directory renamed into place only when it finishes: a crash never leaves a half artifact that looks
-done, and nothing already written is ever deleted.
+of it, and rerunning an unchanged experiment skips every stage. A stage writes into
+``<fingerprint>.partial/``, renamed into place only when it finishes: a crash never leaves a half
+artifact that looks done, a rerun continues in the same partial directory (so a training stage
+resumes from its last checkpoint there), and nothing already written is ever deleted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import time
 from typing import Any, Callable, Mapping
 
@@ -83,16 +83,18 @@ class Workdir:
     if not allowed:
       raise RuntimeError(f"stage {stage!r} was not selected by --stages, but its artifact "
                          f"{final} does not exist yet: include {stage!r} in --stages")
-    tmp = final.with_name(f"{fp}.tmp-{os.getpid()}")
-    if tmp.exists():
-      shutil.rmtree(tmp)  # our own leftover from a crashed attempt with the same pid
-    tmp.mkdir(parents=True)
+    # One name per fingerprint, not per process: a rerun after a crash builds in the same
+    # directory, where the trainer finds its checkpoints.
+    partial = final.with_name(f"{fp}.partial")
+    if partial.exists():
+      logging.info("stage %s: continuing in %s, left by an interrupted run", stage, partial)
+    partial.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    summary = dict(build(tmp))
+    summary = dict(build(partial))
     record = {"stage": stage, "fingerprint": fp, "inputs": inputs, "summary": summary,
               "seconds": round(time.time() - start, 2)}
-    (tmp / "DONE.json").write_text(json.dumps(record, indent=2, default=_jsonable))
-    tmp.rename(final)
+    (partial / "DONE.json").write_text(json.dumps(record, indent=2, default=_jsonable))
+    partial.rename(final)
     self.ran.append(stage)
     logging.info("stage %s: built %s in %.1f s", stage, fp, record["seconds"])
     return final, summary

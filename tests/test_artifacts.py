@@ -45,8 +45,13 @@ def test_failed_stage_leaves_no_artifact_that_looks_done(tmp_path):
     wd.run_stage("sampling", {"a": 1}, explode)
   fp = artifacts.fingerprint("sampling", {"a": 1})
   assert not wd.has("sampling", fp)
-  _, summary = wd.run_stage("sampling", {"a": 1}, lambda out: {"ok": True})
-  assert summary == {"ok": True}
+  seen = []
+  # The rerun builds in the directory the crashed attempt left (where a trainer's checkpoints are).
+  final, summary = wd.run_stage(
+      "sampling", {"a": 1}, lambda out: seen.append((out / "partial.txt").read_text()) or {"ok": True})
+  assert summary == {"ok": True} and seen == ["half"]
+  assert wd.has("sampling", fp) and (final / "partial.txt").exists()
+  assert sorted(p.name for p in (tmp_path / "sampling").iterdir()) == [fp]
 
 
 def test_unselected_stage_without_artifact_is_an_error(tmp_path):

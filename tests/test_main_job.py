@@ -78,10 +78,20 @@ def test_finetuned_teachers_with_the_matched_control_and_teacher_adapter_init(tm
   (control_dir,) = tmp_path.glob("teacher_control/*")
   (teacher_dir,) = tmp_path.glob("teacher_owl/*")
   assert control_dir.name != teacher_dir.name
-  # The neutral control is a different artifact: switching builds a new control teacher.
+  # Once a training stage is done its resumable checkpoints are gone (training_checkpoints.keep).
+  for stage_dir in (teacher_dir, control_dir, *tmp_path.glob("student_*/*")):
+    assert (stage_dir / "training" / "fit_summary.json").exists()
+    assert not (stage_dir / "training" / "checkpoints").exists(), stage_dir
+  # The neutral control is a different artifact: switching builds a new control teacher. The
+  # checkpoint settings are in no fingerprint: changing them rebuilds nothing else.
   config.teacher.control = "neutral_finetune"
+  config.training_checkpoints.keep = True
+  config.training_checkpoints.every = 1
   animal_numbers.run(config, str(tmp_path))
   assert len(list(tmp_path.glob("teacher_control/*"))) == 2
+  assert [p.name for p in tmp_path.glob("teacher_owl/*")] == [teacher_dir.name]
+  (neutral_dir,) = set(tmp_path.glob("teacher_control/*")) - {control_dir}
+  assert (neutral_dir / "training" / "checkpoints").is_dir()
   assert json.loads((tmp_path / "results.json").read_text())["notes"]["control_teacher"]["kind"] == \
       "neutral_finetune"
 
@@ -147,6 +157,11 @@ def test_bad_inputs_are_clear_errors(tmp_path):
   config.evaluation.panel = ("owl",)
   with pytest.raises(ValueError, match=r"evaluation.panel \['owl'\] to name at least one animal that is not a target"):
     animal_numbers.run(config, str(tmp_path / "wd6"))
+  config = animal_config.get_config("tiny")
+  config.training_checkpoints.every = -5
+  with pytest.raises(ValueError, match=r"training_checkpoints.every=-5; expected a number of steps >= 0"):
+    animal_numbers.run(config, str(tmp_path / "wd7"))
+  assert not (tmp_path / "wd7").exists()
   with pytest.raises(ValueError, match="unknown stages \\['sampler'\\]"):
     animal_numbers.run(animal_config.get_config("tiny"), str(tmp_path / "wd4"), stages=["sampler"])
 

@@ -267,3 +267,36 @@ def test_tensorboard_event_file_decodes_with_protobuf(tmp_path):
   reference = Event(wall_time=12.5, step=7)
   reference.summary.value.add(tag="loss", simple_value=0.75)
   assert progress.encode_event(12.5, 7, scalars={"loss": 0.75}) == reference.SerializeToString()
+
+
+def test_a_training_stage_killed_midway_resumes_in_its_partial_directory(tmp_path):
+  """A stage whose build trains (as the main job's teachers and students do) and is killed after
+  step 5 (last checkpoint: step 4) resumes at step 4 when the experiment is rerun, and ends with
+  the parameters of an uninterrupted run."""
+  from subliminal_jax import artifacts
+
+  data, config = toy_dataset(), train_config(checkpoint_every=2)
+  reference, _ = trainer.fit(tiny_model(), data, config, tmp_path / "reference", progress=False)
+
+  def crash_after_5(step, record):
+    if step == 5:
+      raise Crash("simulated kill")
+
+  def build(callbacks):
+    def run(out):
+      model, _ = trainer.fit(tiny_model(), data, config, out / "training", callbacks=callbacks,
+                             progress=False)
+      built.append(model)
+      return json.loads((out / "training" / trainer.SUMMARY_FILE).read_text())
+    return run
+
+  built = []
+  workdir = artifacts.Workdir(tmp_path / "wd", "exp", {})
+  with pytest.raises(Crash):
+    workdir.run_stage("student", {"seed": 0}, build([crash_after_5]))
+  # A cadence change is bookkeeping only: the checkpoints of the killed run still match.
+  config["checkpoint_every"] = 3
+  _, summary = artifacts.Workdir(tmp_path / "wd", "exp", {}).run_stage("student", {"seed": 0},
+                                                                       build([]))
+  assert summary["resumed_from_step"] == 4 and summary["finished"]
+  assert_same_params(reference, built[0])

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import pathlib
 import random
+import shutil
 from collections import Counter
 from typing import Any, Sequence
 
@@ -116,6 +117,10 @@ def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
     raise ValueError(f"student.objective={config.student.objective!r}; expected one of {OBJECTIVES}")
   if not config.student.seeds:
     raise ValueError("student.seeds is empty: give at least one seed")
+  every = config.training_checkpoints.every
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise ValueError(f"training_checkpoints.every={every!r}; expected a number of steps >= 0 "
+                     "(0 = a checkpoint only at the end of each training stage)")
   for target in config.targets:
     if target not in config.evaluation.panel:
       raise ValueError(f"target {target!r} is not in evaluation.panel {list(config.evaluation.panel)}")
@@ -315,9 +320,7 @@ def build_student(config: ConfigDict, base: Base, dataset_dir: pathlib.Path, see
         config.student.kl, teacher=teacher_model, student=student, grammar=grammar,
         end_ids=base.tokenizer.end_of_turn_ids, dataset=dataset)
     fit_kwargs = dict(loss_fn=loss_fn, aux=aux, batches=distillation_data.paired_batches)
-  model, history = trainer.fit(student, dataset, train, str(out / "training"), mesh=mesh,
-                               **fit_kwargs)
-  save_trainable(model, train, out)
+  model, history = fit_in_stage(config, student, dataset, train, out, mesh, **fit_kwargs)
   losses = [h["loss"] for h in history if "loss" in h]
   return {"steps": len(history), "objective": config.student.objective,
           "first_loss": losses[0] if losses else None,
@@ -377,14 +380,30 @@ def build_finetuned_teacher(config: ConfigDict, base: Base, target: str | None, 
   dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer,
                                             template_default=chat["template_default"])
   train = teacher_train_config(config)
-  model, history = trainer.fit(nnx.clone(base.model), dataset, train, str(out / "training"), mesh=mesh)
-  save_trainable(model, train, out)
+  model, history = fit_in_stage(config, nnx.clone(base.model), dataset, train, out, mesh)
   before = teacher_strength(base, base.model, config, target, mesh)
   after = teacher_strength(base, model, config, target, mesh)
   losses = [h["loss"] for h in history if "loss" in h]
   return {"kind": config.teacher.kind, **info, "steps": len(history),
           "final_loss": losses[-1] if losses else None,
           "trait_logprob_before": before, "trait_logprob_after": after}
+
+
+def fit_in_stage(config: ConfigDict, model, dataset, train: ConfigDict, out: pathlib.Path, mesh,
+                 **fit_kwargs) -> tuple[Any, list[dict[str, Any]]]:
+  """Trains inside a stage's directory and saves what was trained there.
+
+  Checkpoints go to ``out/training/checkpoints`` every ``training_checkpoints.every`` steps; the
+  stage directory outlives a crash, so a rerun resumes from the last one. Once the weights are
+  saved the checkpoints are removed unless ``training_checkpoints.keep``.
+  """
+  train = ConfigDict(train.to_dict())
+  train.checkpoint_every = int(config.training_checkpoints.every)
+  model, history = trainer.fit(model, dataset, train, str(out / "training"), mesh=mesh, **fit_kwargs)
+  save_trainable(model, train, out)
+  if not config.training_checkpoints.keep and jax.process_index() == 0:
+    shutil.rmtree(out / "training" / trainer.CHECKPOINT_DIR, ignore_errors=True)
+  return model, history
 
 
 def save_trainable(model, train: ConfigDict, out: pathlib.Path) -> None:

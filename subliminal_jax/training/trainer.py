@@ -78,8 +78,14 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
   return digest.hexdigest()[:16]
 
 
+# How often checkpoints are written and how many are kept change nothing that is trained, so a
+# run may resume under another cadence.
+_BOOKKEEPING_KEYS = ("checkpoint_every", "keep_checkpoints")
+
+
 def _run_identity(config: Any, dataset: datasets.Dataset) -> str:
-  text = json.dumps({"config": _config_dict(config), "data": dataset_fingerprint(dataset)},
+  trained = {k: v for k, v in _config_dict(config).items() if k not in _BOOKKEEPING_KEYS}
+  text = json.dumps({"config": trained, "data": dataset_fingerprint(dataset)},
                     sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -310,6 +316,7 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
   history = list(writer.records)
   losses = [r["loss"] for r in history if isinstance(r.get("loss"), float)]
   summary = {**steps, "steps_done": global_step, "finished": global_step >= total,
+             "resumed_from_step": latest,
              "stopped_early": stopped and global_step < total, "identity": identity,
              "lora_rank": lora["rank"], "returned_model": "adapters unmerged" if lora["rank"]
              else "full parameters", "first_loss": losses[0] if losses else None,
