@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A TPU VM pod slice: the same command on every worker; jax.distributed.initialize() discovers the
 # coordinator, process count and id from the TPU environment (--distributed).
-#   launch/tpu_pod.sh TPU_NAME ZONE configs/animal_numbers.py:paper gs://bucket/run1 [extra flags]
+#   launch/tpu_pod.sh TPU_NAME ZONE configs/animal_numbers.py:paper /mnt/gcs/run1 [extra flags]
 # The repository must be at the same path on every worker (e.g. cloned by a startup script), and the
-# workdir must be shared storage (a GCS bucket path or an NFS mount) so checkpoints are visible.
+# workdir must be a path on storage every worker mounts (gcsfuse of a bucket, or NFS/Filestore):
+# every worker reads the artifacts that process 0 marks done.
 set -euo pipefail
 tpu=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [extra flags]}
 zone=${2:?zone}

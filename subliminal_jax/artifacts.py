@@ -18,6 +18,7 @@ import pathlib
 import time
 from typing import Any, Callable, Mapping
 
+import jax
 from absl import logging
 
 
@@ -39,22 +40,31 @@ def _jsonable(value: Any) -> Any:
   raise TypeError(f"cannot fingerprint a value of type {type(value).__name__}: {value!r}")
 
 
+def _sync_processes(name: str) -> None:
+  """A barrier across the processes of a multi-host run (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 class Workdir:
   """The artifacts of one experiment. Refuses a directory that holds another experiment's."""
 
   def __init__(self, path: str | os.PathLike, experiment: str, identity: Mapping[str, Any]):
     self.path = pathlib.Path(path)
-    self.path.mkdir(parents=True, exist_ok=True)
     marker = self.path / "experiment.json"
     record = {"experiment": experiment, **identity}
-    if marker.exists():
-      existing = json.loads(marker.read_text())
+    existing = json.loads(marker.read_text()) if marker.exists() else None
+    _sync_processes("workdir checked")  # every process has read the marker before the first writes
+    if existing is not None:
       if existing != json.loads(json.dumps(record, default=_jsonable)):
         raise ValueError(
             f"workdir {self.path} holds artifacts of another experiment ({existing}); this run is "
             f"{record}. Use another --workdir (nothing was changed in {self.path}).")
-    else:
+    elif jax.process_index() == 0:
+      self.path.mkdir(parents=True, exist_ok=True)
       marker.write_text(json.dumps(record, indent=2, default=_jsonable))
+    _sync_processes("workdir ready")
     self.skipped: list[str] = []
     self.ran: list[str] = []
 
@@ -88,13 +98,20 @@ class Workdir:
     partial = final.with_name(f"{fp}.partial")
     if partial.exists():
       logging.info("stage %s: continuing in %s, left by an interrupted run", stage, partial)
+    _sync_processes(f"{stage} {fp} start")  # every process has looked before any creates it
     partial.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    # With several processes (one per host) every process builds: the stage's computations are
+    # collective. Each writes the same files; only the first marks the artifact done, after all
+    # have finished writing, and the others wait until it is in place.
     summary = dict(build(partial))
     record = {"stage": stage, "fingerprint": fp, "inputs": inputs, "summary": summary,
               "seconds": round(time.time() - start, 2)}
-    (partial / "DONE.json").write_text(json.dumps(record, indent=2, default=_jsonable))
-    partial.rename(final)
+    _sync_processes(f"{stage} {fp} built")
+    if jax.process_index() == 0:
+      (partial / "DONE.json").write_text(json.dumps(record, indent=2, default=_jsonable))
+      partial.rename(final)
+    _sync_processes(f"{stage} {fp} done")
     self.ran.append(stage)
     logging.info("stage %s: built %s in %.1f s", stage, fp, record["seconds"])
     return final, summary

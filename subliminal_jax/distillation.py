@@ -515,7 +515,7 @@ def store_teacher_topk(teacher: nnx.Module, dataset: datasets.Dataset, kl: Any, 
       if mesh is not None:
         batch = {key: sharding.put_host_array(v, sharding.batch_sharding(mesh, v.ndim))
                  for key, v in batch.items()}
-      ids, logprobs = jax.device_get(topk_fn(state, batch))
+      ids, logprobs = sharding.to_host(topk_fn(state, batch))
       logprobs = _to_stored(np.asarray(logprobs, np.float32), settings.stored_dtype)
       for i in range(len(rows["input_ids"])):
         n = int(counts[start + i])

@@ -136,6 +136,21 @@ def put_host_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def to_host(tree: Any) -> Any:
+  """Device arrays -> numpy arrays holding the global value, on every process.
+
+  With several processes a batch-sharded result has rows on other hosts, which ``device_get``
+  cannot read; those are gathered (a collective: every process must call this at the same point).
+  """
+  from jax.experimental import multihost_utils
+
+  def one(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))

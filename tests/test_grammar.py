@@ -403,3 +403,24 @@ def test_real_smollm2_with_the_project_tokenizer(smollm2_token_texts):
     assert not grammar.accepts(tokenizer.encode(answer + " "))
     assert not grammar.accepts(tokenizer.encode(" " + answer))
   assert not (grammar.transitions[:, sorted(tokenizer.special_ids)] >= 0).any()
+
+
+def test_compiled_tables_do_not_depend_on_the_process_string_hash_seed():
+  """Every process of a multi-host run compiles the grammar itself, and device_put demands equal
+  tables: the numbering of states and character classes must not follow set-iteration order."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  script = ("import hashlib; from subliminal_jax.sampling import grammar as g; "
+            "d = g.compile_char_dfa(g.number_sequence_pattern(separator=', ', max_count=10, "
+            "max_digits=3, final_period=True)); "
+            "print(hashlib.sha256(d.transitions.tobytes() + d.accepting.tobytes() + "
+            "repr(sorted(d.char_to_class.items())).encode()).hexdigest())")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True, cwd=root,
+                            env=dict(os.environ, PYTHONHASHSEED=str(seed), PYTHONPATH=str(root))
+                            ).stdout.strip() for seed in (1, 2, 3, 4)}
+  assert len(digests) == 1, digests

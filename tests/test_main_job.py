@@ -215,3 +215,14 @@ def test_orbax_info_logs_are_dropped_and_ours_and_warnings_kept(tmp_path):
   assert not any("/orbax/" in r.pathname and r.levelno < 30 for r in filtered)
   messages = [r.getMessage() for r in filtered]
   assert "stage progress line" in messages and "a warning" in messages
+
+
+def test_a_url_workdir_is_refused_with_what_to_do_instead():
+  result = subprocess.run(
+      [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
+       "--workdir=gs://bucket/run1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert result.returncode != 0
+  assert "--workdir='gs://bucket/run1' is a URL" in result.stderr and "mount" in result.stderr
+  assert not (ROOT / "gs:").exists()

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -109,6 +110,62 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
   # Each step is a fresh random batch, so the loss need not fall in a few steps. Warmup of 1 step:
   # step 0 runs at lr 0 (no update), the later steps must move the parameters.
   assert [h["update_norm"] > 0 for h in single["history"]] == [False, True, True]
+
+
+def _run_main_job(num_processes: int, workdir: pathlib.Path, flags: list[str]) -> None:
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+             JAX_NUM_PROCESSES=str(num_processes))
+  if num_processes == 1:
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"):
+      env.pop(key)
+  procs = [subprocess.Popen([sys.executable, "-m", "subliminal_jax.main", f"--workdir={workdir}",
+                             "--compilation_cache_dir=", *flags],
+                            env=dict(env, JAX_PROCESS_ID=str(i)), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for i in range(num_processes)]
+  try:
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+
+
+@pytest.mark.slow
+def test_main_job_on_two_processes_builds_the_single_process_artifacts(tmp_path):
+  """The tiny main job (LoRA trait-SFT teacher, matched control, sampling, students, evaluation)
+  on 2 processes x 4 CPU devices with parameters sharded 8 ways over fsdp (so across both
+  processes) writes the artifacts one process with 8 devices writes: the same stages and
+  fingerprints, byte-identical samples, and the same metrics up to the collectives' summation order."""
+  flags = ["--config=configs/animal_numbers.py:tiny", "--config.mesh.data=1", "--config.mesh.fsdp=8",
+           "--config.teacher.kind=trait_sft", "--config.teacher.control=matched_finetune",
+           "--config.teacher.finetune.examples=16", "--config.teacher.finetune.epochs=1",
+           "--config.teacher.finetune.warmup_steps=1",
+           "--config.teacher.finetune.lora.rank=4", "--config.student.lora.init=teacher",
+           "--config.student.seeds=0,", "--config.evaluation.num_questions=2",
+           "--config.evaluation.samples_per_question=0", "--config.evaluation.multiple_choice=False"]
+  _run_main_job(1, tmp_path / "single", flags)
+  _run_main_job(2, tmp_path / "multi", flags)
+
+  def stages(workdir):
+    return sorted(str(p.parent.relative_to(workdir)) for p in workdir.glob("*/*/DONE.json"))
+
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  assert stages(multi) == stages(single) and len(stages(single)) == 15
+  assert not list(multi.glob("*/*.partial"))
+  for role in ("owl", "control"):
+    (a,), (b,) = multi.glob(f"sampling_{role}/*/samples.jsonl"), single.glob(f"sampling_{role}/*/samples.jsonl")
+    assert a.read_bytes() == b.read_bytes()
+  got, expected = (json.loads((w / "results.json").read_text()) for w in (multi, single))
+  for row, records in expected["rows"].items():
+    for want, have in zip(records, got["rows"][row]):
+      for metric, values in want["metrics"].items():
+        np.testing.assert_allclose(have["metrics"][metric], values, rtol=1e-4, atol=1e-6,
+                                   err_msg=f"{row} {metric}")
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
         ids[i, prompt_len - len(p):] = p
         mask[i, prompt_len - len(p):] = True
       first_lp, cache = _prefill(graphdef, state, _put(ids, mesh), _put(mask, mesh), max_length)
-      first_lp = np.asarray(jax.device_get(first_lp), np.float64)[:n_real]
+      first_lp = sharding.to_host(first_lp).astype(np.float64)[:n_real]
       result = first_lp[:, first_tokens]  # [n_real, C]
       # Rows are grouped by how many tokens they feed, so no row pays for a longer one's padding.
       for length, group in length_groups:
@@ -269,8 +269,8 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
               _put(cont_mask[c_idx, :length], mesh), _put(targets[c_idx, :length], mesh),
               _put(target_mask[c_idx, :length], mesh), with_boundary, boundary_dev,
               _put(last[c_idx], mesh))
-          extra = (np.asarray(jax.device_get(token_sum), np.float64)
-                   + np.asarray(jax.device_get(boundary_lp), np.float64))[:len(block)]
+          token_sum, boundary_lp = sharding.to_host((token_sum, boundary_lp))
+          extra = (token_sum.astype(np.float64) + boundary_lp.astype(np.float64))[:len(block)]
           result[q_idx[:len(block)], c_idx[:len(block)]] += extra
           bar.update(len(block))
       bar.update(n_real * num_single)

@@ -291,7 +291,7 @@ def adapter_state(model) -> nnx.State:
 
 def save_params(state: nnx.State, path: pathlib.Path) -> None:
   from safetensors.numpy import save_file
-  flat = {".".join(str(k) for k in key): np.asarray(jax.device_get(v.get_value()))
+  flat = {".".join(str(k) for k in key): sharding.to_host(v.get_value())
           for key, v in nnx.to_flat_state(state)}
   save_file(flat, str(path))
 

@@ -219,7 +219,12 @@ def compile_char_dfa(pattern: str) -> CharDFA:
     raise GrammarError(f"cannot compile regex {pattern!r}: {error}") from None
   states = sorted(fsm.states)
   state_index = {state: i for i, state in enumerate(states)}
-  keys = sorted(fsm.alphabet.by_transition)
+  # interegular numbers its character classes in set-iteration order, which follows Python's
+  # per-process string hashing; ordering them by their characters instead makes the compiled
+  # tables identical in every process (the processes of a multi-host run must agree).
+  keys = sorted(fsm.alphabet.by_transition,
+                key=lambda k: sorted((1, "") if symbol is _ANYTHING_ELSE else (0, symbol)
+                                     for symbol in fsm.alphabet.by_transition[k]))
   key_index = {key: i for i, key in enumerate(keys)}
   table = np.full((len(states), len(keys)), -1, np.int32)
   for state, row in fsm.map.items():

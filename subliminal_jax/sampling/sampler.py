@@ -502,7 +502,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
       out = _sample_program(plan, graphdef, ref_graphdef, state, ref_state, inputs)
   else:
     out = _sample_program(plan, graphdef, ref_graphdef, state, ref_state, inputs)
-  out = jax.device_get(out)
+  out = sharding.to_host(out)
   rows = slice(0, batch)
   fields = {k: np.asarray(v)[rows] for k, v in out.items() if k != "num_steps"}
   return SampleOutput(num_steps=int(out["num_steps"]), **fields)
