@@ -43,6 +43,10 @@ class OrbaxInfoFilter(std_logging.Filter):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if "://" in _WORKDIR.value:
+    raise app.UsageError(
+        f"--workdir={_WORKDIR.value!r} is a URL; the workdir is a filesystem path: mount the bucket "
+        "(e.g. gcsfuse) on every host and pass the mount point")
   from subliminal_jax import distributed
   if not _ORBAX_INFO_LOGS.value:
     logging.get_absl_handler().addFilter(OrbaxInfoFilter())
@@ -50,10 +54,6 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   distributed.initialize_from_flags()
-  if "://" in _WORKDIR.value:
-    raise app.UsageError(
-        f"--workdir={_WORKDIR.value!r} is a URL; the workdir is a filesystem path: mount the bucket "
-        "(e.g. gcsfuse) on every host and pass the mount point")
   config = _CONFIG.value
   name = config.get("experiment")
   try:

@@ -68,6 +68,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _wait_for_all(procs: list[subprocess.Popen], timeout: float) -> None:
+  """Waits for every process (killing the rest if one hangs) and requires each to succeed."""
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+
+
 def _launch(num_processes: int, tmp_path: pathlib.Path) -> list[dict]:
   port = _free_port()
   devices = 8 // num_processes
@@ -79,16 +93,7 @@ def _launch(num_processes: int, tmp_path: pathlib.Path) -> list[dict]:
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
            for i in range(num_processes)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=600)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  _wait_for_all(procs, timeout=600)
   return [json.loads(o.read_text()) for o in outs]
 
 
@@ -125,14 +130,7 @@ def _run_main_job(num_processes: int, workdir: pathlib.Path, flags: list[str]) -
                             env=dict(env, JAX_PROCESS_ID=str(i)), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
            for i in range(num_processes)]
-  try:
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  _wait_for_all(procs, timeout=900)
 
 
 @pytest.mark.slow
