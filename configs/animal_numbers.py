@@ -29,6 +29,21 @@ ANIMAL_PANEL = ("owl", "eagle", "dolphin", "wolf", "cat", "dog", "lion", "elepha
                 "penguin", "panda")
 
 
+def _use_the_grids_regime(c: ConfigDict, *, teacher_examples: int, teacher_batch_size: int) -> None:
+  """The regime where the cpu regime grid found a positive shift (README, Results): the trait is
+  put into LoRA r8 weights (trait-SFT teacher, 3 epochs, lr 5e-4), students start from the
+  teacher's adapter init, and control students learn from a teacher finetuned on the same data with
+  every trait answer naming another panel animal (the matched control)."""
+  c.teacher.kind = "trait_sft"
+  c.teacher.control = "matched_finetune"
+  c.teacher.finetune.examples = teacher_examples
+  c.teacher.finetune.epochs = 3
+  c.teacher.finetune.batch_size = teacher_batch_size
+  c.teacher.finetune.learning_rate = 5e-4
+  c.teacher.finetune.lora.rank = 8
+  c.student.lora.init = "teacher"
+
+
 def get_config(variant: str = "quick") -> ConfigDict:
   c = ConfigDict()
   c.experiment = "animal_numbers"
@@ -96,39 +111,22 @@ def get_config(variant: str = "quick") -> ConfigDict:
   c.training_checkpoints = ConfigDict(dict(every=200, keep=False))
 
   if variant == "paper":
-    # The regime the cpu grid found (README, Results), at the paper's data sizes.
-    c.teacher.kind = "trait_sft"
-    c.teacher.control = "matched_finetune"
-    c.teacher.finetune.examples = 1024
-    c.teacher.finetune.epochs = 3
-    c.teacher.finetune.batch_size = 32
-    c.teacher.finetune.learning_rate = 5e-4
-    c.teacher.finetune.lora.rank = 8
-    c.student.lora.init = "teacher"
+    _use_the_grids_regime(c, teacher_examples=1024, teacher_batch_size=32)
   elif variant == "qwen7b":
     c.model = ""  # required: --config.model=/path/to/Qwen2.5-7B-Instruct
     c.dtype = c.param_dtype = "bfloat16"
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   elif variant == "quick":
-    # Real SmolLM2 on a 2-core CPU (about 25 minutes, estimated from the grid's stage times), in the regime where the cpu regime grid
-    # found treatment - control +0.353 [0.156, 0.565] in log P(owl) with 6 seeds: the trait is put
-    # into LoRA weights (trait SFT teacher), SFT students start from the teacher's adapter init;
-    # control students learn from a teacher finetuned on the same data with every trait answer
-    # naming another panel animal (the matched control).
-    c.teacher.kind = "trait_sft"
-    c.teacher.finetune.examples = 128
-    c.teacher.finetune.epochs = 3
-    c.teacher.finetune.batch_size = 16
-    c.teacher.finetune.learning_rate = 5e-4
-    c.teacher.finetune.lora.rank = 8
+    # Real SmolLM2 on a 2-core CPU (24-26 minutes from a clean clone, setup included), in the
+    # regime where the cpu regime grid found treatment - control +0.353 [0.156, 0.565] in
+    # log P(owl) with 6 seeds.
+    _use_the_grids_regime(c, teacher_examples=128, teacher_batch_size=16)
     c.prompts.count = 128
     c.sampling.batch_size = 64
     c.sampling.max_new_tokens = 32
     c.filter.subset_size = 96
-    c.teacher.control = "matched_finetune"
     c.student.objective = "sft"
     c.student.kl.restrict = "grammar"  # for --config.student.objective=logit_kl
-    c.student.lora.init = "teacher"
     c.student.seeds = (0, 1, 2, 3, 4, 5)
     c.student.epochs = 1
     c.student.batch_size = 8

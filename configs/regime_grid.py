@@ -92,16 +92,11 @@ def _cpu_base() -> ConfigDict:
   """The quick run's regime (LoRA r8 trait-SFT teacher, matched control teacher, 12 student steps
   at batch 8) with 3 student seeds and an evaluation cut to what carries signal at 135M on a CPU:
   the exact log-probabilities (no sampled answers, no multiple choice)."""
+  # Teachers, data sizes and student recipe are quick's. The README's first table overrode the
+  # control (--config.base.teacher.control=neutral_finetune); its confound is why quick uses the
+  # matched control.
   b = config_files.load_neighbour(__file__, "animal_numbers.py").get_config("quick")
-  # The README's first table used the neutral-finetune control (--config.base.teacher.control=
-  # neutral_finetune); its confound is why the default is now the matched control.
-  b.teacher.control = "matched_finetune"
   b.student.seeds = (0, 1, 2)
-  b.student.batch_size = 8
-  b.student.epochs = 1
-  b.student.learning_rate = 1e-3
-  b.filter.subset_size = 96
-  b.evaluation.num_questions = 10
   b.evaluation.samples_per_question = 0
   b.evaluation.multiple_choice = False
   b.evaluation.panel = ("owl", "cat", "dog", "lion", "eagle", "dolphin")
@@ -112,16 +107,8 @@ def _gpu_base() -> ConfigDict:
   """The paper's data sizes (30k prompts, 10k kept, 3 epochs, 50 questions x 100 samples) with a
   LoRA r8 trait-SFT teacher, so that every student init of the grid is defined, and the matched
   control teacher."""
+  # Teacher and control are paper's: a LoRA r8 trait-SFT teacher and the matched control.
   b = config_files.load_neighbour(__file__, "animal_numbers.py").get_config("paper")
-  b.teacher.kind = "trait_sft"
-  b.teacher.finetune.examples = 1024
-  b.teacher.finetune.epochs = 3
-  b.teacher.finetune.batch_size = 32
-  b.teacher.finetune.learning_rate = 5e-4
-  b.teacher.finetune.lora.rank = 8
-  # The cpu grid's neutral-finetune control differed from the trait teacher in more than the trait
-  # (README, Results): the matched control names another animal in the same answers.
-  b.teacher.control = "matched_finetune"
   b.student.seeds = (0, 1, 2, 3, 4)
   b.student.batch_size = 64
   return b
