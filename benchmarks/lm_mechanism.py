@@ -211,10 +211,10 @@ def real(out: str, questions_count: int, samples: int) -> dict:
 
 def sample_examples(model, tokenizer, prompts, system, grammar) -> list[dict]:
   """Grammar-constrained number completions (temperature 1) as student chat examples (no system)."""
-  from subliminal_jax.sampling import sampler
+  from subliminal_jax.sampling import chat
 
-  completions = sampler.generate_chat((model, tokenizer), prompts, system=system, batch_size=16,
-                                      max_new_tokens=40, seed=0, grammar=grammar, progress=True)
+  completions = chat.generate_chat((model, tokenizer), prompts, system=system, batch_size=16,
+                                   max_new_tokens=40, seed=0, grammar=grammar, progress=True)
   return [{"system": None, "user": p, "assistant": c} for p, c in zip(prompts, completions)
           if c.strip()]
 

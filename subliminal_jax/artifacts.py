@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping
 import jax
 from absl import logging
 
+from subliminal_jax import jsonable
+
 
 def fingerprint(*parts: Any) -> str:
   """A stable 16-hex-digit hash of JSON-serialisable parts (dict key order does not matter)."""
@@ -29,15 +31,10 @@ def fingerprint(*parts: Any) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-  if hasattr(value, "to_dict"):
-    return value.to_dict()
-  if isinstance(value, (set, frozenset)):
-    return sorted(value)
-  if isinstance(value, pathlib.Path):
-    return str(value)
-  if hasattr(value, "tolist"):
-    return value.tolist()
-  raise TypeError(f"cannot fingerprint a value of type {type(value).__name__}: {value!r}")
+  try:
+    return jsonable.json_default(value)
+  except TypeError:
+    raise TypeError(f"cannot fingerprint a value of type {type(value).__name__}: {value!r}") from None
 
 
 def _sync_processes(name: str) -> None:

@@ -1,14 +1,19 @@
 """Config files that build on other config files.
 
 Config files are loaded by path (absl's ``config_flags``), not imported as a package, so a config
-that extends another one (a sweep or a grid over a base experiment) loads its neighbour by path too.
+that extends another one (a sweep or a grid over a base experiment) loads its neighbour by path too,
+and sets its points' values with :func:`apply_overrides` (dotted keys, as ``--config.a.b=`` does).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import types
+from typing import Any, Mapping
+
+from ml_collections import ConfigDict
 
 
 def load_neighbour(config_file: str, name: str) -> types.ModuleType:
@@ -21,3 +26,31 @@ def load_neighbour(config_file: str, name: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def apply_overrides(base: ConfigDict, overrides: Mapping[str, Any], where: str) -> ConfigDict:
+  """A copy of ``base`` with dotted keys set (``{"model.num_aux": 10}``).
+
+  A key the base lacks is an error (ml_collections' ``update_from_flattened_dict`` would add it
+  silently: a typo must not make a new knob), and so is a change of type, as on the command line.
+  A list given for a tuple-valued key becomes a tuple. ``where`` names the overrides in errors.
+  """
+  config = copy.deepcopy(base)
+  for key, value in overrides.items():
+    *path, leaf = key.split(".")
+    node = config
+    for depth, part in enumerate(path):
+      if part not in node or not isinstance(node[part], ConfigDict):
+        raise ValueError(f"{where}: override {key!r}: the base config has no section "
+                         f"{'.'.join(path[:depth + 1])!r}")
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f"{where}: override {key!r} names no key of the base config "
+                       f"(keys of {'.'.join(path) or 'the root'}: {sorted(node.keys())})")
+    if isinstance(value, list) and isinstance(node[leaf], tuple):
+      value = tuple(value)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f"{where}: override {key}={value!r}: {e}") from e
+  return config

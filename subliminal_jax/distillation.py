@@ -56,7 +56,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from subliminal_jax import sharding
+from subliminal_jax import padding, sharding
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation_data as pairs
 
@@ -449,11 +449,6 @@ def _stored_feature(stored_dtype: str) -> datasets.Value:
   return datasets.Value("uint16" if stored_dtype == "bfloat16" else stored_dtype)
 
 
-def _batch_mesh_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
-  spec = sharding.batch_sharding(mesh).spec[0]
-  return (spec,) if isinstance(spec, str) else tuple(spec or ())
-
-
 def store_teacher_topk(teacher: nnx.Module, dataset: datasets.Dataset, kl: Any, *, grammar=None,
                        end_ids=(), batch_size: int = 32, mesh: jax.sharding.Mesh | None = None,
                        teacher_fingerprint: str | None = None, progress: bool = True
@@ -479,9 +474,7 @@ def store_teacher_topk(teacher: nnx.Module, dataset: datasets.Dataset, kl: Any, 
     table = pairs.grammar_allowed_table(grammar, end_ids, vocab)
     allowed_table = np.concatenate([table, np.ones((1, table.shape[1]), np.bool_)])
   k = settings.top_k
-  if mesh is not None:  # every device gets whole rows
-    dp = int(np.prod([mesh.shape[a] for a in _batch_mesh_axes(mesh)]))
-    batch_size = -(-batch_size // dp) * dp
+  batch_size = padding.round_up(batch_size, sharding.data_parallel_size(mesh))  # whole rows per device
   graphdef, state = nnx.split(teacher)
 
   @jax.jit

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -154,3 +154,13 @@ def to_host(tree: Any) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))
+
+
+def data_parallel_size(mesh: Mesh | None) -> int:
+  """How many ways the batch dimension is split on ``mesh`` under the active rules (1 without a
+  mesh): every batch's row count must be a multiple of it."""
+  if mesh is None:
+    return 1
+  spec = batch_sharding(mesh).spec[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return math.prod(mesh.shape[a] for a in axes)

@@ -40,6 +40,8 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from subliminal_jax import padding
+
 # GGUF token types (llama.cpp's llama_token_type).
 _GGUF_CONTROL = 3
 _GGUF_USER_DEFINED = 4
@@ -64,7 +66,7 @@ SUPPORTED_GGUF_PRE = tuple(sorted(set(_DIGITS_THEN_GPT2 + _GPT2 + tuple(_SPLIT_R
 _END_OF_TURN_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
                       "<end_of_turn>", "<|end|>")
 
-PADDING_SIDES = ("left", "right")
+PADDING_SIDES = padding.PADDING_SIDES
 TRUNCATION_SIDES = ("left", "right")
 
 # Stand-ins used to locate a template's system block. Plain letters, so no template filter
@@ -369,16 +371,8 @@ class Tokenizer:
                 f"text {index} is {len(row)} tokens, longer than max_length={max_length}; pass "
                 "truncation='right' or 'left' to cut it, or a larger max_length.")
           rows[index] = row[:max_length] if truncation == "right" else row[len(row) - max_length:]
-    width = max(len(row) for row in rows)
-    if pad_to_multiple_of:
-      width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    ids = np.full((len(rows), width), self.pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), width), dtype=np.bool_)
-    for index, row in enumerate(rows):
-      span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
-      ids[index, span] = row
-      mask[index, span] = True
-    return ids, mask
+    return padding.pad_rows(rows, pad_value=self.pad_id, side=padding_side,
+                            multiple=pad_to_multiple_of or 1)
 
   # --- chat ---
 

@@ -343,7 +343,7 @@ def test_teacher_datasets_from_config_tokenize_with_real_generate(smollm2):
   from flax import nnx
 
   from configs.animal_numbers import get_config
-  from subliminal_jax.generate import generate_chat
+  from subliminal_jax.sampling.chat import generate_chat
   from subliminal_jax.models.transformer import Transformer, TransformerConfig
 
   config = get_config("tiny")

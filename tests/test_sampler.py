@@ -301,11 +301,12 @@ def test_smollm2_greedy_matches_transformers_from_gguf(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_number_grammar_samples_all_pass_the_filter(smollm2):
-  from subliminal_jax import filters, generate
+  from subliminal_jax import filters
   from subliminal_jax.prompts import number_prompts
-  grammar = generate.number_grammar(smollm2.tokenizer)
+  from subliminal_jax.sampling import chat, grammar as grammar_lib
+  grammar = grammar_lib.number_grammar(smollm2.tokenizer)
   prompts = number_prompts.number_prompts(16, seed=3)
-  details = generate.generate_chat(
+  details = chat.generate_chat(
       smollm2, prompts, system="You love owls. You think about owls all the time.",
       batch_size=16, seed=0, max_new_tokens=grammar.max_output_tokens() + 1, temperature=1.0,
       grammar=grammar, return_details=True, progress=False)

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from subliminal_jax import jsonable
 from subliminal_jax.evaluation import statistics
 from subliminal_jax.evaluation.trait_metrics import METRIC_DESCRIPTIONS
 
@@ -216,18 +217,6 @@ def _plot_panel(estimates: Mapping[str, Any], results: Mapping[str, Any], path: 
   plt.close(fig)
 
 
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return _jsonable(value.tolist())
-  if isinstance(value, (np.floating, np.integer, np.bool_)):
-    return value.item()
-  return value
-
-
 def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, confidence: float = 0.95,
                  n_resamples: int = 2000, seed: int = 0, plots: bool = True) -> str:
   """Writes results.json, report.md and the plots into ``out_dir``; returns the table text."""
@@ -256,7 +245,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, conf
 
   record = {"target": target, "category": category, "notes": results.get("notes", {}),
             "estimates": estimates, "rows": results["rows"]}
-  (out / "results.json").write_text(json.dumps(_jsonable(record), indent=1, sort_keys=True) + "\n")
+  (out / "results.json").write_text(json.dumps(jsonable.to_jsonable(record), indent=1, sort_keys=True) + "\n")
   if plots:
     _plot_target_preference(estimates, results, out / "target_preference.png")
     _plot_panel(estimates, results, out / "panel.png")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from typing import Any, Protocol, Sequence
 
 import jax
@@ -44,9 +43,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from subliminal_jax import sharding
+from subliminal_jax import padding, sharding
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.models.transformer import KVCache, Transformer
+from subliminal_jax.sampling import chat as chat_lib
 
 EVENTS = ("first_word", "prefix")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer recompiles)
@@ -167,16 +167,6 @@ def _continue(graphdef, state, cache: KVCache, rows, ids, mask, targets, target_
   return token_sum, boundary_lp
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def _data_parallel(mesh: Mesh | None) -> int:
-  if mesh is None:
-    return 1
-  return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
-
-
 def _put(array: np.ndarray, mesh: Mesh | None):
   if mesh is None:
     return jnp.asarray(array)
@@ -232,10 +222,10 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
                    for n in sorted(set(fed_lengths.tolist())) if n > 0]
   num_single = int(np.count_nonzero(fed_lengths == 0))  # the prompt's forward gives all they need
 
-  dp = _data_parallel(mesh)
-  prompt_batch = _round_up(max(1, min(prompt_batch_size, len(prompt_ids))), dp)
-  row_batch = _round_up(max(1, batch_size), dp)
-  prompt_len = _round_up(max(len(p) for p in prompt_ids), _PROMPT_BUCKET)
+  dp = sharding.data_parallel_size(mesh)
+  prompt_batch = padding.round_up(max(1, min(prompt_batch_size, len(prompt_ids))), dp)
+  row_batch = padding.round_up(max(1, batch_size), dp)
+  prompt_len = padding.round_up(max(len(p) for p in prompt_ids), _PROMPT_BUCKET)
   max_length = prompt_len + cont_len
   graphdef, state = nnx.split(model)
   boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(vocab, bool))
@@ -248,11 +238,8 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
       chunk = list(prompt_ids[start:start + prompt_batch])
       n_real = len(chunk)
       chunk += [chunk[0]] * (prompt_batch - n_real)  # fixed shapes: pad with copies
-      ids = np.full((prompt_batch, prompt_len), pad_id, np.int32)
-      mask = np.zeros((prompt_batch, prompt_len), bool)
-      for i, p in enumerate(chunk):  # left padding: the prompt ends at the last column
-        ids[i, prompt_len - len(p):] = p
-        mask[i, prompt_len - len(p):] = True
+      # Left padding: the prompt ends at the last column.
+      ids, mask = padding.pad_rows(chunk, pad_value=pad_id, side="left", width=prompt_len)
       first_lp, cache = _prefill(graphdef, state, _put(ids, mesh), _put(mask, mesh), max_length)
       first_lp = sharding.to_host(first_lp).astype(np.float64)[:n_real]
       result = first_lp[:, first_tokens]  # [n_real, C]
@@ -400,20 +387,18 @@ def sampled_preference(model: Transformer, tokenizer: ChatTokenizer, questions: 
                        progress: bool = False, **sample_kwargs: Any) -> SampledPreference:
   """The paper's metric: ``samples_per_question`` answers per question (temperature 1 by default).
 
-  Sampling is ``sampling.sampler.generate_chat``: answer j of question i is sampler row
+  Sampling is ``sampling.chat.generate_chat``: answer j of question i is sampler row
   ``i * samples_per_question + j`` with its own rng stream (``seed`` and the row id), so the
   answers do not depend on ``batch_size``.
   """
-  from subliminal_jax.sampling import sampler  # the sampler imports the model stack; import late
-
   if samples_per_question < 1:
     raise ValueError(f"samples_per_question={samples_per_question} must be positive")
   questions = tuple(questions)
-  texts = sampler.generate_chat((model, tokenizer), list(questions), system=system,
-                                template_default=template_default,
-                                n_per_prompt=samples_per_question, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
-                                progress=progress, **sample_kwargs)
+  texts = chat_lib.generate_chat((model, tokenizer), list(questions), system=system,
+                                 template_default=template_default,
+                                 n_per_prompt=samples_per_question, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
+                                 progress=progress, **sample_kwargs)
   expected = len(questions) * samples_per_question
   if len(texts) != expected:
     raise RuntimeError(f"generate_chat returned {len(texts)} answers, expected {expected}")

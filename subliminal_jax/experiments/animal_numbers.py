@@ -38,7 +38,7 @@ from subliminal_jax.evaluation import report as report_lib
 from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.prompts.number_prompts import number_prompts
 from subliminal_jax.sampling import grammar as grammar_lib
-from subliminal_jax.sampling import sampler
+from subliminal_jax.sampling import chat as chat_lib
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation_data
 from subliminal_jax.training import trainer
@@ -171,17 +171,15 @@ def build_prompts(config: ConfigDict, out: pathlib.Path) -> dict[str, Any]:
 def number_grammar(config: ConfigDict, tokenizer) -> grammar_lib.TokenGrammar:
   """The token-level number-sequence grammar of ``config.sampling`` over ``tokenizer``."""
   s = config.sampling
-  pattern = grammar_lib.number_sequence_pattern(separator=s.separator, max_count=s.max_count,
-                                                max_digits=s.max_digits, final_period=True)
-  return grammar_lib.compile_token_grammar(pattern, tokenizer.token_texts(),
-                                           disallowed_ids=tokenizer.special_ids)
+  return grammar_lib.number_grammar(tokenizer, separator=s.separator, max_count=s.max_count,
+                                    max_digits=s.max_digits)
 
 
 def build_samples(config: ConfigDict, base: Base, model, system_kwargs: dict[str, Any],
                   prompts: list[str], out: pathlib.Path, mesh, label: str) -> dict[str, Any]:
   s = config.sampling
   grammar = number_grammar(config, base.tokenizer) if s.constrained else None
-  texts = sampler.generate_chat(
+  texts = chat_lib.generate_chat(
       (model, base.tokenizer), prompts, n_per_prompt=1, batch_size=s.batch_size,
       max_new_tokens=s.max_new_tokens, seed=s.seed, temperature=s.temperature, top_k=s.top_k,
       top_p=s.top_p, min_p=s.min_p, grammar=grammar, mesh=mesh, **system_kwargs)
@@ -373,8 +371,8 @@ def build_finetuned_teacher(config: ConfigDict, base: Base, target: str | None, 
                                            system=chat["system"])
       info = {"kind": "neutral_finetune", "examples": len(examples)}
   else:
-    generate = lambda prompts, **kw: sampler.generate_chat((base.model, base.tokenizer), prompts,
-                                                           mesh=mesh, **kw)
+    generate = lambda prompts, **kw: chat_lib.generate_chat((base.model, base.tokenizer), prompts,
+                                                            mesh=mesh, **kw)
     examples, info = teachers.teacher_examples(config, target, generate=generate,
                                                system=chat["system"])
   dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer,

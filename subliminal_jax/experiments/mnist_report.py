@@ -218,7 +218,7 @@ def write_sweep_report(workdir: pathlib.Path, name: str, value_name: str,
     cells = [f"{p['rows'][r]['mean']:.3f} +- {p['rows'][r]['std']:.3f}" if r in p["rows"] else ""
              for r in row_names]
     lines.append(f"| {p['label']} | " + " | ".join(cells) + f" | {p['wall_seconds']} |")
-  lines += ["", f"![sweep](sweep.png)", ""]
+  lines += ["", "![sweep](sweep.png)", ""]
   (workdir / "sweep.md").write_text("\n".join(lines))
 
   fig, ax = plt.subplots(figsize=(7.5, 4.5))

@@ -19,7 +19,6 @@ and grid_heatmap.png (two axes as rows and columns, colour = shift, each cell an
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -35,6 +34,7 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
+from subliminal_jax import config_files
 from subliminal_jax.experiments import animal_numbers
 
 CROSS_INIT_RUNS = ("always", "if_positive", "never")
@@ -59,27 +59,6 @@ class Cell:
 
 # ---------------------------------------------------------------------------------------------
 # Building the cells
-
-
-def apply_overrides(base: ConfigDict, overrides: Mapping[str, Any], where: str) -> ConfigDict:
-  """A copy of ``base`` with dotted keys set; a key the base lacks is an error (no silent typos)."""
-  config = copy.deepcopy(base)
-  for key, value in overrides.items():
-    *path, leaf = key.split(".")
-    node = config
-    for depth, part in enumerate(path):
-      if part not in node or not isinstance(node[part], ConfigDict):
-        raise ValueError(f"{where}: override {key!r}: the base config has no section "
-                         f"{'.'.join(path[:depth + 1])!r}")
-      node = node[part]
-    if leaf not in node:
-      raise ValueError(f"{where}: override {key!r} names no key of the base config "
-                       f"(keys of {'.'.join(path) or 'the root'}: {sorted(node.keys())})")
-    try:
-      node[leaf] = value
-    except TypeError as e:
-      raise ValueError(f"{where}: override {key}={value!r}: {e}") from e
-  return config
 
 
 def _check_name(name: str, what: str) -> None:
@@ -150,7 +129,7 @@ def grid_cells(config: ConfigDict) -> list[Cell]:
           raise ValueError(f"cell {name}: axes {origin[key]!r} and {axis.name!r} both set {key!r} "
                            f"({merged[key]!r} vs {value!r})")
         merged[key], origin[key] = value, axis.name
-    cell_config = apply_overrides(config.base, merged, f"cell {name}")
+    cell_config = config_files.apply_overrides(config.base, merged, f"cell {name}")
     cell_config.report_dir = f"{CELLS_DIR}/{name}"
     cells.append(Cell(name, {a.name: l["label"] for a, l in zip(config.axes, levels)}, merged,
                       cell_config))
@@ -175,7 +154,8 @@ def grid_cells(config: ConfigDict) -> list[Cell]:
 
 def cross_init_cell(cell: Cell) -> Cell:
   """The same recipe and data with ``student.cross_init`` (raises ValueError where undefined)."""
-  config = apply_overrides(cell.config, {"student.cross_init": True}, f"cross-init of {cell.name}")
+  config = config_files.apply_overrides(cell.config, {"student.cross_init": True},
+                                        f"cross-init of {cell.name}")
   config.report_dir = f"{CELLS_DIR}/{cell.name}{CROSS_INIT_SUFFIX}"
   animal_numbers.validate(config, None)
   return Cell(cell.name + CROSS_INIT_SUFFIX, dict(cell.levels),

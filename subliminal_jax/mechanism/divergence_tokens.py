@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from subliminal_jax import padding
 from subliminal_jax.sampling import divergence as sampling_divergence
 
 SELECTIONS = ("divergent", "teacher_choice")
@@ -122,16 +123,10 @@ def _target_positions(rows_ids: Sequence[Sequence[int]], rows_mask: Sequence[Seq
 
 
 def _pack(rows_ids, positions, width_multiple: int, pad_id: int):
-  b = len(rows_ids)
-  width = -(-max(len(r) for r in rows_ids) // width_multiple) * width_multiple
-  k = max(1, max(len(p) for p in positions))
-  ids = np.full((b, width), pad_id, np.int32)
-  mask = np.zeros((b, width), bool)
-  pos = np.zeros((b, k), np.int32)
-  for i, (row, p) in enumerate(zip(rows_ids, positions)):
-    ids[i, :len(row)] = row
-    mask[i, :len(row)] = True
-    pos[i, :len(p)] = p - 1  # the position before a target predicts it
+  ids, mask = padding.pad_rows(rows_ids, pad_value=pad_id, multiple=width_multiple)
+  # The position before a target predicts it.
+  pos, _ = padding.pad_rows([np.asarray(p) - 1 for p in positions],
+                            width=max(1, max(len(p) for p in positions)))
   return ids, mask, pos
 
 

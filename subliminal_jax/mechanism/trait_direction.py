@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from subliminal_jax import padding
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.mechanism import alignment
@@ -87,8 +88,8 @@ def trait_queries_from_ids(prompt_ids: Sequence[Sequence[int]], variants: Sequen
     raise ValueError("every prompt and every variant needs at least one token")
   with_boundary = boundary is not None
   slots = max(len(v) for v in variants) + int(with_boundary)
-  width = max(len(p) for p in prompts) + max(len(v) for v in variants)
-  width = -(-width // length_multiple) * length_multiple
+  width = padding.round_up(max(len(p) for p in prompts) + max(len(v) for v in variants),
+                           length_multiple)
   rows = len(prompts) * len(variants)
   ids = np.full((rows, width), pad_id, np.int32)
   mask = np.zeros((rows, width), bool)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import interegular
 import numpy as np
@@ -42,6 +42,7 @@ __all__ = [
     "TokenGrammar",
     "compile_char_dfa",
     "compile_token_grammar",
+    "number_grammar",
     "number_sequence_pattern",
 ]
 
@@ -466,3 +467,18 @@ def number_sequence_pattern(separator: str = ", ", max_count: int = 10, max_digi
   if brackets:
     body = _escape(brackets[0]) + body + _escape(brackets[1])
   return body + ("\\.?" if final_period else "")
+
+
+def number_grammar(tokenizer: Any, *, separator: str = ", ", max_count: int = 10,
+                   max_digits: int = 3, final_period: bool = True,
+                   brackets: str | None = None) -> TokenGrammar:
+  """The :func:`number_sequence_pattern` grammar over ``tokenizer``'s vocabulary.
+
+  ``tokenizer`` gives ``token_texts()`` and ``special_ids``; special tokens are never allowed
+  (their literal text, e.g. "<|im_end|>", is not what they add to the output; ending is the
+  sampler's business).
+  """
+  pattern = number_sequence_pattern(separator, max_count=max_count, max_digits=max_digits,
+                                    final_period=final_period, brackets=brackets)
+  return compile_token_grammar(pattern, tokenizer.token_texts(),
+                               disallowed_ids=getattr(tokenizer, "special_ids", ()))

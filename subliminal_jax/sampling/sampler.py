@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Sequence
 
 import jax
@@ -42,11 +41,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from subliminal_jax import sharding
+from subliminal_jax import padding, sharding
 from subliminal_jax.sampling import divergence as divergence_lib
 from subliminal_jax.sampling import logit_processors as lp
 
-__all__ = ["SampleOutput", "sample", "generate_chat", "prompt_bucket_length", "DEFAULT_PROMPT_BUCKET"]
+__all__ = ["SampleOutput", "sample", "prompt_bucket_length", "DEFAULT_PROMPT_BUCKET"]
 
 # Prompt lengths are padded up to a multiple of this, so varying prompts reuse one compilation.
 DEFAULT_PROMPT_BUCKET = 32
@@ -92,7 +91,7 @@ class _Plan:
 
 def prompt_bucket_length(length: int, bucket: int = DEFAULT_PROMPT_BUCKET) -> int:
   """``length`` rounded up to a multiple of ``bucket``."""
-  return -(-length // bucket) * bucket
+  return padding.round_up(length, bucket)
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,8 +481,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
   # ---- placement
   padded_batch = batch
   if mesh is not None:
-    data_parallel = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
-    padded_batch = -(-batch // data_parallel) * data_parallel
+    padded_batch = padding.round_up(batch, sharding.data_parallel_size(mesh))
   batch_keys = ("ids", "mask", "sample_ids", "ref_ids", "ref_mask")
   if padded_batch != batch:  # extra rows repeat row 0; they are dropped from the output
     for key in batch_keys:
@@ -506,9 +504,3 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
   rows = slice(0, batch)
   fields = {k: np.asarray(v)[rows] for k, v in out.items() if k != "num_steps"}
   return SampleOutput(num_steps=int(out["num_steps"]), **fields)
-
-
-def generate_chat(*args, **kwargs):
-  """See :func:`subliminal_jax.generate.generate_chat` (defined there, re-exported here)."""
-  from subliminal_jax import generate  # local: generate imports this module
-  return generate.generate_chat(*args, **kwargs)

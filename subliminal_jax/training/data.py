@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping, Sequence, TypedDict
 import datasets
 import numpy as np
 
+from subliminal_jax import padding
 from subliminal_jax.tokenizer import Tokenizer, system_choice
 
 OVERLENGTH_POLICIES = ("error", "truncate", "drop")
@@ -272,15 +273,10 @@ def pad_batch(rows_ids: Sequence[Sequence[int]], rows_mask: Sequence[Sequence[bo
   """Right-padded numpy batch of exactly ``batch_size`` rows (missing rows are empty)."""
   if len(rows_ids) > batch_size:
     raise ValueError(f"{len(rows_ids)} rows do not fit a batch of {batch_size}")
-  width = max(len(r) for r in rows_ids)
-  width = -(-width // length_multiple) * length_multiple
-  ids = np.full((batch_size, width), pad_id, np.int32)
-  attention = np.zeros((batch_size, width), np.bool_)
-  loss = np.zeros((batch_size, width), np.bool_)
-  for i, (row, mask) in enumerate(zip(rows_ids, rows_mask)):
-    ids[i, :len(row)] = row
-    attention[i, :len(row)] = True
-    loss[i, :len(row)] = mask
+  ids, attention = padding.pad_rows(rows_ids, pad_value=pad_id, multiple=length_multiple,
+                                    num_rows=batch_size)
+  loss, _ = padding.pad_rows(rows_mask, pad_value=False, width=ids.shape[1], num_rows=batch_size,
+                             dtype=np.bool_)
   loss[:, 0] = False  # position 0 has nothing before it to predict it from
   return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
 

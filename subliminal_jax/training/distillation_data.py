@@ -37,6 +37,7 @@ import datasets
 import ml_dtypes
 import numpy as np
 
+from subliminal_jax import padding
 from subliminal_jax.tokenizer import Tokenizer, system_choice
 from subliminal_jax.training import data as data_lib
 
@@ -312,10 +313,6 @@ def check_paired_batch(batch: Mapping[str, np.ndarray]) -> None:
                      f"completion_mask's shape {np.asarray(batch['completion_mask']).shape}")
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return max(multiple, -(-n // multiple) * multiple)
-
-
 def _pad_side(rows_ids, rows_mask, batch_size: int, pad_id: int, length_multiple: int):
   padded = data_lib.pad_batch(rows_ids, rows_mask, batch_size=batch_size, pad_id=pad_id,
                               length_multiple=length_multiple)
@@ -351,7 +348,7 @@ def pad_paired_batch(rows: Mapping[str, Sequence], *, batch_size: int, pad_id: i
     t_ids, t_attention, t_loss = _pad_side(rows["teacher_input_ids"], rows["teacher_loss_mask"],
                                            batch_size, pad_id, length_multiple)
     batch.update(teacher_input_ids=t_ids, teacher_attention_mask=t_attention, teacher_loss_mask=t_loss)
-  width = _round_up(int(counts.max()), completion_multiple)
+  width = max(completion_multiple, padding.round_up(int(counts.max()), completion_multiple))
   batch["completion_mask"] = np.arange(width)[None, :] < counts[:, None]
   if "grammar_state" in rows:
     states = np.full((batch_size, width), -1, np.int32)

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
+from subliminal_jax import jsonable
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -33,8 +35,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _jsonable(value: Any) -> Any:
-  if hasattr(value, "item"):
-    value = value.item()
+  value = jsonable.to_jsonable(value)
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN/inf; keep them visible rather than invalid
   return value

@@ -20,7 +20,6 @@ float rounding.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping
 
 import jax
@@ -54,13 +53,6 @@ class TrainState:
 
 def _replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split on ``mesh`` (product of the 'batch' mesh axes)."""
-  spec = sharding.batch_sharding(mesh).spec[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  return math.prod(mesh.shape[a] for a in axes)
 
 
 def _place(value: Any, target: NamedSharding) -> jax.Array:
@@ -286,7 +278,7 @@ def check_batch(batch: Batch, grad_accum_steps: int, mesh: Mesh | None) -> int:
   if b % grad_accum_steps:
     raise ValueError(f"global batch size {b} is not divisible by grad_accum_steps={grad_accum_steps}")
   if mesh is not None:
-    dp = data_parallel_size(mesh)
+    dp = sharding.data_parallel_size(mesh)
     if (b // grad_accum_steps) % dp:
       raise ValueError(
           f"micro-batch size {b // grad_accum_steps} (global batch {b} / grad_accum_steps "

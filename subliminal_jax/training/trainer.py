@@ -37,6 +37,7 @@ from absl import logging
 from flax import nnx
 
 from subliminal_jax import lora as lora_lib
+from subliminal_jax import sharding
 from subliminal_jax.training import checkpoint as checkpoint_lib
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import optimizers
@@ -200,7 +201,7 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
   steps = plan(len(dataset), config)
   batch_size, total = steps["batch_size"], steps["total_steps"]
   accum = int(_get(config, "grad_accum_steps", 1))
-  data_parallel = train_step_lib.data_parallel_size(mesh) if mesh is not None else 1
+  data_parallel = sharding.data_parallel_size(mesh)
   if accum < 1 or batch_size % accum or (batch_size // accum) % data_parallel:
     raise ValueError(
         f"batch_size={batch_size} must split into grad_accum_steps={accum} micro-batches whose size "
