@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.models import mlp
+from subliminal_jax.training import mnist_ensemble as ensemble
 from subliminal_jax.training.optimizers import make_optimizer
 
 FLAGS = flags.FLAGS
@@ -59,13 +59,12 @@ def main(argv):
   for dtype in FLAGS.dtypes:
     cfg = mlp.MLPConfig(compute_dtype=dtype)
     graphdef, teachers = mlp.init_ensemble(cfg, mlp.model_keys(0, n))
+    layout = ensemble.Layout.for_sizes(n, b)
     teacher_epoch = ensemble.make_classifier_epoch(
-        graphdef, optimizer, num_classes=10, num_examples=examples, batch_size=b,
-        placement=ensemble.Placement.for_sizes(n, b))
-    # Donated inputs: hand a fresh copy to every call.
-    seconds = _time(lambda: teacher_epoch(jax.tree.map(jnp.copy, teachers),
-                                          ensemble.init_optimizer_state(optimizer, teachers),
-                                          jax.random.key(0), images, labels))
+        graphdef, optimizer, num_classes=10, num_examples=examples, batch_size=b, layout=layout)
+    # The state is donated: a fresh one for every call.
+    seconds = _time(lambda: teacher_epoch(layout.new_state(teachers, optimizer), jax.random.key(0),
+                                          images, labels))
     flops = _flops_per_example(cfg) * n * examples
     results.append({"phase": "teachers", "dtype": dtype, "models": n, "steps": steps,
                     "seconds_per_step": seconds / steps, "gflops": flops / seconds / 1e9})
@@ -73,13 +72,14 @@ def main(argv):
     index = jnp.arange(k) % n
     students = mlp.take_models(teachers, index)
     mask = jnp.broadcast_to(jnp.arange(cfg.num_outputs) >= 10, (k, cfg.num_outputs))
+    layout = ensemble.Layout.for_sizes(k, b)
     distill_epoch = ensemble.make_distill_epoch(
         graphdef, optimizer, loss="kl", inputs="uniform", num_examples=examples, batch_size=b,
-        input_size=784, placement=ensemble.Placement.for_sizes(k, b))
+        input_size=784, layout=layout)
     record = jnp.zeros((steps,), bool).at[-1].set(True)
     seconds = _time(lambda: distill_epoch(
-        jax.tree.map(jnp.copy, students), ensemble.init_optimizer_state(optimizer, students),
-        jax.random.key(1), teachers, index, mask, images, students, students, record))
+        layout.new_state(students, optimizer), jax.random.key(1), teachers, index, mask, images,
+        students, students, record))
     flops = (_flops_per_example(cfg) * k + _flops_per_example(cfg, True) * n) * examples
     results.append({"phase": "students", "dtype": dtype, "models": k, "steps": steps,
                     "seconds_per_step": seconds / steps, "gflops": flops / seconds / 1e9})

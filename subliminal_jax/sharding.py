@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+ENSEMBLE_AXIS = "ensemble"  # the leading axis of stacked models (training.ensemble)
 
 # Logical axis -> mesh axes. Parameters shard their "embed" dimension over fsdp (ZeRO-3 style) and
 # their head / mlp / vocab dimensions over tensor; activations shard batch over data and fsdp.
@@ -31,7 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("lora_rank", None),
-    ("ensemble", None),
+    (ENSEMBLE_AXIS, None),
 )
 
 _active_rules: list[tuple[tuple[str, Any], ...]] = [DEFAULT_RULES]
@@ -118,6 +119,37 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
       lambda v: NamedSharding(mesh, variable_spec(v, mesh)) if isinstance(v, nnx.Variable)
       else NamedSharding(mesh, PartitionSpec()),
       state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def add_leading_axis(state: Any, name: str) -> Any:
+  """``state`` (an NNX State whose arrays have gained a leading axis, e.g. stacked models) with
+  ``name`` prepended to every Variable's logical axes. A Variable that had none gets ``(name, None,
+  ...)`` and remembers it, so that :func:`drop_leading_axis` gives back its original metadata."""
+  def add(v):
+    if not isinstance(v, nnx.Variable):
+      return v
+    axes = v.get_metadata().get("logical_axes")
+    if axes is None:
+      ndim = v.get_value().ndim
+      return v.replace(v.get_value(), logical_axes=(name,) + (None,) * (ndim - 1),
+                       leading_axis_added=True)
+    return v.replace(v.get_value(), logical_axes=(name,) + tuple(axes))
+  return jax.tree.map(add, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def drop_leading_axis(state: Any, take: Any) -> Any:
+  """``state`` with every array replaced by ``take(array)`` (which removes the leading axis, e.g.
+  ``lambda a: a[i]``) and that axis's name removed from the Variables' logical axes."""
+  def drop(v):
+    if not isinstance(v, nnx.Variable):
+      return take(v)
+    metadata = v.get_metadata()
+    member = v.replace(take(v.get_value()), logical_axes=tuple(metadata["logical_axes"][1:]))
+    if metadata.get("leading_axis_added"):
+      member.del_metadata("logical_axes")
+      member.del_metadata("leading_axis_added")
+    return member
+  return jax.tree.map(drop, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:

@@ -15,9 +15,9 @@ from ml_collections import ConfigDict
 
 from subliminal_jax.data import mnist
 from subliminal_jax.experiments import mnist_aux
-from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.mechanism import imitation
 from subliminal_jax.models import mlp
+from subliminal_jax.training import mnist_ensemble as ensemble
 from subliminal_jax.training.optimizers import make_optimizer
 
 
@@ -182,12 +182,13 @@ def test_teacher_epoch_equals_per_model_training(data):
   graphdef, params = mlp.init_ensemble(TINY, mlp.model_keys(0, n))
   optimizer = make_optimizer("adam", 1e-2, max_grad_norm=None)
   images, labels = jnp.asarray(data.train_images[:num_examples]), jnp.asarray(data.train_labels[:num_examples])
+  layout = ensemble.Layout.for_sizes(n, batch)
   epoch = ensemble.make_classifier_epoch(graphdef, optimizer, num_classes=10,
                                          num_examples=num_examples, batch_size=batch,
-                                         placement=ensemble.Placement.for_sizes(n, batch))
+                                         layout=layout)
   key = jax.random.key(5)
-  trained, _, losses = epoch(jax.tree.map(jnp.copy, params),
-                             ensemble.init_optimizer_state(optimizer, params), key, images, labels)
+  state, losses = epoch(layout.new_state(params, optimizer), key, images, labels)
+  trained = state.trainable
   assert losses.shape == (3, n)
 
   @jax.jit
@@ -213,18 +214,16 @@ def test_teacher_epoch_equals_per_model_training(data):
 def _distill(graphdef, students, teachers, teacher_index, mask, *, optimizer, steps=3,
              inputs="uniform", loss="kl", images=None, batch=16):
   k = teacher_index.shape[0]
+  layout = ensemble.Layout.for_sizes(k, batch)
   epoch = ensemble.make_distill_epoch(graphdef, optimizer, loss=loss, inputs=inputs,
                                       num_examples=steps * batch, batch_size=batch,
-                                      input_size=784,
-                                      placement=ensemble.Placement.for_sizes(k, batch))
+                                      input_size=784, layout=layout)
   images = images if images is not None else jnp.zeros((steps * batch, 784), jnp.uint8)
   delta = mlp.take_models(jax.tree.map(jnp.subtract, teachers, students), teacher_index)
-  init = jax.tree.map(jnp.copy, students)
-  out, _, losses, aligned = epoch(jax.tree.map(jnp.copy, students),
-                                  ensemble.init_optimizer_state(optimizer, students),
-                                  jax.random.key(0), teachers, teacher_index, mask, images, init,
-                                  delta, jnp.ones((steps,), bool))
-  return out, losses, aligned
+  state, losses, aligned = epoch(layout.new_state(students, optimizer), jax.random.key(0),
+                                 teachers, teacher_index, mask, images, students, delta,
+                                 jnp.ones((steps,), bool))
+  return state.trainable, losses, aligned
 
 
 def test_student_at_its_teacher_does_not_move():
@@ -299,11 +298,20 @@ def test_derangement_has_no_fixed_point():
     mnist_aux.derangement(1, rng)
 
 
-def test_placement_on_eight_devices():
+def test_layout_on_eight_devices():
   assert jax.device_count() == 8  # tests/conftest.py
-  assert ensemble.Placement.for_sizes(16, 1024).shard_models
-  by_batch = ensemble.Placement.for_sizes(25, 1024)
-  assert by_batch.shard_batch and not by_batch.shard_models
+  by_models = ensemble.Layout.for_sizes(16, 1024)
+  assert by_models.shards_models and not by_models.shards_batch
+  by_batch = ensemble.Layout.for_sizes(25, 1024)
+  assert by_batch.shards_batch and not by_batch.shards_models
+  neither = ensemble.Layout.for_sizes(25, 100)
+  assert not neither.shards_batch and not neither.shards_models
+  # The members' parameters (and Adam's moments) are split where the rules say.
+  _, params = mlp.init_ensemble(TINY, mlp.model_keys(0, 16))
+  state = by_models.new_state(params, make_optimizer("adam", 1e-3, max_grad_norm=None))
+  kernel = state.trainable["layers"][0]["kernel"].get_value()
+  assert kernel.sharding.spec[0] == "data" and len(kernel.addressable_shards) == 8
+  assert kernel.addressable_shards[0].data.shape == (2, 784, 16)
 
 
 def test_accuracy_counts_argmax_of_class_logits():
@@ -363,8 +371,10 @@ def test_bad_configs_are_refused(tmp_path):
     mnist_aux.run(c, str(tmp_path))
   with pytest.raises(ValueError, match="unknown stages"):
     mnist_aux.run(_tiny_config(), str(tmp_path), stages=["eval"])
-  with pytest.raises(KeyError, match="no config key"):
-    mnist_aux.apply_overrides(_tiny_config(), {"model.widht": 3})
+  c = _load_config("configs/mnist_sweep.py", "tiny")
+  c.sweep.points = (("typo", {"model.widht": 3}),)
+  with pytest.raises(ValueError, match="sweep point typo: override 'model.widht' names no key"):
+    mnist_aux.run(c, str(tmp_path))
 
 
 def test_tiny_sweep_writes_one_table_and_one_plot(tmp_path):

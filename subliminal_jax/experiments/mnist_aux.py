@@ -23,7 +23,6 @@ already in the workdir). A config with ``sweep.points`` runs one training per po
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -40,10 +39,12 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from subliminal_jax import config_files, jsonable
 from subliminal_jax.data.mnist import Mnist, load_mnist
-from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.experiments import mnist_report, mnist_theorem
 from subliminal_jax.models import mlp
+from subliminal_jax.training import mnist_ensemble as ensemble
+from subliminal_jax.training import data as data_lib
 from subliminal_jax.training.optimizers import make_optimizer
 
 STAGES = ("train", "theorem", "report")
@@ -85,18 +86,17 @@ def optimizer_for(key: tuple[str, float, float, float]):
 
 # Epoch programs are built once per shape and recipe, so later seeds reuse the compilation.
 @functools.lru_cache(maxsize=8)
-def _classifier_epoch(graphdef, opt_key, num_classes, num_examples, batch_size, placement):
+def _classifier_epoch(graphdef, opt_key, num_classes, num_examples, batch_size, layout):
   return ensemble.make_classifier_epoch(graphdef, optimizer_for(opt_key), num_classes=num_classes,
                                         num_examples=num_examples, batch_size=batch_size,
-                                        placement=placement)
+                                        layout=layout)
 
 
 @functools.lru_cache(maxsize=8)
-def _distill_epoch(graphdef, opt_key, loss, inputs, num_examples, batch_size, input_size,
-                   placement):
+def _distill_epoch(graphdef, opt_key, loss, inputs, num_examples, batch_size, input_size, layout):
   return ensemble.make_distill_epoch(graphdef, optimizer_for(opt_key), loss=loss, inputs=inputs,
                                      num_examples=num_examples, batch_size=batch_size,
-                                     input_size=input_size, placement=placement)
+                                     input_size=input_size, layout=layout)
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -185,21 +185,19 @@ def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
     teachers, teacher_losses = cached
     logging.info("seed %d: teachers reused from an earlier sweep point", seed)
   else:
-    placement = ensemble.Placement.for_sizes(n, t.batch_size)
-    optimizer = optimizer_for(optimizer_key(t))
-    teachers = placement.put_models(jax.tree.map(jnp.copy, reference))
-    opt_state = placement.put_models(ensemble.init_optimizer_state(optimizer, teachers))
+    layout = ensemble.Layout.for_sizes(n, t.batch_size)
+    state = layout.new_state(reference, optimizer_for(optimizer_key(t)))
     epoch_fn = _classifier_epoch(graphdef, optimizer_key(t), cfg.num_classes, images.shape[0],
-                                 t.batch_size, placement)
+                                 t.batch_size, layout)
     teacher_losses = []
     bar = tqdm(range(t.epochs), desc=f"seed {seed} teachers (N={n})", unit="epoch",
                disable=not config.progress)
     for epoch in bar:
-      teachers, opt_state, losses = epoch_fn(teachers, opt_state,
-                                             jax.random.fold_in(teacher_key, epoch), images, labels)
+      state, losses = epoch_fn(state, jax.random.fold_in(teacher_key, epoch), images, labels)
       teacher_losses.append(np.asarray(losses).mean(-1))
       bar.set_postfix(loss=f"{teacher_losses[-1][-1]:.3f}")
-    del opt_state
+    teachers = state.trainable
+    del state
     teacher_losses = np.concatenate(teacher_losses) if teacher_losses else np.zeros((0,))
     if teacher_cache is not None:
       teacher_cache.put(cache_key, (teachers, teacher_losses))
@@ -221,36 +219,33 @@ def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
   if variants:
     s = config.student
     k = len(variants) * n
-    placement = ensemble.Placement.for_sizes(k, s.batch_size)
-    optimizer = optimizer_for(optimizer_key(s))
+    layout = ensemble.Layout.for_sizes(k, s.batch_size)
     init_index = jnp.asarray(np.concatenate(init_index))
     teacher_index = jnp.asarray(np.concatenate(teacher_index))
     logit_mask = jnp.asarray(np.concatenate(masks))
-    students = placement.put_models(mlp.take_models(reference, init_index))
-    student_init = placement.put_models(mlp.take_models(reference, init_index))
-    teacher_delta = placement.put_models(mlp.take_models(
+    state = layout.new_state(mlp.take_models(reference, init_index), optimizer_for(optimizer_key(s)))
+    student_init = layout.place(mlp.take_models(reference, init_index))
+    teacher_delta = layout.place(mlp.take_models(
         jax.tree.map(jnp.subtract, teachers, reference), teacher_index))
-    opt_state = placement.put_models(ensemble.init_optimizer_state(optimizer, students))
     epoch_fn = _distill_epoch(graphdef, optimizer_key(s), s.loss, s.inputs, s.examples_per_epoch,
-                              s.batch_size, cfg.input_size, placement)
-    steps = ensemble.steps_per_epoch(s.examples_per_epoch, s.batch_size)
+                              s.batch_size, cfg.input_size, layout)
+    steps = data_lib.steps_per_epoch(s.examples_per_epoch, s.batch_size)
     bar = tqdm(range(s.epochs), desc=f"seed {seed} students (K={k})", unit="epoch",
                disable=not config.progress)
     for epoch in bar:
       record = _record_mask(epoch, steps, config.alignment.record_every,
                             config.alignment.record_first)
-      students, opt_state, losses, aligned = epoch_fn(
-          students, opt_state, jax.random.fold_in(student_key, epoch), teachers, teacher_index,
-          logit_mask, images, student_init, teacher_delta, jnp.asarray(record))
+      state, losses, aligned = epoch_fn(
+          state, jax.random.fold_in(student_key, epoch), teachers, teacher_index, logit_mask,
+          images, student_init, teacher_delta, jnp.asarray(record))
       losses, aligned = np.asarray(losses), jax.tree.map(np.asarray, aligned)
       history["steps"].extend((epoch * steps + np.flatnonzero(record) + 1).tolist())
       history["dot"].append(aligned["dot"][record])
       history["cosine"].append(aligned["cosine"][record])
       history["loss"].append(losses.mean(0))
       bar.set_postfix(loss=f"{losses[-1].mean():.2e}")
-    del opt_state
-    student_accuracy = ensemble.accuracy(graphdef, students, data.test_images, data.test_labels,
-                                         num_classes=cfg.num_classes)
+    student_accuracy = ensemble.accuracy(graphdef, state.trainable, data.test_images,
+                                         data.test_labels, num_classes=cfg.num_classes)
     for i, variant in enumerate(variants):
       accuracies[f"student_{variant.name}"] = student_accuracy[i * n:(i + 1) * n]
     if history["dot"]:
@@ -331,15 +326,7 @@ def run_training(config: ConfigDict, workdir: pathlib.Path, data: Mnist, *,
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
-  path.write_text(json.dumps(value, indent=2, default=_jsonable))
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if isinstance(value, (np.floating, np.integer)):
-    return value.item()
-  raise TypeError(f"cannot write {type(value).__name__} to JSON")
+  path.write_text(json.dumps(value, indent=2, default=jsonable.json_default))
 
 
 def _check_stages(stages: Sequence[str] | None) -> tuple[str, ...]:
@@ -351,30 +338,14 @@ def _check_stages(stages: Sequence[str] | None) -> tuple[str, ...]:
   return tuple(stages)
 
 
-def apply_overrides(config: ConfigDict, overrides: Mapping[str, Any]) -> ConfigDict:
-  """A copy of ``config`` with dotted keys replaced (``{"model.num_aux": 10}``); unknown keys and
-  type changes are errors, as on the command line."""
-  new = copy.deepcopy(config)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = new
-    for part in parents:
-      if part not in node:
-        raise KeyError(f"sweep override {dotted!r}: no config section {part!r}")
-      node = node[part]
-    if leaf not in node:
-      raise KeyError(f"sweep override {dotted!r}: no config key {leaf!r} in {sorted(node.keys())}")
-    node[leaf] = tuple(value) if isinstance(value, list) else value
-  return new
-
-
 def run_sweep(config: ConfigDict, workdir: pathlib.Path, stages: tuple[str, ...]) -> None:
   """One training per ``sweep.points`` entry ``(label, {dotted.key: value})``; one table, one plot."""
   points = [(str(label), dict(overrides)) for label, overrides in config.sweep.points]
   labels = [label for label, _ in points]
   if len(set(labels)) != len(labels):
     raise ValueError(f"sweep point labels must be unique, got {labels}")
-  point_configs = [apply_overrides(config, overrides) for _, overrides in points]
+  point_configs = [config_files.apply_overrides(config, overrides, f"sweep point {label}")
+                   for label, overrides in points]
   for point_config in point_configs:
     validate(point_config)
   if "train" in stages:

@@ -28,9 +28,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from subliminal_jax.data.mnist import Mnist
-from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.mechanism import alignment, imitation
 from subliminal_jax.models import mlp
+from subliminal_jax.training import mnist_ensemble as ensemble
 from subliminal_jax.training.optimizers import make_optimizer
 
 THEOREM_LOSSES = ("kl_aux", "kl_all", "mse_aux", "mse_all")
@@ -94,19 +94,19 @@ def _random_direction(key: jax.Array, like, norms: jax.Array):
 
 @functools.lru_cache(maxsize=4)
 def _teacher_epoch(graphdef, optimizer_name, learning_rate, num_classes, num_examples, batch_size,
-                   placement):
+                   layout):
   optimizer = make_optimizer(optimizer_name, learning_rate, max_grad_norm=None)
   return optimizer, ensemble.make_classifier_epoch(
       graphdef, optimizer, num_classes=num_classes, num_examples=num_examples,
-      batch_size=batch_size, placement=placement)
+      batch_size=batch_size, layout=layout)
 
 
 @functools.lru_cache(maxsize=4)
-def _trajectory_epoch(graphdef, learning_rate, steps, batch_size, input_size, placement):
+def _trajectory_epoch(graphdef, learning_rate, steps, batch_size, input_size, layout):
   optimizer = make_optimizer("sgd", learning_rate, max_grad_norm=None)
   return optimizer, ensemble.make_distill_epoch(
       graphdef, optimizer, loss="kl", inputs="uniform", num_examples=steps * batch_size,
-      batch_size=batch_size, input_size=input_size, placement=placement)
+      batch_size=batch_size, input_size=input_size, layout=layout)
 
 
 def run_theorem_check(config: ConfigDict, data: Mnist, model: mlp.MLPConfig) -> dict[str, Any]:
@@ -159,29 +159,26 @@ def run_theorem_check(config: ConfigDict, data: Mnist, model: mlp.MLPConfig) -> 
 def _train_teachers(config, cfg, graphdef, reference, images, labels, seed):
   th, t = config.theorem, config.teacher
   num_examples = min(th.teacher_steps * t.batch_size, images.shape[0])
+  layout = ensemble.Layout.for_sizes(th.num_models, t.batch_size)
   optimizer, epoch = _teacher_epoch(graphdef, t.optimizer, t.learning_rate, cfg.num_classes,
-                                    num_examples, t.batch_size,
-                                    ensemble.Placement.for_sizes(th.num_models, t.batch_size))
-  teachers = jax.tree.map(jnp.copy, reference)
-  teachers, _, _ = epoch(teachers, ensemble.init_optimizer_state(optimizer, teachers),
-                         jax.random.key(seed + 20_000), images[:num_examples],
-                         labels[:num_examples])
-  return teachers
+                                    num_examples, t.batch_size, layout)
+  state, _ = epoch(layout.new_state(reference, optimizer), jax.random.key(seed + 20_000),
+                   images[:num_examples], labels[:num_examples])
+  return state.trainable
 
 
 def _sgd_trajectory(config, cfg, graphdef, reference, teachers, images, seed):
   """Plain gradient descent on the aux-logit KL over uniform noise, alignment after every step."""
   th = config.theorem
   n = th.num_models
+  layout = ensemble.Layout.for_sizes(n, th.batch_size)
   optimizer, epoch = _trajectory_epoch(graphdef, th.trajectory_learning_rate, th.trajectory_steps,
-                                       th.batch_size, cfg.input_size,
-                                       ensemble.Placement.for_sizes(n, th.batch_size))
-  students = jax.tree.map(jnp.copy, reference)
+                                       th.batch_size, cfg.input_size, layout)
   mask = jnp.broadcast_to(jnp.arange(cfg.num_outputs) >= cfg.num_classes, (n, cfg.num_outputs))
   delta = jax.tree.map(jnp.subtract, teachers, reference)
-  _, _, _, aligned = epoch(students, ensemble.init_optimizer_state(optimizer, students),
-                           jax.random.key(seed + 30_000), teachers, jnp.arange(n), mask, images,
-                           reference, delta, jnp.ones((th.trajectory_steps,), bool))
+  _, _, aligned = epoch(layout.new_state(reference, optimizer), jax.random.key(seed + 30_000),
+                        teachers, jnp.arange(n), mask, images, reference, delta,
+                        jnp.ones((th.trajectory_steps,), bool))
   return {k: np.asarray(v) for k, v in aligned.items()}  # [steps, n]
 
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from subliminal_jax import sharding
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -152,9 +154,10 @@ def _initializer(config: MLPConfig):
 
 
 def init_ensemble(config: MLPConfig, keys: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
-  """``len(keys)`` independently initialised MLPs: (graphdef, params stacked on axis 0)."""
+  """``len(keys)`` independently initialised MLPs: (graphdef, params stacked on axis 0, which
+  their logical axes name ``"ensemble"``, so that sharding rules place the members)."""
   graphdef, init = _initializer(config)
-  return graphdef, init(keys)
+  return graphdef, sharding.add_leading_axis(init(keys), sharding.ENSEMBLE_AXIS)
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:

@@ -55,7 +55,8 @@ def _replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def _place(value: Any, target: NamedSharding) -> jax.Array:
+def place_array(value: Any, target: NamedSharding) -> jax.Array:
+  """``value`` (a host or device array) laid out as ``target``, on every process."""
   if isinstance(value, jax.Array) and value.sharding == target:
     return value
   if target.is_fully_addressable or (isinstance(value, jax.Array) and not value.is_fully_addressable):
@@ -69,8 +70,8 @@ def place_state(state: Any, mesh: Mesh) -> Any:
   """Puts every Variable of an NNX State (or optimizer state) on ``mesh`` by its logical axes."""
   def place(target, leaf):
     if isinstance(leaf, nnx.Variable):
-      return leaf.replace(_place(leaf.get_value(), target))
-    return _place(leaf, target)
+      return leaf.replace(place_array(leaf.get_value(), target))
+    return place_array(leaf, target)
   # The shardings tree is a prefix of the state (one sharding per Variable), so it leads.
   return jax.tree.map(place, sharding.state_shardings(state, mesh), state)
 
@@ -88,24 +89,30 @@ def init_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh | None = None
   return nnx.merge(graphdef, state)
 
 
-def global_batch(batch: Batch, mesh: Mesh | None) -> dict[str, jax.Array]:
+def global_batch(batch: Batch, mesh: Mesh | None,
+                 leading_axes: tuple[str, ...] = ("batch",)) -> dict[str, jax.Array]:
   """The global batch as jax Arrays sharded over the data-parallel axes.
 
   Numpy leaves are this PROCESS's rows: with several processes each passes its own slice and
   ``jax.make_array_from_process_local_data`` assembles the global array (one process: the whole
   batch). jax Arrays are taken as already global (and resharded if they are laid out otherwise).
+  ``leading_axes``: the logical names of the leading dimensions (an ensemble's per-member batches
+  are ``("ensemble", "batch")``).
   """
+  def target(ndim: int) -> NamedSharding:
+    names = leading_axes + (None,) * (ndim - len(leading_axes))
+    return NamedSharding(mesh, sharding.logical_to_spec(names, mesh=mesh))
+
   out = {}
   for key, value in batch.items():
-    if isinstance(value, jax.Array):
-      target = sharding.batch_sharding(mesh, value.ndim) if mesh is not None else None
-      out[key] = value if target is None or value.sharding == target else jax.device_put(value, target)
-    elif mesh is None:
-      out[key] = jnp.asarray(value)
+    if mesh is None:
+      out[key] = value if isinstance(value, jax.Array) else jnp.asarray(value)
+    elif isinstance(value, jax.Array):
+      placed = target(value.ndim)
+      out[key] = value if value.sharding == placed else jax.device_put(value, placed)
     else:
       value = np.asarray(value)
-      out[key] = jax.make_array_from_process_local_data(
-          sharding.batch_sharding(mesh, value.ndim), value)
+      out[key] = jax.make_array_from_process_local_data(target(value.ndim), value)
   return out
 
 
@@ -134,8 +141,8 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
     frozen = place_state(frozen, mesh)
     opt_shardings = sharding.state_shardings(jax.eval_shape(optimizer.init, params), mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    step = _place(np.zeros((), np.int32), _replicated(mesh))
-    rng = _place(np.asarray(jax.random.key_data(jax.random.key(seed))), _replicated(mesh))
+    step = place_array(np.zeros((), np.int32), _replicated(mesh))
+    rng = place_array(np.asarray(jax.random.key_data(jax.random.key(seed))), _replicated(mesh))
   else:
     opt_state = jax.jit(optimizer.init)(params)
     step = jnp.zeros((), jnp.int32)
@@ -174,10 +181,18 @@ def _micro_batches(batch: Batch, grad_accum_steps: int, mesh: Mesh | None) -> di
 
 def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
                   loss_fn: LossFn = next_token_loss, grad_accum_steps: int = 1,
-                  schedule: optax.Schedule | None = None, mesh: Mesh | None = None
+                  schedule: optax.Schedule | None = None, mesh: Mesh | None = None,
+                  mean_loss: bool = False
                   ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
   """The pure (un-jitted) step ``(state, batch, aux) -> (state, metrics)``: for jit, vmap (see
-  training.ensemble) or scan. ``mesh`` only adds sharding constraints on intermediates."""
+  training.ensemble) or scan. ``mesh`` only adds sharding constraints on intermediates.
+
+  ``mean_loss``: the objective returns its batch's mean (and metrics), not sums: the step uses it
+  as it is instead of dividing by the count. Only without micro-batches (a sum of means would
+  weigh them wrongly).
+  """
+  if mean_loss and grad_accum_steps != 1:
+    raise ValueError(f"mean_loss=True needs grad_accum_steps=1, got {grad_accum_steps}")
 
   def step_fn(state: TrainState, batch: Batch, aux: Any = None):
     params = state.trainable
@@ -219,49 +234,22 @@ def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
 
     # One division of the global sums: every real target weighs the same.
     denominator = jnp.maximum(count, 1).astype(jnp.float32)
-    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
+    normalize = (lambda x: x) if mean_loss else (lambda x: x / denominator)
+    grads = jax.tree.map(lambda g, p: normalize(g).astype(p.dtype), grads, params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": total / denominator, "num_targets": count, "grad_norm": grad_norm,
+    metrics = {"loss": normalize(total), "num_targets": count, "grad_norm": grad_norm,
                "update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(new_params)}
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     for name, value in extra.items():
-      metrics[name] = value / denominator
+      metrics[name] = normalize(value)
     new_state = TrainState(step=state.step + 1, trainable=new_params, frozen=state.frozen,
                            opt_state=opt_state, rng=jax.random.key_data(rng))
     return new_state, metrics
 
   return step_fn
-
-
-def conform(tree: Any, shardings: Any) -> Any:
-  """``tree`` with every array laid out as ``shardings`` (a prefix tree, one sharding per
-  Variable) says: jit refuses committed arguments sharded otherwise, e.g. a state restored from a
-  checkpoint with another layout. Returns ``tree`` itself when everything already matches."""
-  def value(leaf):
-    return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-  pairs = []
-  jax.tree.map(lambda s, leaf: pairs.append((s, value(leaf))), shardings, tree)
-  if all(not isinstance(x, jax.Array) or x.sharding == s for s, x in pairs):
-    return tree
-  def fix(target, leaf):
-    x = value(leaf)
-    if isinstance(x, jax.Array) and x.sharding != target:
-      x = jax.device_put(x, target)
-    return leaf.replace(x) if isinstance(leaf, nnx.Variable) else x
-  return jax.tree.map(fix, shardings, tree)
-
-
-def aux_shardings(aux: Any, mesh: Mesh) -> Any:
-  """Keep an aux leaf's own sharding when it is already on ``mesh``; replicate anything else."""
-  def leaf(x):
-    s = getattr(x, "sharding", None)
-    if isinstance(s, NamedSharding) and s.mesh == mesh:
-      return s
-    return _replicated(mesh)
-  return jax.tree.map(leaf, aux)
 
 
 def check_batch(batch: Batch, grad_accum_steps: int, mesh: Mesh | None) -> int:
@@ -299,49 +287,96 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   metrics. Metrics are float32/int32 scalars: loss (mean over all targets of the global batch),
   num_targets, grad_norm (before clipping), update_norm, param_norm, and the objective's extras.
   """
-  if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-    raise ValueError(f"grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
-  step_fn = train_step_fn(graphdef, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
-                          schedule=schedule, mesh=mesh)
-
-  def split_step(mutable, frozen, batch, aux):
-    step, trainable, opt_state, rng = mutable
-    state = TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state, rng=rng)
-    new, metrics = step_fn(state, batch, aux)
-    return (new.step, new.trainable, new.opt_state, new.rng), metrics
-
-  compiled: dict[Any, tuple[Callable, Any]] = {}
-
-  def jitted_for(state: TrainState, batch: Batch, aux: Any) -> tuple[Callable, Any]:
-    """The jitted step for this state/aux structure and the (mutable, frozen) shardings it expects."""
-    key = (jax.tree.structure(state), jax.tree.structure(aux), tuple(sorted(batch)),
-           tuple(np.ndim(v) for _, v in sorted(batch.items())))
-    if key not in compiled:
-      if mesh is None:
-        compiled[key] = jax.jit(split_step, donate_argnums=0), None
-      else:
-        s = train_state_shardings(state, mesh)
-        mutable_shardings = (s.step, s.trainable, s.opt_state, s.rng)
-        batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
-        compiled[key] = jax.jit(
-            split_step, donate_argnums=0,
-            in_shardings=(mutable_shardings, s.frozen, batch_shardings, aux_shardings(aux, mesh)),
-            out_shardings=(mutable_shardings, _replicated(mesh))), (mutable_shardings, s.frozen)
-    return compiled[key]
+  check_grad_accum_steps(grad_accum_steps)
+  jitted = jit_state_update(
+      train_step_fn(graphdef, optimizer, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
+                    schedule=schedule, mesh=mesh), mesh)
 
   def step(state: TrainState, batch: Batch, aux: Any = None):
     check_batch(batch, grad_accum_steps, mesh)
-    batch = global_batch(batch, mesh)
-    fn, expected = jitted_for(state, batch, aux)
-    mutable = (state.step, state.trainable, state.opt_state, state.rng)
-    frozen = state.frozen
-    if mesh is None:
-      (step_, trainable, opt_state, rng), metrics = fn(mutable, frozen, batch, aux)
-    else:
-      mutable, frozen = conform(mutable, expected[0]), conform(frozen, expected[1])
-      with jax.set_mesh(mesh):
-        (step_, trainable, opt_state, rng), metrics = fn(mutable, frozen, batch, aux)
-    return TrainState(step=step_, trainable=trainable, frozen=frozen, opt_state=opt_state,
-                      rng=rng), metrics
+    return jitted(state, global_batch(batch, mesh), place_replicated(aux, mesh))
 
   return step
+
+
+def check_grad_accum_steps(grad_accum_steps: Any) -> None:
+  if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    raise ValueError(f"grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
+
+
+def place_replicated(tree: Any, mesh: Mesh | None) -> Any:
+  """``tree`` (e.g. a step's aux: a teacher's parameters) with every leaf that is not already on
+  ``mesh`` replicated over it; leaves already there keep their layout."""
+  if mesh is None:
+    return tree
+  def place(x):
+    on_mesh = isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
+    return x if on_mesh else place_array(x, _replicated(mesh))
+  return jax.tree.map(place, tree)
+
+
+def conform(tree: Any, shardings: Any) -> Any:
+  """``tree`` with every array laid out as ``shardings`` (a prefix tree, one sharding per
+  Variable) says: jit refuses committed arguments sharded otherwise, e.g. a state restored from a
+  checkpoint with another layout. Returns ``tree`` itself when everything already matches."""
+  def value(leaf):
+    return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  pairs = []
+  jax.tree.map(lambda s, leaf: pairs.append((s, value(leaf))), shardings, tree)
+  if all(not isinstance(x, jax.Array) or x.sharding == s for s, x in pairs):
+    return tree
+  def fix(target, leaf):
+    x = value(leaf)
+    if isinstance(x, jax.Array) and x.sharding != target:
+      x = jax.device_put(x, target)
+    return leaf.replace(x) if isinstance(leaf, nnx.Variable) else x
+  return jax.tree.map(fix, shardings, tree)
+
+
+def jit_state_update(update: Callable[..., tuple[TrainState, Any]], mesh: Mesh | None, *,
+                     state_shardings: Callable[[TrainState, Mesh], TrainState] | None = None
+                     ) -> Callable[..., tuple[TrainState, Any]]:
+  """``update(state, *args) -> (state, outputs)`` (a step, or an epoch of steps) as ONE jitted
+  program that donates the state's buffers.
+
+  What a step changes (trainable, optimizer state, step, rng) is donated; the frozen part (a LoRA
+  student's whole base model) is passed through, never copied. On ``mesh`` the program is built at
+  the first call with the state's layout, ``state_shardings(state, mesh)`` (default
+  :func:`train_state_shardings`, the one :func:`create_train_state` placed it in), as its input
+  and output shardings, so every call runs the same program and hands back the state in that
+  layout; a state laid out otherwise (restored from elsewhere) is moved into it first. The other
+  arguments keep their own layouts (the caller places them).
+  """
+  state_shardings = state_shardings or train_state_shardings
+  def split_update(mutable, frozen, *args):
+    step, trainable, opt_state, rng = mutable
+    state = TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state, rng=rng)
+    new, outputs = update(state, *args)
+    return (new.step, new.trainable, new.opt_state, new.rng), outputs
+
+  if mesh is None:
+    jitted = jax.jit(split_update, donate_argnums=0)
+  program: dict[str, Any] = {}  # on a mesh: the jitted program and the layout it was built for
+
+  def call(state: TrainState, *args):
+    mutable, frozen = (state.step, state.trainable, state.opt_state, state.rng), state.frozen
+    if mesh is None:
+      (step, trainable, opt_state, rng), outputs = jitted(mutable, frozen, *args)
+    else:
+      if not program:
+        s = state_shardings(state, mesh)
+        layout = ((s.step, s.trainable, s.opt_state, s.rng), s.frozen)
+        program.update(structure=jax.tree.structure(state), layout=layout, jitted=jax.jit(
+            split_update, donate_argnums=0, in_shardings=layout + (None,) * len(args),
+            out_shardings=(layout[0], None)))
+      elif jax.tree.structure(state) != program["structure"]:
+        raise ValueError("this step was built for a train state of another structure (other "
+                         "parameters, optimizer or frozen part); make a step for this state")
+      mutable, frozen = (conform(tree, shardings)
+                         for tree, shardings in zip((mutable, frozen), program["layout"]))
+      with jax.set_mesh(mesh):
+        (step, trainable, opt_state, rng), outputs = program["jitted"](mutable, frozen, *args)
+    return TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state,
+                      rng=rng), outputs
+
+  return call
