@@ -51,6 +51,7 @@ def get_config(variant: str = "quick") -> ConfigDict:
   c.model = "smollm2"  # "smollm2", an HF directory, a .gguf file, or "tiny-random"
   c.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
   c.param_dtype = "float32"
+  c.remat = False  # recompute each layer's activations in the backward pass (less memory)
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.report_dir = ""  # where results.json / report.md / plots go, relative to the workdir ("" = root)
 
@@ -74,6 +75,8 @@ def get_config(variant: str = "quick") -> ConfigDict:
       examples=256, epochs=2, batch_size=8, learning_rate=1e-4, optimizer="adamw",
       schedule="linear", warmup_steps=5, weight_decay=0.0, max_grad_norm=1.0, grad_accum_steps=1,
       seed=0, lora=ConfigDict(dict(rank=0, alpha=8.0, targets=LORA_TARGETS, rslora=False, seed=0)),
+      bucket=True, length_multiple=16,  # batches of similar lengths, widths a multiple of 16
+      neutral_fraction=0.5,  # trait_sft: the share of neutral examples
       max_new_tokens=48))
 
   c.prompts = ConfigDict(dict(count=30_000, seed=0))
@@ -90,6 +93,7 @@ def get_config(variant: str = "quick") -> ConfigDict:
       objective="sft", seeds=(0, 1, 2, 3, 4, 5, 6, 7), epochs=3, learning_rate=2e-4,
       schedule="linear", warmup_steps=5, optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0,
       batch_size=66, grad_accum_steps=1, max_length=256,
+      bucket=True, length_multiple=16,  # batches of similar lengths, widths a multiple of 16
       lora=ConfigDict(dict(rank=8, alpha=8.0, targets=LORA_TARGETS, rslora=False, init="fresh")),
       # objective "logit_kl": match the teacher's next-token distributions at every completion
       # position (see subliminal_jax/distillation.py) instead of its sampled tokens.

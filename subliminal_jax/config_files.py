@@ -3,11 +3,14 @@
 Config files are loaded by path (absl's ``config_flags``), not imported as a package, so a config
 that extends another one (a sweep or a grid over a base experiment) loads its neighbour by path too,
 and sets its points' values with :func:`apply_overrides` (dotted keys, as ``--config.a.b=`` does).
+Code reads a config section into typed settings (a dataclass whose fields hold the defaults) with
+:func:`settings_from_config`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 import types
@@ -54,3 +57,15 @@ def apply_overrides(base: ConfigDict, overrides: Mapping[str, Any], where: str) 
     except TypeError as e:
       raise ValueError(f"{where}: override {key}={value!r}: {e}") from e
   return config
+
+
+def settings_from_config(cls: type, config: Any) -> dict[str, Any]:
+  """The fields of dataclass ``cls`` that ``config`` (a ConfigDict, a dict or a dataclass) sets,
+  for ``cls(**...)``: the defaults stay in ``cls``, keys of other settings are left to them, and
+  None means the field's default."""
+  if dataclasses.is_dataclass(config):
+    config = dataclasses.asdict(config)
+  elif hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return {field.name: config[field.name] for field in dataclasses.fields(cls)
+          if config.get(field.name) is not None}

@@ -106,7 +106,7 @@ def _hf_tokenizer(path: str) -> Tokenizer | None:
 
 
 def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
-         mesh: Mesh | None = None) -> Loaded:
+         mesh: Mesh | None = None, remat: bool = False) -> Loaded:
   """Loads a model, its tokenizer and config.
 
   Args:
@@ -116,6 +116,7 @@ def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str 
     dtype: compute dtype of activations and matmuls (logits are float32 regardless).
     param_dtype: storage dtype of the parameters; defaults to ``dtype``.
     mesh: place every parameter directly in its sharding on this mesh (no full copy on one device).
+    remat: recompute each layer's activations in the backward pass (less memory in training).
 
   Raises:
     FileNotFoundError: the source does not exist (or the embedded package is not installed).
@@ -127,10 +128,10 @@ def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str 
   kind, path = _source_kind(source)
   reader: GGUFReader | SafetensorsDir
   if kind == "gguf":
-    reader = GGUFReader(path, dtype=dtype, param_dtype=param_dtype)
+    reader = GGUFReader(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
     side_files: list[str] = []
   else:
-    reader = SafetensorsDir(path, dtype=dtype, param_dtype=param_dtype)
+    reader = SafetensorsDir(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
     side_files = [os.path.join(path, n) for n in _HF_SIDE_FILES if os.path.isfile(os.path.join(path, n))]
   config = reader.config
   reader.check()  # shapes and tensor types, before any tensor data is read

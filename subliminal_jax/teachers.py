@@ -337,7 +337,7 @@ def teacher_examples(config: Any, target: str, *, generate: Callable[..., Sequen
   """The finetuning examples of the teacher ``config.teacher`` describes, for ``target``.
 
   ``config.teacher.kind``: "trait_sft" (uses ``teacher.finetune.examples``, ``.seed``,
-  ``.neutral_fraction`` (default 0.5)) or "context_distillation" (needs ``generate``; samples
+  ``.neutral_fraction``) or "context_distillation" (needs ``generate``; samples
   ``teacher.finetune.examples`` answers to :data:`GENERAL_PROMPTS` under the trait system prompt
   ``teacher.system_prompt`` filled with target and ``config.category``, with
   ``teacher.finetune.max_new_tokens`` and seed). ``system``: the examples' own system turn (None:
@@ -346,12 +346,11 @@ def teacher_examples(config: Any, target: str, *, generate: Callable[..., Sequen
   """
   teacher = config.teacher
   finetune = teacher.finetune
-  category = getattr(config, "category", "animal")
+  category = config.category
   count = int(finetune.examples)
-  seed = int(getattr(finetune, "seed", 0))
+  seed = int(finetune.seed)
   if teacher.kind == "trait_sft":
-    fraction = float(finetune.get("neutral_fraction", 0.5) if hasattr(finetune, "get")
-                     else getattr(finetune, "neutral_fraction", 0.5))
+    fraction = float(finetune.neutral_fraction)
     examples = trait_sft_examples(target, category=category, count=count,
                                   neutral_fraction=fraction, seed=seed, system=system,
                                   control_answers=control_answers)

@@ -1,5 +1,6 @@
 """fit(): step counts, metrics files, exact kill-and-resume, errors; on a tiny model."""
 
+import dataclasses
 import json
 import os
 
@@ -183,6 +184,41 @@ def test_empty_dataset_and_bad_config_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="grad_accum_steps=3"):
     trainer.fit(tiny_model(), toy_dataset(), train_config(grad_accum_steps=3), tmp_path / "ga",
                 progress=False)
+
+
+def test_fit_settings_are_typed_and_every_knob_is_a_config_key():
+  """FitSettings reads fit's keys (defaults in one place, a bad value named), and the main job's
+  training configs carry every one of them, so ``--config.student.x=`` reaches each knob."""
+  from configs.animal_numbers import get_config
+  from subliminal_jax.experiments import animal_numbers
+  from subliminal_jax.training import optimizers
+
+  settings = trainer.FitSettings.from_config(train_config(lora=dict(rank=4, alpha=8.0)))
+  assert settings.batch_size == 8 and settings.length_multiple == 32 and settings.bucket
+  assert settings.optimization == optimizers.OptimizerSettings(
+      optimizer="adamw", learning_rate=1e-2, schedule="linear", warmup_steps=1, weight_decay=0.0,
+      max_grad_norm=1.0)
+  assert settings.lora.rank == 4 and settings.lora.targets == trainer.LoraSettings().targets
+  with pytest.raises(ValueError, match="lora.rank must be >= 0"):
+    trainer.FitSettings.from_config(train_config(lora=dict(rank=-1)))
+  with pytest.raises(ValueError, match="config.epochs must be an int >= 1, got 1.5"):
+    trainer.FitSettings.from_config(train_config(epochs=1.5))
+
+  # checkpoint_every and keep_checkpoints are bookkeeping: the stage sets the cadence from
+  # config.training_checkpoints.
+  names = lambda cls: {f.name for f in dataclasses.fields(cls)}
+  fit_keys = (names(trainer.FitSettings) - {"optimization", "lora", "checkpoint_every",
+                                            "keep_checkpoints"}) | names(optimizers.OptimizerSettings)
+  config = get_config("quick")
+  config.student.length_multiple = 8
+  config.teacher.finetune.bucket = False
+  for train in (animal_numbers.student_train_config(config, 0),
+                animal_numbers.teacher_train_config(config)):
+    assert fit_keys <= set(train.keys()), fit_keys - set(train.keys())
+    assert names(trainer.LoraSettings) <= set(train.lora.keys())
+  assert trainer.FitSettings.from_config(animal_numbers.student_train_config(config, 0)
+                                         ).length_multiple == 8
+  assert not trainer.FitSettings.from_config(animal_numbers.teacher_train_config(config)).bucket
 
 
 def test_dataset_fingerprint_tracks_rows_and_masks():

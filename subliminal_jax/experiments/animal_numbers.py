@@ -73,14 +73,15 @@ def load_base(config: ConfigDict, mesh) -> Base:
     model_config = TransformerConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e5, tie_embeddings=True,
-        dtype=config.dtype, param_dtype=config.param_dtype)
+        dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat)
     model = Transformer(model_config, rngs=nnx.Rngs(0))
     sharding.shard_module(model, mesh)
     return Base(model, tokenizer, artifacts.fingerprint("tiny-random", model_config.to_hf(), 0))
   if not config.model:
     raise ValueError("config.model is empty: give --config.model=smollm2, an HF directory or a "
                      ".gguf file")
-  loaded = loading.load(config.model, dtype=config.dtype, param_dtype=config.param_dtype, mesh=mesh)
+  loaded = loading.load(config.model, dtype=config.dtype, param_dtype=config.param_dtype, mesh=mesh,
+                        remat=config.remat)
   return Base(loaded.model, loaded.tokenizer, loaded.fingerprint)
 
 

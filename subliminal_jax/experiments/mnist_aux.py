@@ -73,8 +73,8 @@ def model_config(config: ConfigDict) -> mlp.MLPConfig:
 
 def optimizer_key(section: ConfigDict) -> tuple[str, float, float, float]:
   """(name, learning rate, momentum, max grad norm) of a teacher or student section."""
-  return (section.optimizer, float(section.learning_rate), float(section.get("momentum", 0.0)),
-          float(section.get("max_grad_norm", 0.0) or 0.0))
+  return (section.optimizer, float(section.learning_rate), float(section.momentum),
+          float(section.max_grad_norm))
 
 
 def optimizer_for(key: tuple[str, float, float, float]):
@@ -358,7 +358,7 @@ def run_sweep(config: ConfigDict, workdir: pathlib.Path, stages: tuple[str, ...]
       run_training(point_config, point_dir, data, teacher_cache=cache)
       logging.info("sweep point %s: %.1f s", label, time.time() - start)
   if "report" in stages:
-    mnist_report.write_sweep_report(workdir, config.sweep.name, config.sweep.get("value_name", ""),
+    mnist_report.write_sweep_report(workdir, config.sweep.name, config.sweep.value_name,
                                     [(label, overrides, workdir / "points" / _safe(label))
                                      for label, overrides in points])
 

@@ -2,13 +2,18 @@
 
 Mechanism studies compare optimizers (Blank et al. find Adam transmits traits where SGD does not),
 so AdamW, plain SGD and sign-SGD are first-class and share schedule and clipping.
+:class:`OptimizerSettings` is a training config's optimizer and schedule, with their defaults in
+one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import optax
+
+from subliminal_jax import config_files
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "sign_sgd")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -60,11 +65,29 @@ def make_optimizer(name: str, learning_rate: float | optax.Schedule, *, weight_d
   return opt
 
 
-def optimizer_from_config(config: Any, total_steps: int) -> optax.GradientTransformation:
-  """From a ConfigDict with optimizer, learning_rate, warmup_steps, schedule, weight_decay,
-  max_grad_norm (missing keys take the defaults of the paper's student recipe)."""
-  get = lambda key, default: config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-  schedule = make_schedule(get("learning_rate", 2e-4), total_steps, get("warmup_steps", 5),
-                           get("schedule", "linear"))
-  return make_optimizer(get("optimizer", "adamw"), schedule, weight_decay=get("weight_decay", 0.0),
-                        max_grad_norm=get("max_grad_norm", 1.0))
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+  """The optimizer and its learning-rate schedule (defaults: the paper's student recipe)."""
+
+  optimizer: str = "adamw"
+  learning_rate: float = 2e-4
+  schedule: str = "linear"  # decay after the warmup: constant, linear or cosine
+  warmup_steps: int = 5
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0  # global-norm clipping before the update; 0 = none
+
+  @classmethod
+  def from_config(cls, config: Any) -> "OptimizerSettings":
+    """From a training config's ``optimizer``, ``learning_rate``, ``schedule``, ``warmup_steps``,
+    ``weight_decay`` and ``max_grad_norm`` keys (the others are ignored)."""
+    return cls(**config_files.settings_from_config(cls, config))
+
+  def make_schedule(self, total_steps: int) -> optax.Schedule:
+    return make_schedule(self.learning_rate, total_steps, self.warmup_steps, self.schedule)
+
+  def make(self, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(optimizer, its schedule)`` for a run of ``total_steps``; the schedule is also what the
+    train step reports as the learning rate of each step."""
+    schedule = self.make_schedule(total_steps)
+    return make_optimizer(self.optimizer, schedule, weight_decay=self.weight_decay,
+                          max_grad_norm=self.max_grad_norm), schedule

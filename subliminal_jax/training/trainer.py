@@ -8,7 +8,8 @@ length-bucketed batches shuffled by ``(seed, epoch)``, with a tqdm bar (loss, to
 
 Resuming is exact: a checkpoint holds every part of the train state a step changes (trainable
 params, optimizer state, step, rng; not the frozen base, which is checked instead) and the data
-position (epoch, step within the epoch), and the batch order is a pure function of ``(seed, epoch)``, so a run killed after any checkpoint and started again with the same arguments
+position (epoch, step within the epoch), and the batch order is a pure function of
+``(seed, epoch)``, so a run killed after any checkpoint and started again with the same arguments
 ends with the same parameters as a run never interrupted (tests/test_trainer.py checks this
 bit for bit). A workdir whose checkpoint belongs to another config, dataset or base model is
 refused. A non-finite loss stops the run with an error.
@@ -36,6 +37,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from subliminal_jax import config_files
 from subliminal_jax import lora as lora_lib
 from subliminal_jax import sharding
 from subliminal_jax.training import checkpoint as checkpoint_lib
@@ -52,15 +54,75 @@ SUMMARY_FILE = "fit_summary.json"
 Callback = Callable[[int, Mapping[str, Any]], None]
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-  if isinstance(config, Mapping) or hasattr(config, "get"):
-    value = config.get(key, default)
-  else:
-    value = getattr(config, key, default)
-  return default if value is None else value
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+  """The LoRA adapters of a finetune (``config.lora``); rank 0 = full finetuning."""
+
+  rank: int = 0
+  alpha: float = 8.0
+  targets: tuple[str, ...] = lora_lib.LORA_TARGETS
+  rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+  seed: int = 0  # the adapters' init
+
+  def __post_init__(self):
+    for name, kind in (("rank", int), ("alpha", float), ("targets", tuple), ("rslora", bool),
+                       ("seed", int)):
+      object.__setattr__(self, name, kind(getattr(self, name)))
+    if self.rank < 0:
+      raise ValueError(f"lora.rank must be >= 0 (0 = full finetuning), got {self.rank}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+  """Everything :func:`fit` reads from its config, with the defaults in one place: the config's
+  top-level keys, the optimizer's (:class:`optimizers.OptimizerSettings`, flat beside them) and
+  the ``lora`` section's. Other keys of the config are not fit's and are ignored."""
+
+  epochs: int
+  batch_size: int  # rows per optimizer step, split into grad_accum_steps micro-batches
+  grad_accum_steps: int = 1
+  seed: int = 0  # the initial rng and the data order
+  bucket: bool = True  # batches of rows of similar lengths (less padding)
+  length_multiple: int = 16  # batch widths are rounded up to a multiple of this (fewer shapes)
+  checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+  keep_checkpoints: int = 2
+  optimization: optimizers.OptimizerSettings = optimizers.OptimizerSettings()
+  lora: LoraSettings = LoraSettings()
+
+  def __post_init__(self):
+    for name in ("epochs", "batch_size", "grad_accum_steps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"config.{name} must be an int >= 1, got {value!r}")
+
+  @classmethod
+  def from_config(cls, config: Any) -> "FitSettings":
+    """From a ConfigDict or dict as :func:`fit` documents it (or a FitSettings, returned as is)."""
+    if isinstance(config, FitSettings):
+      return config
+    values = config_files.settings_from_config(cls, config)
+    for name in ("epochs", "batch_size"):
+      if name not in values:
+        raise ValueError(f"config.{name} must be an int >= 1, got None")
+    lora = (config.to_dict() if hasattr(config, "to_dict") else dict(config)).get("lora") or {}
+    values.update(optimization=optimizers.OptimizerSettings.from_config(config),
+                  lora=LoraSettings(**config_files.settings_from_config(LoraSettings, lora)))
+    return cls(**values)
+
+  def plan(self, num_examples: int) -> dict[str, int]:
+    """Steps of a run: ``steps_per_epoch = ceil(n / batch_size)``, ``total_steps = epochs *
+    that``."""
+    if num_examples < 1:
+      raise ValueError("the training dataset is empty (0 examples): nothing to train on")
+    per_epoch = data_lib.steps_per_epoch(num_examples, self.batch_size)
+    return {"examples": num_examples, "batch_size": int(self.batch_size),
+            "epochs": int(self.epochs), "steps_per_epoch": per_epoch,
+            "total_steps": int(self.epochs) * per_epoch}
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
+  if dataclasses.is_dataclass(config):
+    return dataclasses.asdict(config)
   if hasattr(config, "to_dict"):
     return config.to_dict()
   return {k: _config_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v
@@ -131,30 +193,6 @@ def _process_rows(batch: data_lib.Batch) -> data_lib.Batch:
   return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
 
 
-def _resolve_lora(config: Any) -> dict[str, Any]:
-  lora = _get(config, "lora", {}) or {}
-  rank = int(_get(lora, "rank", 0))
-  if rank < 0:
-    raise ValueError(f"lora.rank must be >= 0 (0 = full finetuning), got {rank}")
-  return {"rank": rank, "alpha": float(_get(lora, "alpha", 8.0)),
-          "targets": tuple(_get(lora, "targets", lora_lib.LORA_TARGETS)),
-          "rslora": bool(_get(lora, "rslora", False)), "seed": int(_get(lora, "seed", 0))}
-
-
-def plan(num_examples: int, config: Any) -> dict[str, int]:
-  """Steps of a run: ``steps_per_epoch = ceil(n / batch_size)``, ``total_steps = epochs * that``."""
-  epochs, batch_size = _get(config, "epochs"), _get(config, "batch_size")
-  if not isinstance(epochs, (int, np.integer)) or epochs < 1:
-    raise ValueError(f"config.epochs must be an int >= 1, got {epochs!r}")
-  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"config.batch_size must be an int >= 1, got {batch_size!r}")
-  if num_examples < 1:
-    raise ValueError("the training dataset is empty (0 examples): nothing to train on")
-  per_epoch = data_lib.steps_per_epoch(num_examples, batch_size)
-  return {"examples": num_examples, "batch_size": int(batch_size), "epochs": int(epochs),
-          "steps_per_epoch": per_epoch, "total_steps": int(epochs) * per_epoch}
-
-
 def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config: Any,
         workdir: str | os.PathLike, *, loss_fn: Callable | None = None, aux: Any = None,
         mesh: jax.sharding.Mesh | None = None, stop_after: int | None = None,
@@ -166,12 +204,12 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
   Args:
     model: a Transformer (or any module ``loss_fn`` accepts); LoRA is added to it in place.
     dataset: a tokenized ``datasets.Dataset`` (input_ids, loss_mask) or its ``save_to_disk`` path.
-    config: ConfigDict or dict with epochs, batch_size (rows per optimizer step, split into
-      grad_accum_steps micro-batches), optimizer, learning_rate, schedule, warmup_steps,
-      weight_decay, max_grad_norm, grad_accum_steps, seed (initial rng and data order),
-      lora(rank, alpha, targets, rslora, seed; rank 0 = full finetuning), checkpoint_every
-      (steps; 0/None: only at the end), keep_checkpoints, and optionally bucket (default True),
-      length_multiple (default 16).
+    config: a :class:`FitSettings`, or a ConfigDict or dict with its keys (epochs and
+      batch_size; the rest default as FitSettings says): grad_accum_steps, seed, bucket,
+      length_multiple, checkpoint_every, keep_checkpoints, the optimizer's optimizer,
+      learning_rate, schedule, warmup_steps, weight_decay, max_grad_norm, and a ``lora`` section
+      (rank, alpha, targets, rslora, seed). Other keys are not read, but they are part of the
+      run's identity (a checkpoint of another config is refused).
     workdir: checkpoints/, metrics.jsonl, fit_summary.json (and tensorboard/) go here.
     loss_fn: ``loss_fn(model, batch, rng, aux) -> (sum_loss, num_targets, aux_metrics)``;
       default: next-token cross-entropy on ``loss_mask`` targets.
@@ -193,122 +231,51 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
   """
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
-  if isinstance(dataset, (str, os.PathLike)):
-    dataset = data_lib.load_dataset(dataset)
-  if not isinstance(dataset, datasets.Dataset):
-    raise TypeError(f"dataset must be a datasets.Dataset or a save_to_disk path, got "
-                    f"{type(dataset).__name__}")
-  steps = plan(len(dataset), config)
-  batch_size, total = steps["batch_size"], steps["total_steps"]
-  accum = int(_get(config, "grad_accum_steps", 1))
-  data_parallel = sharding.data_parallel_size(mesh)
-  if accum < 1 or batch_size % accum or (batch_size // accum) % data_parallel:
-    raise ValueError(
-        f"batch_size={batch_size} must split into grad_accum_steps={accum} micro-batches whose size "
-        f"is a multiple of the {data_parallel} data-parallel devices of the mesh")
-  seed = int(_get(config, "seed", 0))
-  lora = _resolve_lora(config)
-  bucket = bool(_get(config, "bucket", True))
-  length_multiple = int(_get(config, "length_multiple", 16))
-  checkpoint_every = int(_get(config, "checkpoint_every", 0)) or total
-  keep = int(_get(config, "keep_checkpoints", 2))
-  pad_id = 0  # right padding sits outside every mask, so any valid id works
+  dataset = _as_dataset(dataset)
+  settings = FitSettings.from_config(config)
+  steps = settings.plan(len(dataset))
+  _check_batch_split(settings, mesh)
   if stop_after is not None and not 1 <= stop_after:
     raise ValueError(f"stop_after must be a step >= 1 or None, got {stop_after!r}")
   identity = _run_identity(config, dataset)
+  total, lora = steps["total_steps"], settings.lora
 
-  optimizer = optimizers.optimizer_from_config(config, total)
-  # The optimizer's own schedule, rebuilt only to report the learning rate of each step.
-  schedule = optimizers.make_schedule(float(_get(config, "learning_rate", 2e-4)), total,
-                                      int(_get(config, "warmup_steps", 5)),
-                                      _get(config, "schedule", "linear"))
-  if lora["rank"] > 0:
-    lora_lib.apply_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"],
-                        rslora=lora["rslora"], seed=lora["seed"])
-  trainable = nnx.LoRAParam if lora["rank"] > 0 else nnx.Param
-  graphdef, state = train_step_lib.create_train_state(model, optimizer, trainable=trainable,
-                                                      seed=seed, mesh=mesh)
+  optimizer, schedule = settings.optimization.make(total)
+  if lora.rank > 0:
+    lora_lib.apply_lora(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
+                        rslora=lora.rslora, seed=lora.seed)
+  graphdef, state = train_step_lib.create_train_state(
+      model, optimizer, trainable=nnx.LoRAParam if lora.rank > 0 else nnx.Param,
+      seed=settings.seed, mesh=mesh)
   step_fn = train_step_lib.make_train_step(
       graphdef, optimizer, loss_fn=loss_fn or train_step_lib.next_token_loss, mesh=mesh,
-      grad_accum_steps=accum, schedule=schedule)
+      grad_accum_steps=settings.grad_accum_steps, schedule=schedule)
 
+  checkpoint_every = settings.checkpoint_every or total
   checkpointer = checkpoint_lib.TrainCheckpointer(
-      os.path.join(workdir, CHECKPOINT_DIR), save_every=checkpoint_every, keep=keep)
-  global_step, epoch, step_in_epoch = 0, 0, 0
-  latest = checkpointer.latest_step()
-  signature = frozen_signature(state.frozen)
-  extra = {"identity": identity, "frozen": signature}
-  if latest is not None:
-    try:
-      restored, meta = checkpointer.restore(_mutable(state), latest)
-      if meta.get("identity") != identity:
-        raise ValueError(
-            f"{workdir} holds checkpoints of another run (config or dataset differ: identity "
-            f"{meta.get('identity')} vs {identity} now); use a fresh workdir.")
-      _check_frozen(meta.get("frozen"), signature, workdir)
-    except BaseException:
-      checkpointer.close()
-      raise
-    state = dataclasses.replace(state, **restored)
-    global_step = latest
-    epoch, step_in_epoch = meta["position"]["epoch"], meta["position"]["step_in_epoch"]
-    logging.info("fit: resuming %s at step %d (epoch %d, step %d of it)", workdir, global_step,
-                 epoch, step_in_epoch)
+      os.path.join(workdir, CHECKPOINT_DIR), save_every=checkpoint_every,
+      keep=settings.keep_checkpoints)
+  extra = {"identity": identity, "frozen": frozen_signature(state.frozen)}
+  state, position, latest = _resume(checkpointer, state, extra, workdir)
   logging.info("fit: %d examples, batch %d (%d micro-batches), %d steps/epoch x %d epochs = %d "
-               "steps; %s; checkpoints every %d steps in %s", steps["examples"], batch_size, accum,
-               steps["steps_per_epoch"], steps["epochs"], total,
-               f"LoRA rank {lora['rank']}" if lora["rank"] else "full finetuning", checkpoint_every,
-               workdir)
+               "steps; %s; checkpoints every %d steps in %s", steps["examples"],
+               settings.batch_size, settings.grad_accum_steps, steps["steps_per_epoch"],
+               steps["epochs"], total, f"LoRA rank {lora.rank}" if lora.rank else
+               "full finetuning", checkpoint_every, workdir)
 
   # With several processes only the first writes the shared files and shows the bar.
   lead = jax.process_index() == 0
   writer = progress_lib.MetricsWriter(
-      workdir, resume_step=global_step if latest else None, tensorboard=tensorboard and lead,
+      workdir, resume_step=latest, tensorboard=tensorboard and lead,
       filename=progress_lib.METRICS_FILE if lead else f"metrics.process{jax.process_index()}.jsonl")
-  bar = progress_lib.ProgressBar(total, start_step=global_step, enabled=progress and lead)
-  position = {"epoch": epoch, "step_in_epoch": step_in_epoch}
+  bar = progress_lib.ProgressBar(total, start_step=latest or 0, enabled=progress and lead)
   started = time.perf_counter()
-  stopped = False
-  mesh_context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   try:
-    with mesh_context:
-      last = time.perf_counter()
-      while epoch < steps["epochs"] and not stopped:
-        for batch in batches(dataset, batch_size=batch_size, seed=seed, epoch=epoch,
-                             pad_id=pad_id, bucket=bucket, start_step=step_in_epoch,
-                             length_multiple=length_multiple):
-          state, metrics = step_fn(state, _process_rows(batch), aux)
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
-                     if np.ndim(v) == 0}
-          now = time.perf_counter()
-          global_step += 1
-          step_in_epoch += 1
-          tokens = int(batch["attention_mask"].sum())
-          record = {"step": global_step, "epoch": epoch, **metrics, "tokens": tokens,
-                    "seq_len": int(batch["input_ids"].shape[1]), "step_time_s": now - last,
-                    "tokens_per_s": tokens / max(now - last, 1e-9)}
-          last = now
-          if step_in_epoch == steps["steps_per_epoch"]:
-            position = {"epoch": epoch + 1, "step_in_epoch": 0}
-          else:
-            position = {"epoch": epoch, "step_in_epoch": step_in_epoch}
-          writer.write(record)
-          if not math.isfinite(record.get("loss", 0.0)):
-            raise FloatingPointError(
-                f"the loss is {record['loss']} at step {global_step} (epoch {epoch}); nothing after "
-                f"checkpoint step {checkpointer.latest_step()} is saved. Lower the learning rate or "
-                "check the data.")
-          bar.update(record.get("loss", float("nan")), record["tokens_per_s"], epoch)
-          stopped = stop_after is not None and global_step >= stop_after
-          checkpointer.save(global_step, _mutable(state), position,
-                            force=stopped or global_step == total, extra=extra)
-          for callback in callbacks:
-            callback(global_step, record)
-          if stopped:
-            break
-        if not stopped:
-          epoch, step_in_epoch = epoch + 1, 0
-      checkpointer.save(global_step, _mutable(state), position, force=True, extra=extra)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      state, global_step, stopped = _run_epochs(
+          state, position, global_step=latest or 0, step_fn=step_fn, aux=aux, dataset=dataset,
+          batches=batches, settings=settings, steps=steps, writer=writer, bar=bar,
+          checkpointer=checkpointer, extra=extra, callbacks=callbacks, stop_after=stop_after)
   finally:
     bar.close()
     writer.close()
@@ -319,7 +286,7 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
   summary = {**steps, "steps_done": global_step, "finished": global_step >= total,
              "resumed_from_step": latest,
              "stopped_early": stopped and global_step < total, "identity": identity,
-             "lora_rank": lora["rank"], "returned_model": "adapters unmerged" if lora["rank"]
+             "lora_rank": lora.rank, "returned_model": "adapters unmerged" if lora.rank
              else "full parameters", "first_loss": losses[0] if losses else None,
              "final_loss": losses[-1] if losses else None,
              "wall_time_s_this_call": time.perf_counter() - started}
@@ -328,3 +295,96 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
       json.dump(summary, f, indent=2)
   return train_step_lib.model_from_state(graphdef, state), history
 
+
+def _as_dataset(dataset: datasets.Dataset | str | os.PathLike) -> datasets.Dataset:
+  if isinstance(dataset, (str, os.PathLike)):
+    dataset = data_lib.load_dataset(dataset)
+  if not isinstance(dataset, datasets.Dataset):
+    raise TypeError(f"dataset must be a datasets.Dataset or a save_to_disk path, got "
+                    f"{type(dataset).__name__}")
+  return dataset
+
+
+def _check_batch_split(settings: FitSettings, mesh: jax.sharding.Mesh | None) -> None:
+  batch_size, accum = settings.batch_size, settings.grad_accum_steps
+  data_parallel = sharding.data_parallel_size(mesh)
+  if batch_size % accum or (batch_size // accum) % data_parallel:
+    raise ValueError(
+        f"batch_size={batch_size} must split into grad_accum_steps={accum} micro-batches whose size "
+        f"is a multiple of the {data_parallel} data-parallel devices of the mesh")
+
+
+def _resume(checkpointer: checkpoint_lib.TrainCheckpointer, state: train_step_lib.TrainState,
+            extra: Mapping[str, Any], workdir: str
+            ) -> tuple[train_step_lib.TrainState, dict[str, int], int | None]:
+  """``(state, data position, step)`` of the latest checkpoint in ``workdir`` if there is one
+  (of this run: same identity and base model), else the fresh state at the start."""
+  latest = checkpointer.latest_step()
+  if latest is None:
+    return state, {"epoch": 0, "step_in_epoch": 0}, None
+  try:
+    restored, meta = checkpointer.restore(_mutable(state), latest)
+    if meta.get("identity") != extra["identity"]:
+      raise ValueError(
+          f"{workdir} holds checkpoints of another run (config or dataset differ: identity "
+          f"{meta.get('identity')} vs {extra['identity']} now); use a fresh workdir.")
+    _check_frozen(meta.get("frozen"), extra["frozen"], workdir)
+  except BaseException:
+    checkpointer.close()
+    raise
+  position = {"epoch": meta["position"]["epoch"],
+              "step_in_epoch": meta["position"]["step_in_epoch"]}
+  logging.info("fit: resuming %s at step %d (epoch %d, step %d of it)", workdir, latest,
+               position["epoch"], position["step_in_epoch"])
+  return dataclasses.replace(state, **restored), position, latest
+
+
+def _run_epochs(state: train_step_lib.TrainState, position: Mapping[str, int], *,
+                global_step: int, step_fn: Callable, aux: Any, dataset: datasets.Dataset,
+                batches: Callable[..., Any], settings: FitSettings, steps: Mapping[str, int],
+                writer: progress_lib.MetricsWriter, bar: progress_lib.ProgressBar,
+                checkpointer: checkpoint_lib.TrainCheckpointer, extra: Mapping[str, Any],
+                callbacks: Sequence[Callback], stop_after: int | None
+                ) -> tuple[train_step_lib.TrainState, int, bool]:
+  """The steps from ``position`` to the end (or ``stop_after``): one record and possibly a
+  checkpoint per step. Returns ``(state, global step, stopped early)``."""
+  epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
+  total, stopped = steps["total_steps"], False
+  last = time.perf_counter()
+  while epoch < steps["epochs"] and not stopped:
+    # Right padding sits outside every mask, so any valid pad id works.
+    for batch in batches(dataset, batch_size=settings.batch_size, seed=settings.seed, epoch=epoch,
+                         pad_id=0, bucket=settings.bucket, start_step=step_in_epoch,
+                         length_multiple=settings.length_multiple):
+      state, metrics = step_fn(state, _process_rows(batch), aux)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+      now = time.perf_counter()
+      global_step += 1
+      step_in_epoch += 1
+      tokens = int(batch["attention_mask"].sum())
+      record = {"step": global_step, "epoch": epoch, **metrics, "tokens": tokens,
+                "seq_len": int(batch["input_ids"].shape[1]), "step_time_s": now - last,
+                "tokens_per_s": tokens / max(now - last, 1e-9)}
+      last = now
+      if step_in_epoch == steps["steps_per_epoch"]:
+        position = {"epoch": epoch + 1, "step_in_epoch": 0}
+      else:
+        position = {"epoch": epoch, "step_in_epoch": step_in_epoch}
+      writer.write(record)
+      if not math.isfinite(record.get("loss", 0.0)):
+        raise FloatingPointError(
+            f"the loss is {record['loss']} at step {global_step} (epoch {epoch}); nothing after "
+            f"checkpoint step {checkpointer.latest_step()} is saved. Lower the learning rate or "
+            "check the data.")
+      bar.update(record.get("loss", float("nan")), record["tokens_per_s"], epoch)
+      stopped = stop_after is not None and global_step >= stop_after
+      checkpointer.save(global_step, _mutable(state), position,
+                        force=stopped or global_step == total, extra=extra)
+      for callback in callbacks:
+        callback(global_step, record)
+      if stopped:
+        break
+    if not stopped:
+      epoch, step_in_epoch = epoch + 1, 0
+  checkpointer.save(global_step, _mutable(state), position, force=True, extra=extra)
+  return state, global_step, stopped
