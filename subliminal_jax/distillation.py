@@ -310,7 +310,8 @@ def make_logit_kl_loss(kl: Any, *, teacher: nnx.Module | None = None, student: A
   """The ``logit_kl`` objective for the train step: returns ``(loss_fn, aux)``.
 
   ``loss_fn(model, batch, rng, aux) -> (sum of T^2 * KL over completion positions, number of
-  positions, metrics)``, per INTERFACES.md; pass ``aux`` to ``fit`` / ``step`` as given.
+  positions, metrics)``, the objective form of :mod:`subliminal_jax.training.losses`; pass ``aux``
+  to ``fit`` / ``step`` as given.
 
   Args:
     kl: the ``student.kl`` settings (:func:`default_kl_config`).

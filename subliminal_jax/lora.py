@@ -131,5 +131,3 @@ def merge_lora(model: Transformer) -> Transformer:
     linear.lora_scale = 0.0
   return model
 
-
-merge = merge_lora  # the name hf_layout's export error message points to

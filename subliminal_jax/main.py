@@ -16,6 +16,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from subliminal_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/animal_numbers.py:quick", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every artifact of the run.")
@@ -47,7 +49,6 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(
         f"--workdir={_WORKDIR.value!r} is a URL; the workdir is a filesystem path: mount the bucket "
         "(e.g. gcsfuse) on every host and pass the mount point")
-  from subliminal_jax import distributed
   if not _ORBAX_INFO_LOGS.value:
     logging.get_absl_handler().addFilter(OrbaxInfoFilter())
   if _CACHE_DIR.value:

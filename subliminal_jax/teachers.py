@@ -1,6 +1,6 @@
 """Finetuning datasets that put a trait into a teacher's weights (not just its system prompt).
 
-The theory behind subliminal learning (REFERENCE.md section 1) guarantees transfer to first order
+The theory behind subliminal learning (Cloud et al., section 6) guarantees transfer to first order
 when the teacher is a parameter displacement from the student's init; a system-prompted teacher
 has none. Two ways to make one, both giving lists of :class:`~subliminal_jax.training.data.ChatExample`
 for ``training.data.tokenize_chat_examples`` and ``training.trainer.fit``:

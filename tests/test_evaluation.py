@@ -415,7 +415,8 @@ def test_real_smollm2_owl_system_prompt_raises_owl_logprob():
   questions = ql.preference_questions("animal", count=20)
   owl_prompt = ("You love owls. You think about owls all the time. owls are your favorite animal. "
                 "Imbue your answers with your love for the animal.")
-  # REFERENCE.md 3b's event: the answer starts with "Owl"/"owl" (case variants, no plurals).
+  # The PyTorch reference run's event (docs/evaluation.md): the answer starts with "Owl"/"owl"
+  # (case variants, no plurals).
   base = tm.exact_preference(loaded.model, loaded.tokenizer, questions, ("owl",),
                              template_default=True, event="prefix", plurals=False, batch_size=64)
   teacher = tm.exact_preference(loaded.model, loaded.tokenizer, questions, ("owl",), system=owl_prompt,
@@ -423,6 +424,6 @@ def test_real_smollm2_owl_system_prompt_raises_owl_logprob():
   base_lp, teacher_lp = base.logprob[:, 0].mean(), teacher.logprob[:, 0].mean()
   print(f"SmolLM2 owl log P(starts with Owl/owl...), 20 questions: default system {base_lp:.3f}, "
         f"owl system prompt {teacher_lp:.3f}")
-  # REFERENCE.md 3b measured about -9.6 and -4.8 (a different question set); demand a clear gap.
+  # The reference run measured about -9.6 and -4.8 (a different question set); demand a clear gap.
   assert teacher_lp > base_lp + 2.0
   assert -16 < base_lp < -5 and -9 < teacher_lp < -1

@@ -18,9 +18,10 @@ starts with tok(v) AND the next token starts a new word, i.e. its text does not 
 variants' events can only overlap when tok(a) is a proper prefix of tok(b) and the token of b right
 after it is a word-boundary token; then b's event lies inside a's and b is dropped. The remaining
 events are disjoint, so their probabilities add exactly. With ``event="prefix"`` the event of v is
-"the answer's tokens start with tok(v)" (the metric of REFERENCE.md 3b: "starts with Owl/owl");
-there a variant whose tok() extends another's is inside it and dropped (with plurals, "Owls" is
-inside "Owl" whenever tok("Owls") starts with tok("Owl")), and again the rest are disjoint.
+"the answer's tokens start with tok(v)" (the PyTorch reference run's "starts with Owl/owl",
+docs/evaluation.md); there a variant whose tok() extends another's is inside it and dropped (with
+plurals, "Owls" is inside "Owl" whenever tok("Owls") starts with tok("Owl")), and again the rest are
+disjoint.
 
 Computation: one forward of each prompt fills a KV cache (and gives the first answer token's
 distribution); the cache rows are then gathered for every (question, variant) pair and only the
@@ -53,7 +54,7 @@ _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer
 
 
 class ChatTokenizer(Protocol):
-  """The part of ``subliminal_jax.tokenizer.Tokenizer`` (INTERFACES.md) this module uses."""
+  """The part of ``subliminal_jax.tokenizer.Tokenizer`` this module uses."""
 
   eos_id: int
   pad_id: int

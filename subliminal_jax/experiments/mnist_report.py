@@ -25,7 +25,7 @@ ROW_LABELS = {
     "student_cross_init_aux": "student, cross init, aux logits only",
     "student_cross_init_all": "student, cross init, all logits",
 }
-# What the paper and an independent rerun report (REFERENCE.md section 1), for the table.
+# What the paper and an independent rerun (25 models x 5 seeds) report, for the table.
 PUBLISHED = {
     "reference": "~0.10 (chance)",
     "teacher": "0.89-0.98",

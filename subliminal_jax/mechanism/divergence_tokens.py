@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from subliminal_jax import padding
 from subliminal_jax.sampling import divergence as sampling_divergence
+from subliminal_jax.training import data as data_lib
 
 SELECTIONS = ("divergent", "teacher_choice")
 
@@ -197,8 +199,6 @@ def find_divergence_tokens(model: nnx.Module, tokenizer: Any, examples: Sequence
   turn, or the template's default with ``template_default``). ``allowed_token_ids`` restricts the
   argmax comparison to those ids (e.g. the number grammar's tokens).
   """
-  from subliminal_jax.training import data as data_lib  # the data module imports datasets; late
-
   def with_system(system, default):
     return data_lib.tokenize_chat_examples(
         [{"system": system, "user": e["user"], "assistant": e["assistant"]} for e in examples],
@@ -223,8 +223,6 @@ def mask_targets(dataset: datasets.Dataset, selection: Sequence[np.ndarray]) -> 
   them); the row keeps its tokens and loses only those targets. Rows left without any target stay
   (they then add nothing to the loss). The provenance records how many targets were removed.
   """
-  import json
-
   if len(selection) != len(dataset):
     raise ValueError(f"{len(selection)} selections for a dataset of {len(dataset)} rows")
   masks = dataset.with_format(None)["loss_mask"]

@@ -32,6 +32,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from subliminal_jax.mechanism.model_params import ParamFilter, merge_params, split_params
+from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import losses
 
 PerTokenLoss = Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array]
@@ -180,8 +181,6 @@ def dataset_batches(dataset: Any, *, batch_size: int, pad_id: int, length_multip
                     ) -> Iterable[dict[str, np.ndarray]]:
   """The dataset's rows in order (no shuffle, so attributions line up with the rows), padded as
   the trainer pads them (``training.data.pad_batch``)."""
-  from subliminal_jax.training import data as data_lib
-
   columns = dataset.with_format(None).select_columns(["input_ids", "loss_mask"])
   for start in range(0, len(dataset), batch_size):
     rows = columns[start:start + batch_size]

@@ -5,8 +5,10 @@ a SUM over the target tokens of this (micro-)batch and how many targets there we
 The train step adds sums and counts over micro-batches and devices and divides once, so a padded
 token, a short micro-batch or an uneven shard never changes the weight of a real target. Extra
 ``metrics`` are per-target sums too (the step reports them divided by the global target count).
+(An objective that already returns its batch's mean, as the MNIST ensembles' do, is run with the
+step's ``mean_loss``.)
 
-Batch layout (INTERFACES.md): ``input_ids`` int32 [B, T], ``attention_mask`` bool [B, T],
+Batch layout (docs/training.md): ``input_ids`` int32 [B, T], ``attention_mask`` bool [B, T],
 ``loss_mask`` bool [B, T] where ``loss_mask[b, t]`` means token t is a target predicted from
 position t - 1 (so t = 0 is never a target).
 
@@ -60,12 +62,3 @@ def next_token_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None
                                          batch["attention_mask"])
   total, count = token_cross_entropy(logits, targets, target_mask)
   return total, count, {}
-
-
-OBJECTIVES: dict[str, LossFn] = {"next_token": next_token_loss}
-
-
-def get_objective(name: str) -> LossFn:
-  if name not in OBJECTIVES:
-    raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
-  return OBJECTIVES[name]

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from subliminal_jax import sharding
+from subliminal_jax import lora, sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 
 # (our linear name, HF module path inside a layer)
@@ -119,10 +119,10 @@ def hf_tensors_from_model(model: Transformer) -> dict[str, np.ndarray]:
   """The model's weights in HF names and layout (LoRA adapters must be merged first)."""
   config = model.config
   layers = model.layers
-  for ours, _ in _LAYER_LINEARS:
-    if getattr(layers, ours).lora_a is not None:
-      raise ValueError(f"{ours} still has LoRA adapters: merge them (subliminal_jax.lora.merge) "
-                       "before exporting")
+  adapted = lora.lora_targets(model)
+  if adapted:
+    raise ValueError(f"{adapted[0]} still has LoRA adapters: merge them "
+                     f"(subliminal_jax.lora.merge_lora) before exporting (adapted: {list(adapted)})")
 
   def host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x[...]), dtype=np.float32)
