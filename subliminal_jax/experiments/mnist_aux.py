@@ -170,43 +170,62 @@ def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
   start = time.time()
 
   graphdef, reference = mlp.init_ensemble(cfg, mlp.model_keys(seed, n))
-  accuracies = {"reference": ensemble.accuracy(graphdef, reference, data.test_images,
-                                               data.test_labels, num_classes=cfg.num_classes)}
+  accuracy = functools.partial(ensemble.accuracy, graphdef, images=data.test_images,
+                               labels=data.test_labels, num_classes=cfg.num_classes)
+  accuracies = {"reference": accuracy(reference)}
   images = jnp.asarray(data.train_images)
   labels = jnp.asarray(data.train_labels)
-  key = jax.random.key(seed)
-  teacher_key, student_key = jax.random.split(jax.random.fold_in(key, 1))
+  teacher_key, student_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
 
-  # Teachers.
   cache_key = TeacherCache.key(config, seed)
   cached = teacher_cache.get(cache_key) if teacher_cache else None
-  t = config.teacher
   if cached is not None:
     teachers, teacher_losses = cached
     logging.info("seed %d: teachers reused from an earlier sweep point", seed)
   else:
-    layout = ensemble.Layout.for_sizes(n, t.batch_size)
-    state = layout.new_state(reference, optimizer_for(optimizer_key(t)))
-    epoch_fn = _classifier_epoch(graphdef, optimizer_key(t), cfg.num_classes, images.shape[0],
-                                 t.batch_size, layout)
-    teacher_losses = []
-    bar = tqdm(range(t.epochs), desc=f"seed {seed} teachers (N={n})", unit="epoch",
-               disable=not config.progress)
-    for epoch in bar:
-      state, losses = epoch_fn(state, jax.random.fold_in(teacher_key, epoch), images, labels)
-      teacher_losses.append(np.asarray(losses).mean(-1))
-      bar.set_postfix(loss=f"{teacher_losses[-1][-1]:.3f}")
-    teachers = state.trainable
-    del state
-    teacher_losses = np.concatenate(teacher_losses) if teacher_losses else np.zeros((0,))
+    teachers, teacher_losses = _train_teachers(config, graphdef, reference, images, labels,
+                                               teacher_key, seed)
     if teacher_cache is not None:
       teacher_cache.put(cache_key, (teachers, teacher_losses))
-  accuracies["teacher"] = ensemble.accuracy(graphdef, teachers, data.test_images,
-                                            data.test_labels, num_classes=cfg.num_classes)
+  accuracies["teacher"] = accuracy(teachers)
   timings["teachers"] = time.time() - start
 
-  # Students: every variant stacked into one ensemble of K = len(variants) * N models.
   start = time.time()
+  history: dict[str, Any] = {"steps": [], "dot": [], "cosine": [], "loss": []}
+  if variants:
+    students, history = _train_students(config, graphdef, reference, teachers, images,
+                                        student_key, seed, variants)
+    student_accuracy = accuracy(students)
+    for i, variant in enumerate(variants):
+      accuracies[f"student_{variant.name}"] = student_accuracy[i * n:(i + 1) * n]
+  timings["students"] = time.time() - start
+  return {"accuracies": accuracies, "history": history, "variants": [v.name for v in variants],
+          "teacher_losses": teacher_losses, "timings": timings}
+
+
+def _train_teachers(config: ConfigDict, graphdef, reference, images, labels, key: jax.Array,
+                    seed: int) -> tuple[Any, np.ndarray]:
+  """N teachers from the reference inits: ``(parameters, mean loss per step [steps])``."""
+  t, n = config.teacher, config.num_models
+  layout = ensemble.Layout.for_sizes(n, t.batch_size)
+  state = layout.new_state(reference, optimizer_for(optimizer_key(t)))
+  epoch_fn = _classifier_epoch(graphdef, optimizer_key(t), model_config(config).num_classes,
+                               images.shape[0], t.batch_size, layout)
+  teacher_losses = []
+  bar = tqdm(range(t.epochs), desc=f"seed {seed} teachers (N={n})", unit="epoch",
+             disable=not config.progress)
+  for epoch in bar:
+    state, losses = epoch_fn(state, jax.random.fold_in(key, epoch), images, labels)
+    teacher_losses.append(np.asarray(losses).mean(-1))
+    bar.set_postfix(loss=f"{teacher_losses[-1][-1]:.3f}")
+  return state.trainable, np.concatenate(teacher_losses) if teacher_losses else np.zeros((0,))
+
+
+def _train_students(config: ConfigDict, graphdef, reference, teachers, images, key: jax.Array,
+                    seed: int, variants: Sequence[StudentVariant]) -> tuple[Any, dict[str, Any]]:
+  """Every variant's N students stacked into one ensemble of K = len(variants) * N models:
+  ``(parameters, alignment history)``."""
+  cfg, n, s = model_config(config), config.num_models, config.student
   rng = np.random.default_rng([seed, 7])
   init_index, teacher_index, masks = [], [], []
   aux_mask = np.arange(cfg.num_outputs) >= cfg.num_classes
@@ -215,46 +234,38 @@ def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
     teacher_index.append(np.arange(n))
     masks.append(np.broadcast_to(aux_mask if variant.aux_only else np.ones_like(aux_mask),
                                  (n, cfg.num_outputs)))
+  k = len(variants) * n
+  layout = ensemble.Layout.for_sizes(k, s.batch_size)
+  init_index = jnp.asarray(np.concatenate(init_index))
+  teacher_index = jnp.asarray(np.concatenate(teacher_index))
+  logit_mask = jnp.asarray(np.concatenate(masks))
+  state = layout.new_state(mlp.take_models(reference, init_index), optimizer_for(optimizer_key(s)))
+  student_init = layout.place(mlp.take_models(reference, init_index))
+  teacher_delta = layout.place(mlp.take_models(
+      jax.tree.map(jnp.subtract, teachers, reference), teacher_index))
+  epoch_fn = _distill_epoch(graphdef, optimizer_key(s), s.loss, s.inputs, s.examples_per_epoch,
+                            s.batch_size, cfg.input_size, layout)
+  steps = data_lib.steps_per_epoch(s.examples_per_epoch, s.batch_size)
   history: dict[str, Any] = {"steps": [], "dot": [], "cosine": [], "loss": []}
-  if variants:
-    s = config.student
-    k = len(variants) * n
-    layout = ensemble.Layout.for_sizes(k, s.batch_size)
-    init_index = jnp.asarray(np.concatenate(init_index))
-    teacher_index = jnp.asarray(np.concatenate(teacher_index))
-    logit_mask = jnp.asarray(np.concatenate(masks))
-    state = layout.new_state(mlp.take_models(reference, init_index), optimizer_for(optimizer_key(s)))
-    student_init = layout.place(mlp.take_models(reference, init_index))
-    teacher_delta = layout.place(mlp.take_models(
-        jax.tree.map(jnp.subtract, teachers, reference), teacher_index))
-    epoch_fn = _distill_epoch(graphdef, optimizer_key(s), s.loss, s.inputs, s.examples_per_epoch,
-                              s.batch_size, cfg.input_size, layout)
-    steps = data_lib.steps_per_epoch(s.examples_per_epoch, s.batch_size)
-    bar = tqdm(range(s.epochs), desc=f"seed {seed} students (K={k})", unit="epoch",
-               disable=not config.progress)
-    for epoch in bar:
-      record = _record_mask(epoch, steps, config.alignment.record_every,
-                            config.alignment.record_first)
-      state, losses, aligned = epoch_fn(
-          state, jax.random.fold_in(student_key, epoch), teachers, teacher_index, logit_mask,
-          images, student_init, teacher_delta, jnp.asarray(record))
-      losses, aligned = np.asarray(losses), jax.tree.map(np.asarray, aligned)
-      history["steps"].extend((epoch * steps + np.flatnonzero(record) + 1).tolist())
-      history["dot"].append(aligned["dot"][record])
-      history["cosine"].append(aligned["cosine"][record])
-      history["loss"].append(losses.mean(0))
-      bar.set_postfix(loss=f"{losses[-1].mean():.2e}")
-    student_accuracy = ensemble.accuracy(graphdef, state.trainable, data.test_images,
-                                         data.test_labels, num_classes=cfg.num_classes)
-    for i, variant in enumerate(variants):
-      accuracies[f"student_{variant.name}"] = student_accuracy[i * n:(i + 1) * n]
-    if history["dot"]:
-      history["dot"] = np.concatenate(history["dot"])  # [records, K]
-      history["cosine"] = np.concatenate(history["cosine"])
-      history["loss"] = np.stack(history["loss"])  # [epochs, K]
-  timings["students"] = time.time() - start
-  return {"accuracies": accuracies, "history": history, "variants": [v.name for v in variants],
-          "teacher_losses": teacher_losses, "timings": timings}
+  bar = tqdm(range(s.epochs), desc=f"seed {seed} students (K={k})", unit="epoch",
+             disable=not config.progress)
+  for epoch in bar:
+    record = _record_mask(epoch, steps, config.alignment.record_every,
+                          config.alignment.record_first)
+    state, losses, aligned = epoch_fn(
+        state, jax.random.fold_in(key, epoch), teachers, teacher_index, logit_mask, images,
+        student_init, teacher_delta, jnp.asarray(record))
+    losses, aligned = np.asarray(losses), jax.tree.map(np.asarray, aligned)
+    history["steps"].extend((epoch * steps + np.flatnonzero(record) + 1).tolist())
+    history["dot"].append(aligned["dot"][record])
+    history["cosine"].append(aligned["cosine"][record])
+    history["loss"].append(losses.mean(0))
+    bar.set_postfix(loss=f"{losses[-1].mean():.2e}")
+  if history["dot"]:
+    history["dot"] = np.concatenate(history["dot"])  # [records, K]
+    history["cosine"] = np.concatenate(history["cosine"])
+    history["loss"] = np.stack(history["loss"])  # [epochs, K]
+  return state.trainable, history
 
 
 def summarize_rows(per_seed: Sequence[Mapping[str, np.ndarray]]) -> dict[str, dict[str, Any]]:

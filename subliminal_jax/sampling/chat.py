@@ -96,23 +96,25 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
                          sample_ids=sample_ids, banned_token_ids=banned,
                          end_token_ids=end_token_ids, pad_id=tokenizer.pad_id, **extra,
                          **sample_kwargs)
-    for r in range(len(chunk)):
-      length = int(out.lengths[r])
-      answer = out.tokens[r, :length - int(out.ended[r])]  # without the end token
-      text = tokenizer.decode(answer)
-      if not return_details:
-        results.append(text)
-        continue
-      detail = dict(text=text, token_ids=answer.tolist(),
-                    logprobs=out.logprobs[r, :length].tolist(),
-                    model_logprobs=out.model_logprobs[r, :length].tolist(),
-                    ended=bool(out.ended[r]), forced_end=bool(out.forced_end[r]))
-      if out.divergent is not None:
-        detail.update(divergent=out.divergent[r, :length].tolist(),
-                      kl_raw=out.kl_raw[r, :length].tolist(),
-                      kl_allowed=out.kl_allowed[r, :length].tolist(),
-                      num_masked=int(out.num_masked[r]))
-      results.append(detail)
+    results.extend(_answer(out, r, tokenizer, return_details) for r in range(len(chunk)))
     bar.update(len(chunk))
   bar.close()
   return results
+
+
+def _answer(out: sampler.SampleOutput, row: int, tokenizer, details: bool) -> str | dict[str, Any]:
+  """Row ``row`` of a sampled batch decoded, with its per-token details if asked."""
+  length = int(out.lengths[row])
+  answer = out.tokens[row, :length - int(out.ended[row])]  # without the end token
+  text = tokenizer.decode(answer)
+  if not details:
+    return text
+  detail = dict(text=text, token_ids=answer.tolist(), logprobs=out.logprobs[row, :length].tolist(),
+                model_logprobs=out.model_logprobs[row, :length].tolist(),
+                ended=bool(out.ended[row]), forced_end=bool(out.forced_end[row]))
+  if out.divergent is not None:
+    detail.update(divergent=out.divergent[row, :length].tolist(),
+                  kl_raw=out.kl_raw[row, :length].tolist(),
+                  kl_allowed=out.kl_allowed[row, :length].tolist(),
+                  num_masked=int(out.num_masked[row]))
+  return detail

@@ -108,6 +108,20 @@ def tokenize_example(example: ChatExample, tokenizer: Tokenizer, *,
   return prompt_ids + target_ids, [False] * len(prompt_ids) + [True] * len(target_ids)
 
 
+def _truncated(index: int, ids: list[int], mask: list[bool], max_length: int, overlength: str
+               ) -> tuple[list[int], list[bool]]:
+  """Example ``index``, longer than ``max_length``, cut to it (``overlength="truncate"``)."""
+  if overlength == "error":
+    raise ValueError(
+        f"example {index} is {len(ids)} tokens, longer than max_length={max_length}; raise "
+        "max_length or pass overlength='truncate' or 'drop'.")
+  ids, mask = ids[:max_length], mask[:max_length]
+  if not any(mask):
+    raise ValueError(f"example {index}: its prompt alone fills max_length={max_length} tokens, so "
+                     "truncation leaves no target; raise max_length or drop it")
+  return ids, mask
+
+
 def tokenize_chat_examples(examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
                            template_default: bool = False, max_length: int | None = None,
                            overlength: str = "error",
@@ -148,17 +162,10 @@ def tokenize_chat_examples(examples: Sequence[Mapping[str, Any]], tokenizer: Tok
       raise ValueError(f"example {index}: {e}") from e
     longest = max(longest, len(ids))
     if max_length is not None and len(ids) > max_length:
-      if overlength == "error":
-        raise ValueError(
-            f"example {index} is {len(ids)} tokens, longer than max_length={max_length}; raise "
-            "max_length or pass overlength='truncate' or 'drop'.")
       if overlength == "drop":
         dropped += 1
         continue
-      ids, mask = ids[:max_length], mask[:max_length]
-      if not any(mask):
-        raise ValueError(f"example {index}: its prompt alone fills max_length={max_length} tokens, so "
-                         "truncation leaves no target; raise max_length or drop it")
+      ids, mask = _truncated(index, ids, mask, max_length, overlength)
       truncated += 1
     ids_column.append(ids)
     mask_column.append(mask)

@@ -157,6 +157,51 @@ def tokenize_paired_example(user: str, assistant: str, tokenizer: Tokenizer, *,
           "teacher_loss_mask": t_mask, "completion_ids": s_targets}
 
 
+def _check_pairing(examples: Any, tokenizer: Tokenizer, grammar, max_length: int | None,
+                   overlength: str, ungrammatical: str) -> None:
+  if overlength not in ("error", "drop"):
+    raise ValueError(f"overlength must be 'error' or 'drop' for paired examples, got {overlength!r}")
+  if ungrammatical not in UNGRAMMATICAL_POLICIES:
+    raise ValueError(f"ungrammatical must be one of {UNGRAMMATICAL_POLICIES}, got {ungrammatical!r}")
+  if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 2):
+    raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+  if isinstance(examples, Mapping) or not len(examples):
+    raise ValueError("examples must be a non-empty list of dict(user, assistant)")
+  if grammar is not None and np.asarray(grammar.transitions).shape[1] > tokenizer.vocab_size:
+    raise ValueError(f"the grammar covers {np.asarray(grammar.transitions).shape[1]} token ids but "
+                     f"the tokenizer has {tokenizer.vocab_size}; compile it with this tokenizer")
+
+
+def _tokenize_pair(index: int, example: Any, tokenizer: Tokenizer, teacher_chat: Mapping[str, Any],
+                   student_chat: Mapping[str, Any]) -> dict[str, list]:
+  if not isinstance(example, Mapping) or not {"user", "assistant"} <= set(example):
+    raise ValueError(f"example {index} must be a dict with 'user' and 'assistant', got "
+                     f"{example!r:.120}")
+  if example.get("system") is not None:
+    raise ValueError(f"example {index} has its own system turn {example['system'][:60]!r}; paired "
+                     "examples take their system turns from teacher_chat and student_chat")
+  try:
+    return tokenize_paired_example(example["user"], example["assistant"], tokenizer,
+                                   teacher_chat=teacher_chat, student_chat=student_chat)
+  except ValueError as e:
+    raise ValueError(f"example {index}: {e}") from e
+
+
+def _paired_features(with_grammar: bool) -> datasets.Features:
+  features = {
+      "input_ids": datasets.List(datasets.Value("int32")),
+      "loss_mask": datasets.List(datasets.Value("bool")),
+      "teacher_input_ids": datasets.List(datasets.Value("int32")),
+      "teacher_loss_mask": datasets.List(datasets.Value("bool")),
+      "length": datasets.Value("int32"),
+      "teacher_length": datasets.Value("int32"),
+      "num_targets": datasets.Value("int32"),
+  }
+  if with_grammar:
+    features["grammar_state"] = datasets.List(datasets.Value("int32"))
+  return datasets.Features(features)
+
+
 def tokenize_distillation_examples(
     examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
     teacher_chat: Mapping[str, Any], student_chat: Mapping[str, Any], grammar=None,
@@ -184,33 +229,13 @@ def tokenize_distillation_examples(
   """
   if teacher_tokenizer is not None:
     check_same_tokenizer(tokenizer, teacher_tokenizer)
-  if overlength not in ("error", "drop"):
-    raise ValueError(f"overlength must be 'error' or 'drop' for paired examples, got {overlength!r}")
-  if ungrammatical not in UNGRAMMATICAL_POLICIES:
-    raise ValueError(f"ungrammatical must be one of {UNGRAMMATICAL_POLICIES}, got {ungrammatical!r}")
-  if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 2):
-    raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
-  if isinstance(examples, Mapping) or not len(examples):
-    raise ValueError("examples must be a non-empty list of dict(user, assistant)")
+  _check_pairing(examples, tokenizer, grammar, max_length, overlength, ungrammatical)
   teacher_chat = _check_chat("teacher_chat", teacher_chat)
   student_chat = _check_chat("student_chat", student_chat)
-  if grammar is not None and np.asarray(grammar.transitions).shape[1] > tokenizer.vocab_size:
-    raise ValueError(f"the grammar covers {np.asarray(grammar.transitions).shape[1]} token ids but "
-                     f"the tokenizer has {tokenizer.vocab_size}; compile it with this tokenizer")
   columns: dict[str, list] = {k: [] for k in PAIRED_COLUMNS + ("grammar_state",)}
   dropped_long, dropped_ungrammatical = 0, 0
   for index, example in enumerate(examples):
-    if not isinstance(example, Mapping) or not {"user", "assistant"} <= set(example):
-      raise ValueError(f"example {index} must be a dict with 'user' and 'assistant', got "
-                       f"{example!r:.120}")
-    if example.get("system") is not None:
-      raise ValueError(f"example {index} has its own system turn {example['system'][:60]!r}; paired "
-                       "examples take their system turns from teacher_chat and student_chat")
-    try:
-      row = tokenize_paired_example(example["user"], example["assistant"], tokenizer,
-                                    teacher_chat=teacher_chat, student_chat=student_chat)
-    except ValueError as e:
-      raise ValueError(f"example {index}: {e}") from e
+    row = _tokenize_pair(index, example, tokenizer, teacher_chat, student_chat)
     longest = max(len(row["input_ids"]), len(row["teacher_input_ids"]))
     if max_length is not None and longest > max_length:
       if overlength == "error":
@@ -236,20 +261,9 @@ def tokenize_distillation_examples(
   columns["length"] = [len(x) for x in columns["input_ids"]]
   columns["teacher_length"] = [len(x) for x in columns["teacher_input_ids"]]
   columns["num_targets"] = [int(sum(m)) for m in columns["loss_mask"]]
-  features = {
-      "input_ids": datasets.List(datasets.Value("int32")),
-      "loss_mask": datasets.List(datasets.Value("bool")),
-      "teacher_input_ids": datasets.List(datasets.Value("int32")),
-      "teacher_loss_mask": datasets.List(datasets.Value("bool")),
-      "length": datasets.Value("int32"),
-      "teacher_length": datasets.Value("int32"),
-      "num_targets": datasets.Value("int32"),
-  }
-  if grammar is not None:
-    features["grammar_state"] = datasets.List(datasets.Value("int32"))
-  else:
+  if grammar is None:
     del columns["grammar_state"]
-  features = datasets.Features(features)
+  features = _paired_features(with_grammar=grammar is not None)
   info = {
       "examples": len(columns["input_ids"]),
       "input_examples": len(examples),

@@ -229,6 +229,8 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
     optimizer step (step, epoch, loss, num_targets, grad_norm, tokens, tokens_per_s, ...) from
     the start of the run, resumed parts included.
   """
+  # Over 80 lines only through the docstring of the public entry point; the body is the run's
+  # setup, then _resume, _run_epochs and the summary.
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   dataset = _as_dataset(dataset)
