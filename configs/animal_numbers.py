@@ -58,7 +58,7 @@ def get_config(variant: str = "quick") -> ConfigDict:
   c.category = "animal"
   c.targets = ("owl",)
   # The system message of student finetuning and of evaluation: "none" (no system turn at all),
-  # "default" (the chat template's own default prompt) or any other text (used verbatim).
+  # "template_default" (the chat template's own default prompt) or any other text (used verbatim).
   # Identical in both unless evaluation.system overrides it.
   c.chat_system = "none"
 

@@ -20,7 +20,8 @@ Two sources:
 The system turn is always explicit (the paper's pitfall: SmolLM2's and Qwen2.5's templates insert a
 default system prompt when none is given): ``render_chat(..., system="...")`` writes that system
 turn; ``system=None`` writes NO system turn at all; ``template_default=True`` keeps the template's
-own default. :func:`system_choice` names the choice for results files.
+own default. :func:`system_choice` names the choice for results files, and :func:`system_turn`
+reads the same names from a config ("none", "template_default" or the text itself).
 """
 
 from __future__ import annotations
@@ -93,6 +94,24 @@ def _byte_to_unicode() -> dict[int, str]:
 @functools.lru_cache(maxsize=1)
 def _unicode_to_byte() -> dict[str, int]:
   return {char: byte for byte, char in _byte_to_unicode().items()}
+
+
+def system_turn(spec: str) -> dict[str, Any]:
+  """``render_chat``'s system arguments (``system``, ``template_default``) from a config's
+  spelling of the system turn, the names :func:`system_choice` records: "none" (no system turn),
+  "template_default" (the template's own default prompt) or any other text (that system prompt,
+  verbatim)."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"a system turn is 'none', 'template_default' or a non-empty system prompt, "
+                     f"got {spec!r}")
+  if spec == "none":
+    return dict(system=None, template_default=False)
+  if spec == "template_default":
+    return dict(system=None, template_default=True)
+  if spec == "default":  # the earlier spelling: as text it would silently become a system prompt
+    raise ValueError("the system turn 'default' is spelled 'template_default' (the chat "
+                     "template's own default prompt)")
+  return dict(system=spec, template_default=False)
 
 
 def system_choice(system: str | None, template_default: bool = False) -> str:

@@ -16,7 +16,7 @@ import regex
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from subliminal_jax.tokenizer import Tokenizer, system_choice
+from subliminal_jax.tokenizer import Tokenizer, system_choice, system_turn
 
 # --- tiny GGUF files, written here ---------------------------------------------------------------
 
@@ -260,6 +260,18 @@ def test_system_choice():
   assert system_choice("You love owls.") == "custom:" + hashlib.sha256(b"You love owls.").hexdigest()[:8]
   assert system_choice("You love owls.") != system_choice("You love owls!")
   assert len(system_choice("")) == len("custom:") + 8
+
+
+def test_system_turn_reads_the_names_system_choice_writes():
+  for spec in ("none", "template_default", "You love owls."):
+    turn = system_turn(spec)
+    assert system_choice(**turn) == (spec if spec != "You love owls." else
+                                     system_choice("You love owls."))
+  assert system_turn("You love owls.") == dict(system="You love owls.", template_default=False)
+  with pytest.raises(ValueError, match="'default' is spelled 'template_default'"):
+    system_turn("default")
+  with pytest.raises(ValueError, match="non-empty system prompt, got ' '"):
+    system_turn(" ")
 
 
 def test_render_chat_modes_chatml_with_default(tiny):

@@ -33,6 +33,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from subliminal_jax import artifacts, distillation, filters, lora, sharding
+from subliminal_jax import tokenizer as tokenizer_lib
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import report as report_lib
 from subliminal_jax.evaluation import trait_metrics
@@ -86,14 +87,8 @@ def load_base(config: ConfigDict, mesh) -> Base:
 
 
 def chat_kwargs(system_spec: str) -> dict[str, Any]:
-  """``config.chat_system`` -> render_chat arguments: "none", "default" or literal text."""
-  if system_spec == "none":
-    return dict(system=None, template_default=False)
-  if system_spec == "default":
-    return dict(system=None, template_default=True)
-  if not system_spec.strip():
-    raise ValueError("chat_system must be 'none', 'default' or a non-empty system prompt")
-  return dict(system=system_spec, template_default=False)
+  """``config.chat_system`` -> render_chat arguments: "none", "template_default" or literal text."""
+  return tokenizer_lib.system_turn(system_spec)
 
 
 def trait_system_prompt(config: ConfigDict, target: str) -> str:

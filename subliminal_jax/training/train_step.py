@@ -6,10 +6,12 @@ a subclass of Param, so full finetuning of an adapted model trains the adapters 
 ``frozen`` rest. :class:`TrainState` bundles them with the optimizer state, the step counter and an
 rng.
 
-The step is ``jax.jit`` with in/out shardings derived from each variable's logical axes
-(``sharding.state_shardings``) and the batch's leading axis over the data-parallel mesh axes
-(``sharding.batch_sharding``); the mutable part of the state is donated, the frozen part (a LoRA
-student's whole base model) is passed through untouched and never copied.
+The step is one ``jax.jit`` (:func:`jit_state_update`, which the ensembles of
+:mod:`subliminal_jax.training.ensemble` share) whose in/out shardings are the state's layout, from
+each variable's logical axes (``sharding.state_shardings``), as :func:`create_train_state` placed
+it; the batch's leading axis goes over the data-parallel mesh axes. The mutable part of the state
+is donated, the frozen part (a LoRA student's whole base model) is passed through untouched and
+never copied.
 
 Normalisation is exact: the objective returns a SUM of per-target losses and a target COUNT; the
 step adds both over micro-batches (``lax.scan``) and, being a global computation under jit, over
