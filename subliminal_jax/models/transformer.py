@@ -201,7 +201,11 @@ class TransformerConfig:
       del hf["hidden_act"]
       hf.update(hidden_activation="gelu_pytorch_tanh", rope_local_base_freq=self.rope_local_theta,
                 sliding_window=self.sliding_window, layer_types=list(self.layer_types),
-                query_pre_attn_scalar=self.query_pre_attn_scalar, attention_bias=False,
+                # transformers' Gemma3TextConfig accepts only an int here
+                query_pre_attn_scalar=(int(self.query_pre_attn_scalar)
+                                       if float(self.query_pre_attn_scalar).is_integer()
+                                       else self.query_pre_attn_scalar),
+                attention_bias=False,
                 final_logit_softcapping=None, attn_logit_softcapping=None)
     return hf
 
