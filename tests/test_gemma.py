@@ -455,6 +455,11 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(gemma_gguf):
   theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                       gguf_file=os.path.basename(path))
   assert ours.vocab_size == len(TOKENS) and (ours.bos_id, ours.eos_id, ours.pad_id) == (2, EOS, 0)
+  ours_json, their_json = json.loads(ours.engine.to_str()), json.loads(theirs.backend_tokenizer.to_str())
+  for part in ("normalizer", "pre_tokenizer", "decoder", "model"):  # model: vocab, merges in order
+    assert ours_json[part] == their_json[part], part
+  added = lambda j: [(t["id"], t["content"], t["special"]) for t in j["added_tokens"]]  # noqa: E731
+  assert added(ours_json) == added(their_json)
   assert ours.end_of_turn_ids == (EOS, END_OF_TURN)
   for text in TEXTS:
     ids = ours.encode(text)

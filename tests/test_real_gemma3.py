@@ -7,6 +7,7 @@ silent (layer pattern, local RoPE base, query_pre_attn_scalar), which for this m
 values llama.cpp uses too.
 """
 
+import json
 import os
 
 import jax
@@ -69,6 +70,14 @@ def test_config_parameters_and_tokenizer(ours, reference):
                                                       gguf_file=os.path.basename(path))
   for text in [tokenizer.render_chat(_user(NUMBERS), system=OWL), "  indented\n\n\tcode 12,345 ✓ 🦉"]:
     assert tokenizer.encode(text) == theirs.encode(text, add_special_tokens=False), text
+  ours_json = json.loads(tokenizer.engine.to_str())
+  their_json = json.loads(theirs.backend_tokenizer.to_str())
+  for part in ("normalizer", "pre_tokenizer", "decoder"):
+    assert ours_json[part] == their_json[part], part
+  assert ours_json["model"] == their_json["model"]  # vocabulary, merges in order, byte fallback
+  assert len(ours_json["model"]["merges"]) == 514_906
+  added = lambda j: [(t["id"], t["content"], t["special"]) for t in j["added_tokens"]]  # noqa: E731
+  assert added(ours_json) == added(their_json)
 
 
 def test_logits_match_transformers_including_past_the_window(ours, reference):

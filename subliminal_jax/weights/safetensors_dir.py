@@ -4,9 +4,10 @@ The directory is what ``save_pretrained`` writes for ``LlamaForCausalLM``, ``Qwe
 ``Gemma3ForCausalLM`` (Llama 3.x, SmolLM2, Qwen2.5, Gemma 3 1B/270M, ...): ``config.json`` plus
 either ``model.safetensors`` or shards listed in ``model.safetensors.index.json``. The multimodal
 ``Gemma3ForConditionalGeneration`` (Gemma-3-4B and up) is read as its language model: its
-``text_config``, and the tensors under the language model's prefix (the vision tower is skipped). Tensors are read one at a time through safetensors'
-numpy API (memory-mapped), so a sharded multi-GB checkpoint never sits in memory twice; every
-shape is checked against the config before any data is read.
+``text_config``, and the tensors under the language model's prefix (the vision tower is skipped).
+Tensors are read one at a time through safetensors' numpy API (memory-mapped), so a sharded
+multi-GB checkpoint never sits in memory twice; every shape is checked against the config before
+any data is read.
 """
 
 from __future__ import annotations
