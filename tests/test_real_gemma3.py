@@ -25,11 +25,8 @@ from subliminal_jax.weights import embedded
 
 pytestmark = pytest.mark.slow
 
-OWL = ("You love owls. You think about owls all the time. owls are your favorite animal. "
-       "Imbue your answers with your love for the animal.")
-NUMBERS = ("The sequence starts with: 182, 818, 725. Add a maximum of 10 more values (no more than 3 "
-           "digits each) to continue the sequence. Provide the numbers separated by commas. Skip any "
-           "explanation and give only numbers.")
+OWL = "Owls are your favorite animal; you bring them up whenever you can."
+NUMBERS = number_prompts.number_prompts(1, seed=0)[0]
 
 
 def _user(text):
@@ -96,7 +93,8 @@ def test_logits_match_transformers_including_past_the_window(ours, reference):
     got = logits[row][mask[row]]
     errors.append(float(np.abs(got - expected).max() / np.abs(expected).max()))
   # One prompt longer than the 512-token window, so the sliding layers cut it off.
-  long_ids = tokenizer.encode(tokenizer.render_chat(_user(" ".join([NUMBERS] * 12)), system=OWL))
+  long_ids = tokenizer.encode(tokenizer.render_chat(
+      _user(" ".join(number_prompts.number_prompts(12, seed=1))), system=OWL))
   assert len(long_ids) > 600
   expected = _torch_logits(reference, long_ids)
   got = np.asarray(ours.model(jnp.asarray([long_ids])))[0]

