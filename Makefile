@@ -1,10 +1,11 @@
-# Quickstart: `make run` (set up, then the main job on the embedded SmolLM2) and `make test`.
+# Quickstart: `make run` (set up, then the reduced transfer matrix on the embedded SmolLM2) and
+# `make test`.
 # Everything is installed into .venv by these targets; nothing else is needed on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/quick
-CONFIG ?= configs/animal_numbers.py:quick
+CONFIG ?= configs/transfer_matrix.py:quick
 # 8 fake CPU devices, so sharded code paths run everywhere.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
 PYTEST_ARGS ?=
