@@ -24,7 +24,8 @@ from subliminal_jax.sampling import chat
 from subliminal_jax.sampling import grammar as grammar_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2", "'smollm2', an HF model directory or a .gguf file.")
+flags.DEFINE_string("model", "smollm2",
+                    "'smollm2', 'gemma3-270m', an HF model directory or a .gguf file.")
 flags.DEFINE_multi_string("prompt", None, "User prompt (repeat the flag for several).")
 flags.DEFINE_string("system", None, "System prompt (default: no system turn).")
 flags.DEFINE_bool("template_default", False, "Use the chat template's own default system prompt.")

@@ -190,7 +190,7 @@ def test_fit_settings_are_typed_and_every_knob_is_a_config_key():
   """FitSettings reads fit's keys (defaults in one place, a bad value named), and the main job's
   training configs carry every one of them, so ``--config.student.x=`` reaches each knob."""
   from configs.animal_numbers import get_config
-  from subliminal_jax.experiments import animal_numbers
+  from subliminal_jax.experiments import stages
   from subliminal_jax.training import optimizers
 
   settings = trainer.FitSettings.from_config(train_config(lora=dict(rank=4, alpha=8.0)))
@@ -212,13 +212,13 @@ def test_fit_settings_are_typed_and_every_knob_is_a_config_key():
   config = get_config("quick")
   config.student.length_multiple = 8
   config.teacher.finetune.bucket = False
-  for train in (animal_numbers.student_train_config(config, 0),
-                animal_numbers.teacher_train_config(config)):
+  for train in (stages.student_train_config(config, 0),
+                stages.teacher_train_config(config)):
     assert fit_keys <= set(train.keys()), fit_keys - set(train.keys())
     assert names(trainer.LoraSettings) <= set(train.lora.keys())
-  assert trainer.FitSettings.from_config(animal_numbers.student_train_config(config, 0)
+  assert trainer.FitSettings.from_config(stages.student_train_config(config, 0)
                                          ).length_multiple == 8
-  assert not trainer.FitSettings.from_config(animal_numbers.teacher_train_config(config)).bucket
+  assert not trainer.FitSettings.from_config(stages.teacher_train_config(config)).bucket
 
 
 def test_dataset_fingerprint_tracks_rows_and_masks():

@@ -106,16 +106,18 @@ def grammar_allowed_table(grammar, end_ids: Sequence[int], vocab_size: int | Non
   return table
 
 
-def completion_grammar_states(completion_ids: Sequence[int], grammar,
-                              end_ids: Sequence[int]) -> np.ndarray | None:
+def completion_grammar_states(completion_ids: Sequence[int], grammar, end_ids: Sequence[int],
+                              initial_state: int | None = None) -> np.ndarray | None:
   """DFA state each target of ``completion_ids`` (answer tokens then one end token) is predicted
-  from: ``states[i] = grammar.walk(completion_ids[:i])``. None when the completion is not
-  grammatical (a token the grammar disallows, or an end token outside an accepting state)."""
+  from: ``states[i] = grammar.walk(completion_ids[:i], initial_state)``. None when the completion
+  is not grammatical (a token the grammar disallows, or an end token outside an accepting state).
+  ``initial_state``: where the walk starts (default ``grammar.initial_state``; a stacked table's
+  start of the format the prompt asked for)."""
   ids = [int(i) for i in completion_ids]
   if not ids or ids[-1] not in set(int(e) for e in end_ids):
     raise ValueError(f"a completion must end with an end-of-turn token {list(end_ids)}, got {ids}")
   states = np.empty(len(ids), np.int32)
-  state = int(grammar.initial_state)
+  state = int(grammar.initial_state if initial_state is None else initial_state)
   for i, token in enumerate(ids[:-1]):
     states[i] = state
     state = int(grammar.transitions[state, token])
@@ -187,6 +189,21 @@ def _tokenize_pair(index: int, example: Any, tokenizer: Tokenizer, teacher_chat:
     raise ValueError(f"example {index}: {e}") from e
 
 
+def _grammar_states(index: int, example: Mapping[str, Any], row: Mapping[str, Any], grammar,
+                    tokenizer: Tokenizer, ungrammatical: str) -> list[int] | None:
+  """The DFA state at each target of example ``index``; None when the grammar rejects it and
+  ``ungrammatical="drop"``."""
+  states = completion_grammar_states(row["completion_ids"], grammar, tokenizer.end_of_turn_ids,
+                                     example.get("grammar_initial_state"))
+  if states is not None:
+    return states.tolist()
+  if ungrammatical == "error":
+    raise ValueError(
+        f"example {index}: the completion {example['assistant'][:80]!r} is not accepted by the "
+        f"grammar {grammar.pattern!r}; filter it out or pass ungrammatical='drop'")
+  return None
+
+
 def _paired_features(with_grammar: bool) -> datasets.Features:
   features = {
       "input_ids": datasets.List(datasets.Value("int32")),
@@ -212,7 +229,9 @@ def tokenize_distillation_examples(
 
   Args:
     examples: dicts with "user" (the prompt) and "assistant" (the teacher's completion); a
-      "system" key, if present, must be None (the system turns come from the chat arguments).
+      "system" key, if present, must be None (the system turns come from the chat arguments); a
+      "grammar_initial_state" key, the grammar state the completion starts in (default
+      ``grammar.initial_state``).
     tokenizer: the shared tokenizer. ``teacher_tokenizer``, if given, must be the same vocabulary.
     teacher_chat, student_chat: ``dict(system=..., template_default=...)`` for each side, e.g.
       ``dict(system=trait_prompt)`` and ``dict(system=None)``.
@@ -244,15 +263,11 @@ def tokenize_distillation_examples(
       dropped_long += 1
       continue
     if grammar is not None:
-      states = completion_grammar_states(row["completion_ids"], grammar, tokenizer.end_of_turn_ids)
+      states = _grammar_states(index, example, row, grammar, tokenizer, ungrammatical)
       if states is None:
-        if ungrammatical == "error":
-          raise ValueError(
-              f"example {index}: the completion {example['assistant'][:80]!r} is not accepted by the "
-              f"grammar {grammar.pattern!r}; filter it out or pass ungrammatical='drop'")
         dropped_ungrammatical += 1
         continue
-      columns["grammar_state"].append(states.tolist())
+      columns["grammar_state"].append(states)
     for key in PAIRED_COLUMNS:
       columns[key].append(row[key])
   if not columns["input_ids"]:
