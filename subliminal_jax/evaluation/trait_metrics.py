@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from subliminal_jax import sharding
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.models.transformer import KVCache, Transformer
+from subliminal_jax.training import progress as progress_lib
 
 EVENTS = ("first_word", "prefix")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer recompiles)
@@ -241,7 +242,8 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
   boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(vocab, bool))
   out = np.empty((len(prompt_ids), num_cont), np.float64)
   context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  bar = tqdm(total=len(prompt_ids) * num_cont, desc=desc or "teacher forcing", unit="answer",
+  bar = tqdm(total=len(prompt_ids) * num_cont,
+             desc=progress_lib.describe(desc or "teacher forcing"), unit="answer",
              disable=desc is None)
   with context:
     for start in range(0, len(prompt_ids), prompt_batch):
