@@ -78,3 +78,16 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
   return records
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+  """The numpy arrays of a safetensors file; an unreadable file is an error naming it."""
+  from safetensors.numpy import load_file
+  path = os.fspath(path)
+  try:
+    return load_file(path)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # SafetensorError on a truncated or corrupt file
+    raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}. "
+                     "Delete it (or the artifact directory holding it) to rebuild it") from e

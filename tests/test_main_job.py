@@ -166,6 +166,45 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     animal_numbers.run(animal_config.get_config("tiny"), str(tmp_path / "wd4"), stages=["sampler"])
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("student.seeds", (0, 1, 1), r"student.seeds=\[0, 1, 1\] repeats \[1\]: .*counts it twice"),
+    ("student.seeds", (0, 1.5), r"student.seeds=\[0, 1.5\] holds \[1.5\]; expected integers >= 0"),
+    ("student.seeds", ("0",), r"holds \['0'\]; expected integers"),
+    ("student.epochs", 0, r"student.epochs=0; expected an integer >= 1"),
+    ("filter.subset_size", 0, r"filter.subset_size=0; expected an integer >= 1"),
+    ("evaluation.num_questions", 0, r"evaluation.num_questions=0"),
+    ("student.batch_size", 12, r"student.batch_size=12 must split into .* 8 data-parallel devices"),
+    ("report_dir", "../elsewhere", r"report_dir='../elsewhere' leads outside the workdir"),
+    ("report_dir", "/tmp/x", r"report_dir='/tmp/x' is an absolute path"),
+    ("targets", ("../owl",), r"target '../owl' cannot name a directory"),
+])
+def test_config_values_a_stage_would_reject_fail_before_any_work(tmp_path, key, value, message):
+  """validate() refuses them before the model loads or a file is written; a repeated student seed
+  would count one student twice (a CI that excludes zero where the true one does not)."""
+  config = animal_config.get_config("tiny")
+  *path, leaf = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  with config.unlocked():
+    node[leaf] = value
+  if key == "targets":
+    config.evaluation.panel = tuple(config.evaluation.panel) + value
+  with pytest.raises(ValueError, match=message):
+    animal_numbers.run(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_stages_missing_a_dependency_name_a_stage_the_user_can_pass(tmp_path):
+  config = animal_config.get_config("tiny")
+  with pytest.raises(RuntimeError, match=r"stage 'teacher_owl' \(part of 'teacher'\) was not "
+                     r"selected.*add 'teacher' to --stages"):
+    animal_numbers.run(config, str(tmp_path), stages=["prompts"])
+  with pytest.raises(RuntimeError, match="add 'students' to --stages"):
+    animal_numbers.run(config, str(tmp_path), stages=[s for s in animal_numbers.STAGES
+                                                     if s != "students"])
+
+
 def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
