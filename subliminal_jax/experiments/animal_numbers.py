@@ -451,7 +451,8 @@ def fit_in_stage(config: ConfigDict, model, dataset, train: ConfigDict, out: pat
   """
   train = ConfigDict(train.to_dict())
   train.checkpoint_every = int(config.training_checkpoints.every)
-  model, history = trainer.fit(model, dataset, train, str(out / "training"), mesh=mesh, **fit_kwargs)
+  model, history = trainer.fit(model, dataset, train, str(out / "training"), mesh=mesh,
+                               tensorboard=bool(config.tensorboard), **fit_kwargs)
   save_trainable(model, train, out)
   if not config.training_checkpoints.keep and jax.process_index() == 0:
     shutil.rmtree(out / "training" / trainer.CHECKPOINT_DIR, ignore_errors=True)

@@ -6,8 +6,10 @@ tensor, on request, into a float32 array in HF names and HF orientation, so that
 :func:`subliminal_jax.weights.hf_layout.model_from_hf_tensors` builds the model exactly as it does
 from a safetensors directory. Two things differ from HF checkpoints and are undone here:
 
-* quantized blocks (F16, BF16, Q8_0, Q4_0, Q4_1 are dequantized with ``gguf.quants.dequantize``;
-  any other type is refused with the list of supported ones rather than guessed at);
+* quantized blocks: every type ``gguf.quants.dequantize`` implements (legacy, K- and I-quants,
+  BF16, ...; the list is taken from the installed ``gguf`` package) is dequantized with it; any
+  other type is refused with the list of supported ones rather than guessed at, and a tensor that
+  dequantizes to NaN or inf (corrupt data) is refused, named;
 * llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` from HF's rotate-half RoPE
   layout into interleaved pairs (``convert_hf_to_gguf.py``, ``LlamaModel.permute``); the inverse
   permutation here matches transformers' own GGUF loader (``_reverse_permute_weights``).
@@ -28,7 +30,25 @@ from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.weights import hf_layout
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def dequantizable_types() -> tuple[str, ...]:
+  """Every GGML tensor type the installed ``gguf`` package dequantizes (probed on one zero block,
+  so a newer gguf that learns a type admits it here without a change)."""
+  names = []
+  for qtype in gguf_lib.GGMLQuantizationType:
+    if qtype not in gguf_lib.GGML_QUANT_SIZES:
+      continue
+    _, type_size = gguf_lib.GGML_QUANT_SIZES[qtype]
+    try:
+      gguf_lib.quants.dequantize(np.zeros(type_size, np.uint8), qtype)
+    except NotImplementedError:
+      continue
+    names.append(qtype.name)
+  return tuple(names)
+
+
+SUPPORTED_TENSOR_TYPES = dequantizable_types()
 
 # GGUF tensor name (inside one block) -> HF name (inside one layer).
 _LAYER_NAMES = {
@@ -203,7 +223,9 @@ class GGUFReader:
                        f"supported; supported types: {list(SUPPORTED_TENSOR_TYPES)}")
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     w = gguf_lib.quants.dequantize(np.asarray(t.data), t.tensor_type)
-    return np.asarray(w, dtype=np.float32).reshape(shape)
+    w = np.asarray(w, dtype=np.float32).reshape(shape)
+    hf_layout.check_finite(w, gguf_name, self.path)
+    return w
 
   def check(self) -> None:
     """Raises a clear error if tensors are missing, misshapen or of an unsupported type."""
