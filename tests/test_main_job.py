@@ -216,6 +216,24 @@ def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_the_job_names_its_stages_in_progress_and_writes_tensorboard_when_asked(tmp_path):
+  """Through main: bars say which stage runs ("student_owl_seed0 (stage 6 of 8): training"),
+  datasets' own bars are off, and config.tensorboard writes each training stage's events."""
+  result = subprocess.run(
+      [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
+       f"--workdir={tmp_path}", "--config.tensorboard=True", "--config.student.seeds=0,",
+       "--stages=prompts,teacher,sampling,filter,dataset,students"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert result.returncode != 0 and "add 'evaluation' to --stages" in result.stderr
+  assert "sampling_owl (stage 3 of 8): sampling" in result.stderr
+  assert "student_owl_seed0 (stage 6 of 8): training" in result.stderr
+  assert "Saving the dataset" not in result.stderr and "Map" not in result.stderr
+  for student in ("student_owl_seed0", "student_control_seed0"):
+    (events,) = tmp_path.glob(f"{student}/*/training/tensorboard/events.out.tfevents.*")
+    assert events.stat().st_size > 0
+
+
 def _records_of_an_orbax_save(directory: pathlib.Path, log_filter) -> list:
   """Every absl record that reaches a handler during one real orbax save and one log line of ours."""
   import logging as std_logging

@@ -1,0 +1,95 @@
+"""Exports a trained student of the main job for transformers, vLLM or peft to cross-check.
+
+  python -m subliminal_jax.export_student --student_dir=WORKDIR/student_owl_seed0/<fingerprint> \
+      --model=smollm2 --out=exported/owl_seed0
+
+writes, for a LoRA student, ``OUT/adapter`` (a PEFT adapter: adapter_config.json and
+adapter_model.safetensors), ``OUT/base`` (the base exactly as the student saw it, as an HF
+directory: for a quantized GGUF base its dequantized weights, which is what the adapters were
+trained on) and ``OUT/merged`` (base plus adapters as one HF directory); for a fully finetuned
+student only ``OUT/merged``. ``--formats`` picks among ``peft`` and ``merged``.
+
+``--model`` (and ``--dtype``/``--param_dtype``) must give the base of the student's workdir: its
+fingerprint is compared with the one the workdir recorded, so adapters are never exported against
+another base.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Sequence
+
+from absl import app, flags
+from ml_collections import ConfigDict
+
+from subliminal_jax import artifacts, files, lora, sharding
+from subliminal_jax.weights.export import export_hf
+from subliminal_jax.weights.peft import export_peft
+
+FORMATS = ("peft", "merged")
+
+
+def export_student(student_dir: str | os.PathLike, model: str, out: str | os.PathLike, *,
+                   formats: Sequence[str] = FORMATS, dtype: str = "float32",
+                   param_dtype: str | None = None) -> dict[str, pathlib.Path]:
+  """Writes the student at ``student_dir`` in ``formats``; returns {"adapter"|"base"|"merged": dir}."""
+  from subliminal_jax.experiments import animal_numbers  # the main job's model loading and restore
+
+  unknown = [f for f in formats if f not in FORMATS]
+  if unknown or not formats:
+    raise ValueError(f"formats={list(formats)}; expected a non-empty subset of {list(FORMATS)}")
+  student_dir, out = pathlib.Path(student_dir), pathlib.Path(out)
+  done = student_dir / artifacts.DONE_FILE
+  if not done.is_file():
+    raise FileNotFoundError(f"{student_dir} is not a finished stage artifact (no {done.name}); "
+                            "expected WORKDIR/student_<role>_seed<k>/<fingerprint>")
+  record = files.read_json(done)
+  if "student" not in record["inputs"]:
+    raise ValueError(f"{student_dir} is an artifact of stage {record['stage']!r}, not a student")
+  workdir = student_dir.parent.parent
+  recorded = files.read_json(workdir / artifacts.MARKER_FILE)["model"]
+  base = animal_numbers.load_base(
+      ConfigDict(dict(model=model, dtype=dtype, param_dtype=param_dtype or dtype)),
+      sharding.make_mesh())
+  if base.fingerprint != recorded:
+    raise ValueError(f"--model={model!r} (dtype {dtype}) is not the base this student was trained "
+                     f"on: fingerprint {base.fingerprint}, the workdir {workdir} recorded {recorded}")
+  train = ConfigDict(record["inputs"]["student"])
+  student = animal_numbers.restore_trainable(base, train, student_dir)
+  written = {}
+  if "peft" in formats:
+    if train.lora.rank == 0:
+      raise ValueError(f"{student_dir} is a fully finetuned student: it has no adapters to export "
+                       "as PEFT; use --formats=merged")
+    written["base"] = out / "base"
+    export_hf(base.model, written["base"], base.tokenizer)
+    written["adapter"] = out / "adapter"
+    export_peft(student, written["adapter"], base_model_name_or_path=str(written["base"].resolve()))
+  if "merged" in formats:
+    written["merged"] = out / "merged"
+    export_hf(lora.merge_lora(student) if train.lora.rank > 0 else student, written["merged"],
+              base.tokenizer)
+  return written
+
+
+_STUDENT_DIR = flags.DEFINE_string("student_dir", None, "A student artifact directory of a workdir.")
+_MODEL = flags.DEFINE_string("model", None, "The base model, as config.model of the run.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write adapter/, base/ and merged/ into.")
+_FORMATS = flags.DEFINE_list("formats", list(FORMATS), "Any of: peft, merged.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "config.dtype of the run.")
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", None, "config.param_dtype of the run (default: dtype).")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  written = export_student(_STUDENT_DIR.value, _MODEL.value, _OUT.value, formats=_FORMATS.value,
+                           dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
+  for kind, path in written.items():
+    print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["student_dir", "model", "out"])
+  app.run(main)
