@@ -73,23 +73,28 @@ def export_student(student_dir: str | os.PathLike, model: str, out: str | os.Pat
   return written
 
 
-_STUDENT_DIR = flags.DEFINE_string("student_dir", None, "A student artifact directory of a workdir.")
-_MODEL = flags.DEFINE_string("model", None, "The base model, as config.model of the run.")
-_OUT = flags.DEFINE_string("out", None, "Directory to write adapter/, base/ and merged/ into.")
-_FORMATS = flags.DEFINE_list("formats", list(FORMATS), "Any of: peft, merged.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "config.dtype of the run.")
-_PARAM_DTYPE = flags.DEFINE_string("param_dtype", None, "config.param_dtype of the run (default: dtype).")
+def main() -> None:
+  """The command line. Its flags are defined here, not at import, so that importing this module
+  next to another CLI module (generate.py also has --model) defines no flag twice."""
+  student_dir = flags.DEFINE_string("student_dir", None, "A student artifact directory of a workdir.")
+  model = flags.DEFINE_string("model", None, "The base model, as config.model of the run.")
+  out = flags.DEFINE_string("out", None, "Directory to write adapter/, base/ and merged/ into.")
+  formats = flags.DEFINE_list("formats", list(FORMATS), "Any of: peft, merged.")
+  dtype = flags.DEFINE_string("dtype", "float32", "config.dtype of the run.")
+  param_dtype = flags.DEFINE_string("param_dtype", None,
+                                    "config.param_dtype of the run (default: dtype).")
+  flags.mark_flags_as_required(["student_dir", "model", "out"])
 
+  def run(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    written = export_student(student_dir.value, model.value, out.value, formats=formats.value,
+                             dtype=dtype.value, param_dtype=param_dtype.value)
+    for kind, path in written.items():
+      print(f"{kind}: {path}")
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  written = export_student(_STUDENT_DIR.value, _MODEL.value, _OUT.value, formats=_FORMATS.value,
-                           dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
-  for kind, path in written.items():
-    print(f"{kind}: {path}")
+  app.run(run)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["student_dir", "model", "out"])
-  app.run(main)
+  main()

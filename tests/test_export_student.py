@@ -83,3 +83,19 @@ def test_another_base_or_a_full_finetune_is_refused(student, tmp_path):
   with pytest.raises(ValueError, match="no LoRA adapters to export"):
     peft_export.export_peft(lora.merge_lora(nnx.clone(model)), tmp_path / "d",
                             base_model_name_or_path="x")
+
+
+def test_the_command_line_writes_the_same_directories(student, tmp_path):
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  student_dir = student[0]
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run(
+      [sys.executable, "-m", "subliminal_jax.export_student", f"--student_dir={student_dir}",
+       "--model=tiny-random", f"--out={tmp_path}", "--formats=merged"],
+      capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == f"merged: {tmp_path / 'merged'}"
+  assert (tmp_path / "merged" / "model.safetensors").is_file() and not (tmp_path / "adapter").exists()
