@@ -1,6 +1,7 @@
 """Fingerprinted stage artifacts: skip when unchanged, rebuild only what a change touches, lose nothing."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -170,3 +171,35 @@ def test_a_second_job_on_the_same_workdir_is_refused_before_it_writes(tmp_path):
       == "first job"
   wd.close()
   again.close()
+
+
+def test_damaged_json_and_safetensors_errors_name_the_file(tmp_path):
+  from subliminal_jax import files
+  artifacts.Workdir(tmp_path, "exp", {"model": "m"}).close()
+  (tmp_path / "experiment.json").write_text('{"experiment": "ex')  # cut short
+  with pytest.raises(ValueError, match=f"{tmp_path / 'experiment.json'} is not valid JSON"):
+    artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  (tmp_path / "a.jsonl").write_text('{"i": 1}\n{"i": \n')
+  with pytest.raises(ValueError, match=r"a.jsonl, line 2: not valid JSON"):
+    files.read_jsonl(tmp_path / "a.jsonl")
+  import numpy as np
+  from safetensors.numpy import save_file
+  save_file({"w": np.zeros((64, 64), np.float32)}, str(tmp_path / "adapters.safetensors"))
+  data = (tmp_path / "adapters.safetensors").read_bytes()
+  (tmp_path / "adapters.safetensors").write_bytes(data[:-100])
+  with pytest.raises(ValueError, match=r"adapters.safetensors is not a readable safetensors file"):
+    files.read_safetensors(tmp_path / "adapters.safetensors")
+
+
+def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
+  from subliminal_jax import files
+  files.write_json(tmp_path / "results.json", {"a": 1})
+
+  def fail(tmp):
+    pathlib.Path(tmp).write_text('{"a": 2, "b"')  # half written, then the disk is full
+    raise OSError(28, "No space left on device")
+
+  with pytest.raises(OSError, match="No space left"):
+    files.write_atomic(tmp_path / "results.json", fail)
+  assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
