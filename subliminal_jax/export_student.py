@@ -1,6 +1,6 @@
 """Exports a trained student of the main job for transformers, vLLM or peft to cross-check.
 
-  python -m subliminal_jax.export_student --student_dir=WORKDIR/student_owl_seed0/<fingerprint> \
+  python -m subliminal_jax.export_student --student_dir=WORKDIR/student/<fingerprint> \
       --model=smollm2 --out=exported/owl_seed0
 
 writes, for a LoRA student, ``OUT/adapter`` (a PEFT adapter: adapter_config.json and
@@ -10,8 +10,9 @@ trained on) and ``OUT/merged`` (base plus adapters as one HF directory); for a f
 student only ``OUT/merged``. ``--formats`` picks among ``peft`` and ``merged``.
 
 ``--model`` (and ``--dtype``/``--param_dtype``) must give the base of the student's workdir: its
-fingerprint is compared with the one the workdir recorded, so adapters are never exported against
-another base.
+fingerprint is compared with the one the student's stage recorded, so adapters are never exported
+against another base. Which student a fingerprint is: its DONE.json says (inputs: student.seed,
+dataset, teacher).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def export_student(student_dir: str | os.PathLike, model: str, out: str | os.Pat
                    formats: Sequence[str] = FORMATS, dtype: str = "float32",
                    param_dtype: str | None = None) -> dict[str, pathlib.Path]:
   """Writes the student at ``student_dir`` in ``formats``; returns {"adapter"|"base"|"merged": dir}."""
-  from subliminal_jax.experiments import animal_numbers  # the main job's model loading and restore
+  from subliminal_jax.experiments import stages  # the main job's model loading and restore
 
   unknown = [f for f in formats if f not in FORMATS]
   if unknown or not formats:
@@ -43,20 +44,23 @@ def export_student(student_dir: str | os.PathLike, model: str, out: str | os.Pat
   done = student_dir / artifacts.DONE_FILE
   if not done.is_file():
     raise FileNotFoundError(f"{student_dir} is not a finished stage artifact (no {done.name}); "
-                            "expected WORKDIR/student_<role>_seed<k>/<fingerprint>")
+                            "expected WORKDIR/student/<fingerprint>")
   record = files.read_json(done)
   if "student" not in record["inputs"]:
     raise ValueError(f"{student_dir} is an artifact of stage {record['stage']!r}, not a student")
   workdir = student_dir.parent.parent
-  recorded = files.read_json(workdir / artifacts.MARKER_FILE)["model"]
-  base = animal_numbers.load_base(
+  # The student's own base (a transfer matrix trains students of several model families in one
+  # workdir); older artifacts name only the workdir's.
+  recorded = (record["inputs"].get("model")
+              or files.read_json(workdir / artifacts.MARKER_FILE)["model"])
+  base = stages.load_base(
       ConfigDict(dict(model=model, dtype=dtype, param_dtype=param_dtype or dtype)),
       sharding.make_mesh())
   if base.fingerprint != recorded:
     raise ValueError(f"--model={model!r} (dtype {dtype}) is not the base this student was trained "
-                     f"on: fingerprint {base.fingerprint}, the workdir {workdir} recorded {recorded}")
+                     f"on: fingerprint {base.fingerprint}, {student_dir} recorded {recorded}")
   train = ConfigDict(record["inputs"]["student"])
-  student = animal_numbers.restore_trainable(base, train, student_dir)
+  student = stages.restore_trainable(base, train, student_dir)
   written = {}
   if "peft" in formats:
     if train.lora.rank == 0:

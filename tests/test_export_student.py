@@ -14,7 +14,7 @@ from flax import nnx
 
 from configs import animal_numbers as animal_config
 from subliminal_jax import artifacts, lora, sharding
-from subliminal_jax.experiments import animal_numbers
+from subliminal_jax.experiments import stages
 from subliminal_jax.export_student import export_student
 from subliminal_jax.weights import peft as peft_export
 
@@ -25,8 +25,8 @@ def student(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("wd")
   config = animal_config.get_config("tiny")
   config.student.lora.targets = ("q_proj", "v_proj", "down_proj")
-  base = animal_numbers.load_base(config, sharding.make_mesh())
-  train = animal_numbers.student_train_config(config, 0)
+  base = stages.load_base(config, sharding.make_mesh())
+  train = stages.student_train_config(config, 0)
   model = lora.apply_lora(nnx.clone(base.model), rank=train.lora.rank, alpha=train.lora.alpha,
                           targets=tuple(train.lora.targets), seed=train.lora.seed)
   rng = np.random.default_rng(0)
@@ -35,8 +35,8 @@ def student(tmp_path_factory):
     b.set_value(jax.numpy.asarray(rng.normal(0, 0.05, b.get_value().shape), np.float32))
   with artifacts.Workdir(workdir, "animal_numbers", {"model": base.fingerprint}) as wd:
     student_dir, _ = wd.run_stage(
-        "student_owl_seed0", {"student": train.to_dict()},
-        lambda out: animal_numbers.save_trainable(model, train, out) or {})
+        "student", {"student": train.to_dict(), "model": base.fingerprint},
+        lambda out: stages.save_trainable(model, train, out) or {})
   ids = rng.integers(0, 1000, (2, 9)).astype(np.int32)
   return student_dir, model, np.asarray(model(jax.numpy.asarray(ids))), ids
 

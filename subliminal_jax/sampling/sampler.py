@@ -261,7 +261,7 @@ def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, input
       cache=cache)
   gstate0 = None
   if plan.use_grammar:
-    gstate0 = jnp.full((batch,), inputs["initial_state"], jnp.int32)
+    gstate0 = inputs["initial_state"]
     carry["gstate"] = gstate0
   if plan.use_reference:
     carry.update(divergent=jnp.zeros((batch, n), bool), kl_raw=zeros_f, kl_allowed=zeros_f,
@@ -358,7 +358,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
            end_token_ids: Sequence[int], reference_model=None, mask_divergent: bool = False,
            mesh: Mesh | None = None, pad_id: int | None = None, reference_prompt_ids=None,
            reference_prompt_mask=None, prompt_bucket: int = DEFAULT_PROMPT_BUCKET,
-           cache_length: int | None = None) -> SampleOutput:
+           cache_length: int | None = None, grammar_initial_states=None) -> SampleOutput:
   """Samples ``max_new_tokens`` (at most) continuations of each left-padded prompt.
 
   Args:
@@ -373,6 +373,9 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
     banned_token_ids: ids never sampled (e.g. from ``logit_processors.banned_word_token_ids``).
     grammar: a ``TokenGrammar``; the output must follow its DFA, end tokens only in accepting
       states.
+    grammar_initial_states: int ``[B]``, the state each row starts in (default: every row in
+      ``grammar.initial_state``). With a table of several grammars side by side
+      (``grammar.stack_token_grammars``) each row follows its own, e.g. the format its prompt asks for.
     end_token_ids: ids that end a row (e.g. ``tokenizer.end_of_turn_ids``).
     reference_model: optional second model run on the same prefix in the same loop (its own KV
       cache), for the divergence fields; see ``subliminal_jax.sampling.divergence``.
@@ -466,11 +469,17 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
     if transitions.shape[1] < vocab:  # model rows past the tokenizer's vocabulary: never allowed
       transitions = np.pad(transitions, ((0, 0), (0, vocab - transitions.shape[1])),
                            constant_values=-1)
-    if not 0 <= grammar.initial_state < transitions.shape[0]:
-      raise ValueError(f"grammar initial_state={grammar.initial_state} is not a state of its "
-                       f"{transitions.shape[0]}-state table")
+    starts = np.asarray(grammar.initial_state if grammar_initial_states is None
+                        else grammar_initial_states)
+    starts = np.broadcast_to(starts, (batch,)) if starts.ndim == 0 else starts
+    if starts.shape != (batch,) or not np.issubdtype(starts.dtype, np.integer) or (
+        starts.min() < 0 or starts.max() >= transitions.shape[0]):
+      raise ValueError(f"grammar initial states {starts.tolist()[:8]} must be {batch} ints, states "
+                       f"of the grammar's {transitions.shape[0]}-state table")
     inputs.update(transitions=transitions, accepting=np.asarray(grammar.accepting, bool),
-                  initial_state=np.int32(grammar.initial_state))
+                  initial_state=starts.astype(np.int32))
+  elif grammar_initial_states is not None:
+    raise ValueError("grammar_initial_states given without a grammar")
   if reference_model is not None:
     inputs.update(ref_ids=ref_ids.astype(np.int32), ref_mask=ref_mask)
 
@@ -484,7 +493,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
   if mesh is not None:
     data_parallel = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
     padded_batch = -(-batch // data_parallel) * data_parallel
-  batch_keys = ("ids", "mask", "sample_ids", "ref_ids", "ref_mask")
+  batch_keys = ("ids", "mask", "sample_ids", "ref_ids", "ref_mask", "initial_state")
   if padded_batch != batch:  # extra rows repeat row 0; they are dropped from the output
     for key in batch_keys:
       if key in inputs:
