@@ -14,6 +14,8 @@ import pathlib
 import tempfile
 from typing import Any, Callable
 
+from absl import logging
+
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file renamed into place."""
@@ -65,18 +67,27 @@ def read_json(path: str | os.PathLike) -> Any:
                      "(or the artifact directory holding it) to rebuild it") from e
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Any]:
-  """The records of a JSON-lines file; a malformed line is an error naming the file and line."""
+def read_jsonl(path: str | os.PathLike, *, drop_torn_last_line: bool = False) -> list[Any]:
+  """The records of a JSON-lines file; a malformed line is an error naming the file and line.
+
+  ``drop_torn_last_line``: a last line without its newline that does not parse was cut by a kill
+  in the middle of an append; it is dropped (with a warning) instead.
+  """
   path = os.fspath(path)
-  records = []
   with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
+    lines = f.readlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if drop_torn_last_line and number == len(lines) and not line.endswith("\n"):
+        logging.warning("%s: dropped its torn last line (%d bytes, a kill during a write)", path,
+                        len(line))
+        break
+      raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
   return records
 
 

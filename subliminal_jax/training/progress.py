@@ -21,8 +21,9 @@ import math
 import os
 from typing import Any, Iterator, Mapping
 
-from absl import logging
 from tqdm.auto import tqdm
+
+from subliminal_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -52,24 +53,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
   A last line without its newline that does not parse was torn by a kill mid-write: it is
   dropped. Any other line that does not parse is an error naming the file and line.
   """
-  path = os.fspath(path)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    lines = f.readlines()
-  records = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if number == len(lines) and not line.endswith("\n"):
-        logging.warning("%s: dropped its torn last line (%d bytes, a kill during a write)", path,
-                        len(line))
-        break
-      raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
-  return records
+  return files.read_jsonl(path, drop_torn_last_line=True)
 
 
 def _jsonable(value: Any) -> Any:
