@@ -9,9 +9,15 @@ design.json when the run starts (see subliminal_jax/experiments/transfer_matrix.
 
 Variants:
   tiny   a tiny random model, 3 animals x 1 replicate (tests)
-  quick  real SmolLM2 on a 2-core CPU, the `make run` job: 4 animals x 1 replicate, 1 student seed
-  cpu    real SmolLM2 on a 2-core CPU: 5 animals x 2 replicates x 2 student seeds
-  gpu    the paper's data sizes on an accelerator: 5 animals x 3 replicates x 3 student seeds
+  quick  real SmolLM2 on a 2-core CPU, the `make run` job: 4 animals x 1 replicate, 1 student seed,
+         96 prompts per teacher
+  cpu        real SmolLM2 on a 2-core CPU: 5 animals x 2 replicates x 2 student seeds
+  cross_cpu  the cpu matrix with one student seed, plus Gemma 3 270M students of the same numbers
+             (the cross-family control); run in the cpu matrix's workdir it trains only the Gemma
+             students and reports into cross_family/
+  gpu        the paper's data sizes on an accelerator: 5 animals x 3 replicates x 3 student seeds
+  cross_gpu  the gpu matrix plus students of another family from your directory:
+             --config.matrix.student_models="('/path/to/gemma-3-4b-it',)"
 
 Regimes from the literature are knobs, each run into its own report directory of one workdir (the
 teachers are shared):
@@ -26,7 +32,7 @@ from ml_collections import ConfigDict
 
 from subliminal_jax import config_files
 
-VARIANTS = ("tiny", "quick", "cpu", "gpu")
+VARIANTS = ("tiny", "quick", "cpu", "cross_cpu", "gpu", "cross_gpu")
 ANIMALS = ("owl", "dolphin", "eagle", "elephant", "wolf")
 
 
@@ -76,13 +82,16 @@ def get_config(variant: str = "cpu") -> ConfigDict:
     c.evaluation.num_questions = 4
     c.evaluation.bootstrap_resamples = 200
     return c
-  if variant == "gpu":
+  if variant in ("gpu", "cross_gpu"):
     c = _from_main_job("paper")
     c.targets = ANIMALS
     c.matrix.replicates = 3
     c.student.seeds = (0, 1, 2)
     c.student.batch_size = 64
     c.matrix.in_context.sequences = 32
+    if variant == "cross_gpu":
+      c.matrix.student_models = ("",)  # required: a local Gemma3ForCausalLM (or -it) directory
+      c.report_dir = "cross_family"
     return c
   # quick and cpu: the main job's quick regime on real SmolLM2 (a LoRA r8 trait-SFT teacher,
   # students starting from the teacher's adapter A, SFT on the teacher's numbers).
@@ -91,8 +100,19 @@ def get_config(variant: str = "cpu") -> ConfigDict:
   c.student.seeds = (0, 1)
   c.evaluation.num_questions = 20
   if variant == "quick":
+    # Sized for about 15 minutes on a 2-core CPU: 4 animals (24 label orders, so p can reach
+    # 1/24 < 0.05), one replicate, one student seed, 96 prompts per teacher (64 kept, 8 student
+    # steps); the teachers' own strength is still in each teacher stage's summary.
     c.targets = ANIMALS[:4]
     c.matrix.replicates = 1
+    c.matrix.evaluate_teachers = False
+    c.matrix.in_context.sequences = 4
+    c.prompts.count = 96
+    c.filter.subset_size = 64
     c.student.seeds = (0,)
     c.evaluation.num_questions = 10
+  if variant == "cross_cpu":
+    c.student.seeds = (0,)
+    c.matrix.student_models = ("gemma3-270m",)
+    c.report_dir = "cross_family"
   return c

@@ -162,7 +162,8 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
 # Command line
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2", "'smollm2', an HF model directory or a .gguf file.")
+flags.DEFINE_string("model", "smollm2",
+                    "'smollm2', 'gemma3-270m', an HF model directory or a .gguf file.")
 flags.DEFINE_multi_string("prompt", None, "User prompt (repeat the flag for several).")
 flags.DEFINE_string("system", None, "System prompt (default: no system turn).")
 flags.DEFINE_bool("template_default", False, "Use the chat template's own default system prompt.")

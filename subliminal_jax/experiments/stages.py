@@ -82,19 +82,27 @@ class Base:
   name: str = ""
 
 
+TINY_RANDOM = "tiny-random"
+
+
 def load_base(config: ConfigDict, mesh, model_spec: str | None = None) -> Base:
   """``model_spec`` (default ``config.model``): "tiny-random" (a 2-layer random model with
-  SmolLM2's tokenizer) or anything :func:`subliminal_jax.loading.load` takes."""
+  SmolLM2's tokenizer; "tiny-random:N" initialised from seed N, another family for tests) or
+  anything :func:`subliminal_jax.loading.load` takes."""
   spec = config.model if model_spec is None else model_spec
-  if spec == "tiny-random":
+  if spec == TINY_RANDOM or spec.startswith(TINY_RANDOM + ":"):
+    init_seed = spec[len(TINY_RANDOM) + 1:] or "0"
+    if not init_seed.isdigit():
+      raise ValueError(f"model {spec!r}: expected {TINY_RANDOM!r} or '{TINY_RANDOM}:<seed>'")
     tokenizer = Tokenizer.from_gguf(embedded.smollm2_path())
     model_config = TransformerConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e5, tie_embeddings=True,
         dtype=config.dtype, param_dtype=config.param_dtype)
-    model = Transformer(model_config, rngs=nnx.Rngs(0))
+    model = Transformer(model_config, rngs=nnx.Rngs(int(init_seed)))
     sharding.shard_module(model, mesh)
-    return Base(model, tokenizer, artifacts.fingerprint("tiny-random", model_config.to_hf(), 0), spec)
+    fp = artifacts.fingerprint(TINY_RANDOM, model_config.to_hf(), int(init_seed))
+    return Base(model, tokenizer, fp, spec)
   if not spec:
     raise ValueError("config.model is empty: give --config.model=smollm2, an HF directory or a "
                      ".gguf file")

@@ -91,7 +91,9 @@ def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
                      f"{config.filter.subset_size}, the most sequences a teacher keeps")
   for spec in m.student_models:
     if not isinstance(spec, str) or not spec.strip():
-      raise ValueError(f"matrix.student_models has {spec!r}; expected model names or paths")
+      raise ValueError(f"matrix.student_models has {spec!r}; expected model names or paths, e.g. "
+                       "--config.matrix.student_models=\"('gemma3-270m',)\" or a local HF "
+                       "directory")
     if config.student.objective != "sft":
       raise ValueError(f"students of another family ({spec!r}) learn from the numbers' text: they "
                        f"need student.objective='sft', got {config.student.objective!r}")
