@@ -51,6 +51,7 @@ from subliminal_jax.training import progress as progress_lib
 
 EVENTS = ("first_word", "prefix")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer recompiles)
+_CONTINUATION_CACHE_BYTES = 512 * 2**20  # gathered KV-cache copies per continuation call, at most
 
 
 class ChatTokenizer(Protocol):
@@ -244,9 +245,15 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
 
   dp = _data_parallel(mesh)
   prompt_batch = _round_up(max(1, min(prompt_batch_size, len(prompt_ids))), dp)
-  row_batch = _round_up(max(1, batch_size), dp)
   prompt_len = _round_up(max(len(p) for p in prompt_ids), _PROMPT_BUCKET)
   max_length = prompt_len + cont_len
+  row_batch = _round_up(max(1, batch_size), dp)
+  # Each continuation row gathers its prompt's whole KV cache: with long prompts (number sequences
+  # in the context) 64 rows of SmolLM2 would copy 3 GB per call. Bound the copies.
+  cfg = model.config
+  row_bytes = (2 * cfg.num_layers * max_length * cfg.num_kv_heads * cfg.head_dim
+               * np.dtype(cfg.dtype).itemsize)
+  row_batch = min(row_batch, max(dp, _CONTINUATION_CACHE_BYTES // row_bytes // dp * dp))
   graphdef, state = nnx.split(model)
   boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(vocab, bool))
   out = np.empty((len(prompt_ids), num_cont), np.float64)

@@ -29,6 +29,7 @@ job in one workdir share their teachers, numbers and students.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import pathlib
 import time
@@ -49,7 +50,7 @@ from subliminal_jax.experiments import stages as stages_lib
 SAME_FAMILY = "same"
 BASE_NUMBERS = "base"  # the unit label of the base model's own numbers
 # Design keys that change no measured number: a rerun may change them.
-_NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant")
+_NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant", "tensorboard")
 MAX_ANIMALS = 8  # the exact test enumerates k! label orders per replicate
 
 
@@ -217,6 +218,7 @@ def collect(config: ConfigDict, wd: artifacts.Workdir, base: stages_lib.Base,
       record = _unit_records(st, unit, families, config)
       record["seconds"] = round(time.time() - start, 1)
       measured["units"].append(record)
+      gc.collect()  # the unit's teacher and student copies of the model (NNX graphs hold cycles)
       bar.update(1)
   return measured
 
