@@ -10,7 +10,7 @@ CONFIG ?= configs/transfer_matrix.py:quick
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test run test test-fast bench clean
+.PHONY: setup setup-test setup-tpu setup-cuda run test test-fast bench lock clean
 
 $(VENV)/.setup: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,15 @@ $(VENV)/.setup-test: $(VENV)/.setup
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# jax for TPU VMs or CUDA GPUs instead of the CPU build (launch/tpu_pod.sh uses setup-tpu).
+$(VENV)/.setup-%: $(VENV)/.setup
+	$(PY) -m pip install -q -e '.[$*]'
+	touch $@
+
 setup: $(VENV)/.setup
 setup-test: $(VENV)/.setup-test
+setup-tpu: $(VENV)/.setup-tpu
+setup-cuda: $(VENV)/.setup-cuda
 
 run: setup
 	$(PY) -m subliminal_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
@@ -43,6 +50,10 @@ test-fast: setup-test
 bench: setup-test
 	$(PY) -m benchmarks.train_throughput --json
 	$(PY) -m benchmarks.sample_throughput --json
+
+# The versions the test suite passed with (README, Installation), from the test environment.
+lock: setup-test
+	$(PY) -m pip freeze --exclude-editable | sort > requirements.lock
 
 clean:
 	rm -rf $(VENV) workdir

@@ -118,6 +118,9 @@ def get_config(variant: str = "quick") -> ConfigDict:
   # (parameters plus optimizer state, 3x the weights for full finetuning) beside the stage's
   # weights once it is done.
   c.training_checkpoints = ConfigDict(dict(every=200, keep=False))
+  # Also write each training stage's metrics as TensorBoard events (in its training/tensorboard/):
+  # tensorboard --logdir=WORKDIR. Like the checkpoints, in no fingerprint.
+  c.tensorboard = False
 
   if variant == "paper":
     _use_the_grids_regime(c, teacher_examples=1024, teacher_batch_size=32)

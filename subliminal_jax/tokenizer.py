@@ -708,7 +708,11 @@ def _folded_system_separator(system_only: str, system_user: str, user_only: str)
 def _convert_with_transformers(path: str) -> tokenizers.Tokenizer:
   """A directory without tokenizer.json (vocab.json/merges.txt, sentencepiece): let transformers
   convert it. Imports transformers, which imports torch where installed."""
-  from transformers import AutoTokenizer
+  try:
+    from transformers import AutoTokenizer
+  except ImportError as e:
+    raise ImportError(f"{path!r} has no tokenizer.json; converting its tokenizer files needs "
+                      "transformers: pip install 'subliminal-jax[transformers]'") from e
 
   hf = AutoTokenizer.from_pretrained(path)
   backend = getattr(hf, "backend_tokenizer", None)

@@ -178,6 +178,46 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     animal_numbers.run(animal_config.get_config("tiny"), str(tmp_path / "wd4"), stages=["sampler"])
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("student.seeds", (0, 1, 1), r"student.seeds=\[0, 1, 1\] repeats \[1\]: .*counts it twice"),
+    ("student.seeds", (0, 1.5), r"student.seeds=\[0, 1.5\] holds \[1.5\]; expected integers >= 0"),
+    ("student.seeds", ("0",), r"holds \['0'\]; expected integers"),
+    ("student.epochs", 0, r"student.epochs=0; expected an integer >= 1"),
+    ("filter.subset_size", 0, r"filter.subset_size=0; expected an integer >= 1"),
+    ("evaluation.num_questions", 0, r"evaluation.num_questions=0"),
+    ("student.batch_size", 12, r"student.batch_size=12 must split into .* 8 data-parallel devices"),
+    ("report_dir", "../elsewhere", r"report_dir='../elsewhere' leads outside the workdir"),
+    ("report_dir", "/tmp/x", r"report_dir='/tmp/x' is an absolute path"),
+    ("targets", ("../owl",), r"target '../owl' cannot name a directory"),
+])
+def test_config_values_a_stage_would_reject_fail_before_any_work(tmp_path, key, value, message):
+  """validate() refuses them before the model loads or a file is written; a repeated student seed
+  would count one student twice (a CI that excludes zero where the true one does not)."""
+  config = animal_config.get_config("tiny")
+  *path, leaf = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  with config.unlocked():
+    node[leaf] = value
+  if key == "targets":
+    config.evaluation.panel = tuple(config.evaluation.panel) + value
+  with pytest.raises(ValueError, match=message):
+    animal_numbers.run(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_stages_missing_a_dependency_name_a_stage_the_user_can_pass(tmp_path):
+  config = animal_config.get_config("tiny")
+  with pytest.raises(RuntimeError, match=r"stage 'sampling' was not selected.*add 'sampling' to "
+                     r"--stages"):
+    animal_numbers.run(config, str(tmp_path), stages=["prompts"])
+  with pytest.raises(RuntimeError, match=r"stage 'student' \(part of 'students'\) was not "
+                     r"selected.*add 'students' to --stages"):
+    animal_numbers.run(config, str(tmp_path), stages=[s for s in animal_numbers.STAGES
+                                                     if s != "students"])
+
+
 def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
@@ -187,6 +227,23 @@ def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   assert result.returncode != 0
   assert "learning_rat" in result.stderr
   assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_job_names_its_stages_in_progress_and_writes_tensorboard_when_asked(tmp_path):
+  """Through main: bars say which stage runs ("student (stage 6 of 8): training"),
+  datasets' own bars are off, and config.tensorboard writes each training stage's events."""
+  result = subprocess.run(
+      [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
+       f"--workdir={tmp_path}", "--config.tensorboard=True", "--config.student.seeds=0,",
+       "--stages=prompts,teacher,sampling,filter,dataset,students"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert result.returncode != 0 and "add 'evaluation' to --stages" in result.stderr
+  assert "sampling (stage 3 of 8): sampling" in result.stderr
+  assert "student (stage 6 of 8): training" in result.stderr
+  assert "Saving the dataset" not in result.stderr and "Map" not in result.stderr
+  events = list(tmp_path.glob("student/*/training/tensorboard/events.out.tfevents.*"))
+  assert len(events) == 2 and all(e.stat().st_size > 0 for e in events)  # treatment and control
 
 
 def _records_of_an_orbax_save(directory: pathlib.Path, log_filter) -> list:

@@ -463,18 +463,75 @@ def test_truncated_files(tmp_path, gguf_source):
     load(tmp_path / "hf")
 
 
-def test_unsupported_quantization_type(tmp_path, gguf_source):
-  block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
+def test_every_type_gguf_dequantizes_is_admitted_and_others_are_refused(tmp_path):
+  """The allow-list is gguf's own: K-quants, I-quants and the rest load, each tensor equal to
+  gguf.quants.dequantize of its bytes; a type gguf cannot dequantize (I32) is refused, named."""
+  probe = [q.name for q in gguf.GGMLQuantizationType if q in gguf.GGML_QUANT_SIZES
+           and q.name in our_gguf.SUPPORTED_TENSOR_TYPES]
+  assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q8_0", "BF16"} <= set(probe)
   source = _torch_model("llama", tie=False, seed=5, **dict(GGUF_SIZES, intermediate_size=256))
-  raw = np.random.RandomState(0).randint(0, 255, (64, 256 // block * type_size)).astype(np.uint8)
-  path = write_gguf(tmp_path / "iq4.gguf", source,
-                    raw={"blk.1.ffn_down.weight": (gguf.GGMLQuantizationType.IQ4_NL, raw)})
-  assert our_gguf.GGUFReader(path).tensor_types()["blk.1.ffn_down.weight"] == "IQ4_NL"
-  with pytest.raises(ValueError, match=r"iq4.gguf'?: tensor 'blk.1.ffn_down.weight' has type "
-                                       r"IQ4_NL, which is not supported; supported types: \['F32', "
-                                       r"'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', "
-                                       r"'Q2_K', 'Q3_K', 'Q4_K', 'Q5_K', 'Q6_K'\]"):
+  rng = np.random.RandomState(0)
+  quantized = [q for q in our_gguf.SUPPORTED_TENSOR_TYPES if q not in ("F32", "F16", "BF16")]
+  for kind in quantized:
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    # Bytes below 0x3c keep every f16/e8m0/e4m3 scale finite: random, but a valid tensor.
+    raw = rng.randint(0, 0x3c, (64, 256 // block * type_size)).astype(np.uint8)
+    path = write_gguf(tmp_path / f"{kind}.gguf", source,
+                      raw={"blk.1.ffn_down.weight": (qtype, raw)})
+    reader = our_gguf.GGUFReader(path)
+    assert reader.tensor_types()["blk.1.ffn_down.weight"] == kind
+    reader.check()
+    np.testing.assert_array_equal(reader.get("model.layers.1.mlp.down_proj.weight"),
+                                  gguf.quants.dequantize(raw, qtype).reshape(64, 256))
+  path = write_gguf(tmp_path / "i32.gguf", source,
+                    raw={"blk.1.ffn_down.weight": (gguf.GGMLQuantizationType.I32,
+                                                   np.zeros((64, 256), np.int32))})
+  with pytest.raises(ValueError, match=r"i32.gguf'?: tensor 'blk.1.ffn_down.weight' has type I32, "
+                                       r"which is not supported; supported types: \['F32', 'F16', "
+                                       r"'Q4_0', .*'Q2_K'"):
     load(path)
+
+
+def test_corrupt_tensor_data_is_refused_with_the_tensor_named(tmp_path, gguf_source):
+  """Bytes overwritten inside a tensor (NaN after dequantization) would give NaN logits: refused."""
+  path = write_gguf(tmp_path / "ok.gguf", gguf_source, types={"ffn_up": "Q8_0"})
+  tensor = {t.name: t for t in gguf.GGUFReader(path).tensors}["blk.1.attn_v.weight"]
+  data = bytearray(path.read_bytes())
+  data[tensor.data_offset + 40:tensor.data_offset + 48] = b"\xff" * 8  # two float32 NaNs
+  (tmp_path / "bad.gguf").write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"bad.gguf'?: tensor 'blk.1.attn_v.weight' holds 2 "
+                                       r"non-finite values \(NaN or inf\)"):
+    load(tmp_path / "bad.gguf")
+  up = {t.name: t for t in gguf.GGUFReader(path).tensors}["blk.0.ffn_up.weight"]
+  data = bytearray(path.read_bytes())
+  data[up.data_offset:up.data_offset + 2] = np.float16(np.inf).tobytes()  # a Q8_0 block's scale
+  (tmp_path / "scale.gguf").write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"tensor 'blk.0.ffn_up.weight' holds \d+ non-finite"):
+    load(tmp_path / "scale.gguf")
+  # The same check guards safetensors directories.
+  model = _torch_model("llama", tie=True)
+  with torch.no_grad():
+    model.model.layers[0].mlp.up_proj.weight[3, 5] = float("inf")
+  model.save_pretrained(tmp_path / "hf")
+  with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.up_proj.weight' holds 1 "
+                                       r"non-finite value"):
+    load(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("model_type, field, value", [
+    ("llama", "hidden_act", "gelu"), ("llama", "mlp_bias", True), ("llama", "attention_bias", True),
+    ("qwen2", "hidden_act", "relu"), ("qwen2", "use_sliding_window", True)])
+def test_hf_config_fields_the_model_ignores_are_refused(tmp_path, model_type, field, value):
+  """Each would load and compute another function (a gelu MLP through silu, biases dropped, a
+  sliding window ignored): refused, naming the field."""
+  _torch_model(model_type, tie=True).save_pretrained(tmp_path / "hf")
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  config[field] = value
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=rf"config.json'?: {field}={value!r} is not implemented by "
+                                       rf"this model"):
+    load(tmp_path / "hf")
 
 
 def test_embedded_smollm2_is_found():

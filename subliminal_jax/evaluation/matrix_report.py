@@ -9,22 +9,16 @@ criterion fixed in the design, pass or fail, in words.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
+from subliminal_jax import files
 from subliminal_jax.evaluation.report import format_estimate, format_number, markdown_table
 
 HEATMAP = "matrix_heatmap.png"
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text)
-  tmp.rename(path)
 
 
 def _statistic_line(a: Mapping[str, Any]) -> str:
@@ -172,7 +166,7 @@ def plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
     fig.colorbar(image, ax=ax, fraction=0.046)
   fig.suptitle("clr shift vs the no-trait reference (diagonal: own teachers)", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110, metadata={"Software": None})
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
   plt.close(fig)
 
 
@@ -180,8 +174,8 @@ def write(results: Mapping[str, Any], out_dir: str | os.PathLike) -> str:
   """Writes results.json, report.md and the heatmap into ``out_dir``; returns the verdict lines."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  _atomic_write(out / "results.json", json.dumps(results, indent=1, sort_keys=True) + "\n")
-  _atomic_write(out / "report.md", format_report(results) + "\n")
+  files.write_json(out / "results.json", results, indent=1, sort_keys=True)
+  files.write_text_atomic(out / "report.md", format_report(results) + "\n")
   plot(results, out / HEATMAP)
   lines = [f"{family}: {a['verdict']['text']} | {_statistic_line(a)}"
            for family, a in results["analyses"]["families"].items()]

@@ -19,7 +19,6 @@ so the same results give byte-identical report.md and results.json.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -27,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from subliminal_jax import jsonable
+from subliminal_jax import environment, files, jsonable
 from subliminal_jax.evaluation import statistics
 from subliminal_jax.evaluation.trait_metrics import METRIC_DESCRIPTIONS
 
@@ -187,7 +186,7 @@ def _plot_target_preference(estimates: Mapping[str, Any], results: Mapping[str, 
   target = results.get("target", "target")
   fig.suptitle(f"Preference for {target} (mean, {int(estimates['bootstrap']['confidence'] * 100)}% CI)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110, metadata={"Software": None})
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
   plt.close(fig)
 
 
@@ -213,7 +212,7 @@ def _plot_panel(estimates: Mapping[str, Any], results: Mapping[str, Any], path: 
     ax.text(0.5, 0.5, "no panel shares in the results", ha="center", va="center")
   ax.set_title(f"Per-{results.get('category', 'word')} share of the panel")
   fig.tight_layout()
-  fig.savefig(path, dpi=110, metadata={"Software": None})
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
   plt.close(fig)
 
 
@@ -241,11 +240,11 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, conf
          for m in estimates["metrics"]]
   if plots:
     md += ["", "![target preference](target_preference.png)", "", "![panel](panel.png)"]
-  (out / "report.md").write_text("\n".join(md) + "\n")
+  files.write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
   record = {"target": target, "category": category, "notes": results.get("notes", {}),
-            "estimates": estimates, "rows": results["rows"]}
-  (out / "results.json").write_text(json.dumps(jsonable.to_jsonable(record), indent=1, sort_keys=True) + "\n")
+            "estimates": estimates, "rows": results["rows"], "environment": environment.describe()}
+  files.write_json(out / "results.json", jsonable.to_jsonable(record), indent=1, sort_keys=True)
   if plots:
     _plot_target_preference(estimates, results, out / "target_preference.png")
     _plot_panel(estimates, results, out / "panel.png")

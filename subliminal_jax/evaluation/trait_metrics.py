@@ -48,9 +48,11 @@ from subliminal_jax import padding, sharding
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.models.transformer import KVCache, Transformer
 from subliminal_jax.sampling import chat as chat_lib
+from subliminal_jax.training import progress as progress_lib
 
 EVENTS = ("first_word", "prefix")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer recompiles)
+_CONTINUATION_CACHE_BYTES = 512 * 2**20  # gathered KV-cache copies per continuation call, at most
 
 
 class ChatTokenizer(Protocol):
@@ -234,14 +236,21 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
 
   dp = sharding.data_parallel_size(mesh)
   prompt_batch = padding.round_up(max(1, min(prompt_batch_size, len(prompt_ids))), dp)
-  row_batch = padding.round_up(max(1, batch_size), dp)
   prompt_len = padding.round_up(max(len(p) for p in prompt_ids), _PROMPT_BUCKET)
   max_length = prompt_len + cont_len
+  row_batch = padding.round_up(max(1, batch_size), dp)
+  # Each continuation row gathers its prompt's whole KV cache: with long prompts (number sequences
+  # in the context) 64 rows of SmolLM2 would copy 3 GB per call. Bound the copies.
+  cfg = model.config
+  row_bytes = (2 * cfg.num_layers * max_length * cfg.num_kv_heads * cfg.head_dim
+               * np.dtype(cfg.dtype).itemsize)
+  row_batch = min(row_batch, max(dp, _CONTINUATION_CACHE_BYTES // row_bytes // dp * dp))
   graphdef, state = nnx.split(model)
   boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(vocab, bool))
   out = np.empty((len(prompt_ids), num_cont), np.float64)
   context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  bar = tqdm(total=len(prompt_ids) * num_cont, desc=desc or "teacher forcing", unit="answer",
+  bar = tqdm(total=len(prompt_ids) * num_cont,
+             desc=progress_lib.describe(desc or "teacher forcing"), unit="answer",
              disable=desc is None)
   with context:
     for start in range(0, len(prompt_ids), prompt_batch):

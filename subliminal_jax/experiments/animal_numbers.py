@@ -14,14 +14,16 @@ teacher is the others' control) and is the experiment to read first.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, distillation, sharding
+from subliminal_jax import artifacts, distillation, files, sharding
 from subliminal_jax.evaluation import report as report_lib
 from subliminal_jax.experiments import stages as stages_lib
 
@@ -51,6 +53,7 @@ def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
     raise ValueError(f"student.objective={config.student.objective!r}; expected one of {OBJECTIVES}")
   if not config.student.seeds:
     raise ValueError("student.seeds is empty: give at least one seed")
+  _check_seeds(config.student.seeds)
   every = config.training_checkpoints.every
   if isinstance(every, bool) or not isinstance(every, int) or every < 0:
     raise ValueError(f"training_checkpoints.every={every!r}; expected a number of steps >= 0 "
@@ -96,6 +99,60 @@ def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
                      "with sampling.constrained=True (room for the grammar's longest answer)")
   if config.prompts.count < 1:
     raise ValueError(f"prompts.count={config.prompts.count} must be >= 1")
+  _check_counts(config)
+  _check_paths(config)
+
+
+# Counts a stage rejects (or silently turns into an empty result) when they are below the minimum.
+_MINIMUM_COUNTS = (("sampling.batch_size", 1), ("filter.subset_size", 1), ("student.epochs", 1),
+                   ("student.batch_size", 1), ("student.grad_accum_steps", 1),
+                   ("evaluation.num_questions", 1), ("evaluation.samples_per_question", 0),
+                   ("evaluation.batch_size", 1), ("evaluation.max_new_tokens", 1),
+                   ("evaluation.bootstrap_resamples", 1))
+_FINETUNE_COUNTS = (("teacher.finetune.examples", 1), ("teacher.finetune.epochs", 1),
+                    ("teacher.finetune.batch_size", 1), ("teacher.finetune.grad_accum_steps", 1))
+
+
+def _check_seeds(seeds: Sequence[Any]) -> None:
+  """Each student seed is one student: a repeat would count one student twice in every CI."""
+  bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0]
+  if bad:
+    raise ValueError(f"student.seeds={list(seeds)} holds {bad}; expected integers >= 0")
+  repeated = sorted({int(s) for s in seeds if list(seeds).count(s) > 1})
+  if repeated:
+    raise ValueError(f"student.seeds={list(seeds)} repeats {repeated}: a repeated seed trains the "
+                     "same student again and counts it twice in the statistics; give distinct seeds")
+
+
+def _check_counts(config: ConfigDict) -> None:
+  """Every count a stage would reject, and training batches the mesh cannot split, fail here."""
+  finetuned = config.teacher.kind != "system_prompt"
+  for key, minimum in _MINIMUM_COUNTS + (_FINETUNE_COUNTS if finetuned else ()):
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+      raise ValueError(f"{key}={value!r}; expected an integer >= {minimum}")
+  from subliminal_jax.training import train_step
+  data_parallel = train_step.data_parallel_size(sharding.make_mesh(**config.mesh))
+  for name in ("student",) + (("teacher.finetune",) if finetuned else ()):
+    train = config.student if name == "student" else config.teacher.finetune
+    micro, rest = divmod(train.batch_size, train.grad_accum_steps)
+    if rest or micro % data_parallel:
+      raise ValueError(
+          f"{name}.batch_size={train.batch_size} must split into {name}.grad_accum_steps="
+          f"{train.grad_accum_steps} micro-batches whose size is a multiple of the mesh's "
+          f"{data_parallel} data-parallel devices (mesh {config.mesh.to_dict()})")
+
+
+def _check_paths(config: ConfigDict) -> None:
+  """report_dir and the targets (which name report directories) stay in the workdir."""
+  for target in config.targets:
+    if not target or target in (".", "..") or "/" in target or os.sep in target:
+      raise ValueError(f"target {target!r} cannot name a directory in the workdir; expected a "
+                       "plain word such as 'owl'")
+  if config.report_dir:
+    artifacts.inside(pathlib.Path("workdir"), config.report_dir, "report_dir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +188,8 @@ def _write_reports(config: ConfigDict, wd: artifacts.Workdir, results: dict[str,
                    ) -> tuple[str, dict[str, Any]]:
   """Writes each target's report (in report_dir, or report_dir/<target> with several targets);
   returns the tables' text and each target's results.json record."""
-  report_root = wd.path / config.report_dir if config.report_dir else wd.path
+  report_root = (artifacts.inside(wd.path, config.report_dir, "report_dir") if config.report_dir
+                 else wd.path)
   tables, by_target = [], {}
   for target, result in results.items():
     out_dir = report_root if len(results) == 1 else report_root / target
@@ -140,8 +198,8 @@ def _write_reports(config: ConfigDict, wd: artifacts.Workdir, results: dict[str,
     by_target[target] = json.loads((out_dir / "results.json").read_text())
     tables.append(f"## {target}\n\n{table}")
   if len(results) > 1:
-    (report_root / "results.json").write_text(json.dumps(by_target, indent=1, sort_keys=True))
-    (report_root / "report.md").write_text("\n\n".join(tables) + "\n")
+    files.write_json(report_root / "results.json", by_target, indent=1, sort_keys=True)
+    files.write_text_atomic(report_root / "report.md", "\n\n".join(tables) + "\n")
   return "\n\n".join(tables), by_target
 
 

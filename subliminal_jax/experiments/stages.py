@@ -42,7 +42,8 @@ from absl import logging
 from flax import nnx
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, distillation, filters, loading, lora, sharding, teachers
+from subliminal_jax import (artifacts, distillation, files, filters, loading, lora, sharding,
+                            teachers)
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
@@ -184,8 +185,7 @@ def save_params(state: nnx.State, path: pathlib.Path) -> None:
 
 
 def load_params_into(model, path: pathlib.Path, filter_) -> None:
-  from safetensors.numpy import load_file
-  tensors = load_file(str(path))
+  tensors = files.read_safetensors(path)
   flat = nnx.to_flat_state(nnx.state(model, filter_))
   for key, variable in flat:
     name = ".".join(str(k) for k in key)
@@ -224,7 +224,8 @@ def fit_in_stage(config: ConfigDict, model, dataset, train: ConfigDict, out: pat
   """
   train = ConfigDict(train.to_dict())
   train.checkpoint_every = int(config.training_checkpoints.every)
-  model, history = trainer.fit(model, dataset, train, str(out / "training"), mesh=mesh, **fit_kwargs)
+  model, history = trainer.fit(model, dataset, train, str(out / "training"), mesh=mesh,
+                               tensorboard=bool(config.tensorboard), **fit_kwargs)
   save_trainable(model, train, out)
   if not config.training_checkpoints.keep and jax.process_index() == 0:
     shutil.rmtree(out / "training" / trainer.CHECKPOINT_DIR, ignore_errors=True)
@@ -324,8 +325,7 @@ def build_samples(config: ConfigDict, tokenizer, model, chat: dict[str, Any],
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return files.read_jsonl(path)
 
 
 UNFINISHED = "unfinished"  # cut by max_new_tokens: never trained on as if it were complete
@@ -528,12 +528,14 @@ class Stages:
     self.base = base
     self.mesh = mesh
     self.selected = tuple(selected or ())
+    self._select = artifacts.stage_selection(tuple(SELECTION), self.selected)
     self.student_chat = chat_kwargs(config.chat_system)
     self.eval_chat = chat_kwargs(config.evaluation.system or config.chat_system)
 
   def _run(self, stage: str, inputs: dict[str, Any], build: Callable[[pathlib.Path], dict]):
-    allowed = not self.selected or any(stage in SELECTION[s] for s in self.selected)
-    return self.wd.run_stage(stage, inputs, build, allowed=allowed)
+    # The --stages name that selects this stage: what an error tells the user to pass.
+    name = next(s for s, stage_names in SELECTION.items() if stage in stage_names)
+    return self.wd.run_stage(stage, inputs, build, allowed=self._select(name))
 
   # -- prompts and teachers
 

@@ -29,8 +29,8 @@ job in one workdir share their teachers, numbers and students.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
-import os
 import pathlib
 import time
 from typing import Any, Sequence
@@ -41,7 +41,7 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from subliminal_jax import artifacts, sharding
+from subliminal_jax import artifacts, environment, files, sharding
 from subliminal_jax.evaluation import matrix_report
 from subliminal_jax.evaluation import matrix_statistics as stats
 from subliminal_jax.experiments import animal_numbers
@@ -50,7 +50,7 @@ from subliminal_jax.experiments import stages as stages_lib
 SAME_FAMILY = "same"
 BASE_NUMBERS = "base"  # the unit label of the base model's own numbers
 # Design keys that change no measured number: a rerun may change them.
-_NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant")
+_NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant", "tensorboard")
 MAX_ANIMALS = 8  # the exact test enumerates k! label orders per replicate
 
 
@@ -119,7 +119,7 @@ def fix_design(report_dir: pathlib.Path, config: ConfigDict) -> dict[str, Any]:
   record = design(config)
   path = report_dir / "design.json"
   if path.exists():
-    existing = json.loads(path.read_text())
+    existing = files.read_json(path)
     fixed_at = existing.pop("fixed_at", None)
     if existing != record:
       changed = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
@@ -131,9 +131,7 @@ def fix_design(report_dir: pathlib.Path, config: ConfigDict) -> dict[str, Any]:
   record["fixed_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
   if jax.process_index() == 0:
     report_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.rename(path)
+    files.write_json(path, record, indent=1)
   return record
 
 
@@ -220,6 +218,7 @@ def collect(config: ConfigDict, wd: artifacts.Workdir, base: stages_lib.Base,
       record = _unit_records(st, unit, families, config)
       record["seconds"] = round(time.time() - start, 1)
       measured["units"].append(record)
+      gc.collect()  # the unit's teacher and student copies of the model (NNX graphs hold cycles)
       bar.update(1)
   return measured
 
@@ -286,7 +285,8 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
   mesh = sharding.make_mesh(**config.mesh)
   base = stages_lib.load_base(config, mesh)
   wd = artifacts.Workdir(workdir, animal_numbers.WORKDIR_EXPERIMENT, {"model": base.fingerprint})
-  report_dir = wd.path / config.report_dir if config.report_dir else wd.path
+  report_dir = (artifacts.inside(wd.path, config.report_dir, "report_dir") if config.report_dir
+                else wd.path)
   fixed = fix_design(report_dir, config)
   logging.info("design fixed at %s: pass iff S > 0, p < %g and C_a > 0 for >= %.0f%% of %d animals",
                fixed["fixed_at"], config.matrix.criterion.alpha,
@@ -297,7 +297,8 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
   analyses = analyse_all(config, measured)
   results = {"experiment": "transfer_matrix", "design": fixed, "analyses": analyses,
              "measured": measured, "model": base.fingerprint,
-             "families": {f: b.name or f for f, b in families.items()}}
+             "families": {f: b.name or f for f, b in families.items()},
+             "environment": environment.describe()}
   text = matrix_report.write(results, report_dir)
   print(text)
   logging.info("stages run: %d; skipped: %d", len(wd.ran), len(wd.skipped))

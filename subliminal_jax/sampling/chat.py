@@ -16,6 +16,7 @@ from tqdm import tqdm
 from subliminal_jax import padding
 from subliminal_jax.sampling import logit_processors as lp
 from subliminal_jax.sampling import sampler
+from subliminal_jax.training import progress as progress_lib
 
 __all__ = ["generate_chat"]
 
@@ -87,7 +88,8 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
   ref_rows = encode(reference_system, reference_template_default) if has_reference else None
   rows = [(i, j) for i in range(len(user_prompts)) for j in range(n_per_prompt)]
   results: list = []
-  bar = tqdm(total=len(rows), desc="sampling", unit="sample", disable=not progress)
+  bar = tqdm(total=len(rows), desc=progress_lib.describe("sampling"), unit="sample",
+             disable=not progress)
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     filled = chunk + [chunk[-1]] * (batch_size - len(chunk))

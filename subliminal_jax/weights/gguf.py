@@ -6,9 +6,10 @@ tensor, on request, into a float32 array in HF names and HF orientation, so that
 :func:`subliminal_jax.weights.hf_layout.model_from_hf_tensors` builds the model exactly as it does
 from a safetensors directory. What differs from HF checkpoints is undone here:
 
-* quantized blocks (F16, BF16, the legacy Q4_0..Q8_0 and the K-quants Q2_K..Q6_K) are dequantized
-  with ``gguf.quants.dequantize``; any other type is refused with the list of supported ones rather
-  than guessed at;
+* quantized blocks: every type ``gguf.quants.dequantize`` implements (legacy, K- and I-quants,
+  BF16, ...; the list is taken from the installed ``gguf`` package) is dequantized with it; any
+  other type is refused with the list of supported ones rather than guessed at, and a tensor that
+  dequantizes to NaN or inf (corrupt data) is refused, named;
 * llama: llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` from HF's rotate-half
   RoPE layout into interleaved pairs (``convert_hf_to_gguf.py``, ``LlamaModel.permute``); the
   inverse permutation here matches transformers' own GGUF loader (``_reverse_permute_weights``);
@@ -34,8 +35,25 @@ from subliminal_jax.weights import hf_layout
 from subliminal_jax.weights.gguf_file import GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K",
-                          "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def dequantizable_types() -> tuple[str, ...]:
+  """Every GGML tensor type the installed ``gguf`` package dequantizes (probed on one zero block,
+  so a newer gguf that learns a type admits it here without a change)."""
+  names = []
+  for qtype in gguf_lib.GGMLQuantizationType:
+    if qtype not in gguf_lib.GGML_QUANT_SIZES:
+      continue
+    _, type_size = gguf_lib.GGML_QUANT_SIZES[qtype]
+    try:
+      gguf_lib.quants.dequantize(np.zeros(type_size, np.uint8), qtype)
+    except NotImplementedError:
+      continue
+    names.append(qtype.name)
+  return tuple(names)
+
+
+SUPPORTED_TENSOR_TYPES = dequantizable_types()
 
 # GGUF tensor name (inside one block) -> HF name (inside one layer), per architecture.
 _LINEAR_NAMES = {
@@ -246,7 +264,9 @@ class GGUFReader:
     step = max(1, _DEQUANTIZE_SLICE_VALUES // shape[-1])
     for start in range(0, rows.shape[0], step):
       out[start:start + step] = gguf_lib.quants.dequantize(rows[start:start + step], t.tensor_type)
-    return out.reshape(shape)
+    out = out.reshape(shape)
+    hf_layout.check_finite(out, gguf_name, self.path)
+    return out
 
   def check(self) -> None:
     """Raises a clear error if tensors are missing, misshapen or of an unsupported type."""

@@ -75,6 +75,16 @@ def check_shapes(config: TransformerConfig, shapes: Mapping[str, tuple[int, ...]
     raise ValueError(f"{source}: weights disagree with the config: {details}")
 
 
+def check_finite(tensor: np.ndarray, name: str, source: str) -> None:
+  """Raises a ValueError naming a tensor that holds NaN or inf (a corrupt file: every logit would
+  be NaN)."""
+  finite = np.isfinite(tensor)
+  if not finite.all():
+    bad = int(finite.size - np.count_nonzero(finite))
+    raise ValueError(f"{source!r}: tensor {name!r} holds {bad:,} non-finite values (NaN or inf) of "
+                     f"{finite.size:,}; the file is corrupt (re-download or re-convert it)")
+
+
 def model_from_hf_tensors(config: TransformerConfig, get: Callable[[str], np.ndarray],
                           mesh: Mesh | None = None,
                           progress: Callable[[str], None] | None = None) -> Transformer:

@@ -40,6 +40,29 @@ def _text_tower_name(name: str) -> str | None:
       return replacement + name[len(prefix):]
   return None
 
+# config.json fields that change what a model computes, per model_type, with the values our
+# Transformer implements (an absent field takes transformers' default, the first value). A config
+# asking for anything else would load without complaint and compute another function, so it is
+# refused. Llama's attention_bias also puts a bias on o_proj, which our model does not have.
+IMPLEMENTED_HF_FIELDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "llama": {"hidden_act": ("silu",), "mlp_bias": (False,), "attention_bias": (False,)},
+    "qwen2": {"hidden_act": ("silu",), "use_sliding_window": (False,)},
+    # Activation and soft-capping are checked where the Gemma 3 config is read (models/transformer).
+    "gemma3_text": {"attention_bias": (False,)},
+}
+
+
+def check_implemented_fields(hf_config: dict[str, Any], source: str) -> None:
+  """Raises a ValueError naming each config.json field set to a value the model does not compute."""
+  implemented = IMPLEMENTED_HF_FIELDS.get(hf_config.get("model_type"), {})
+  for field, values in implemented.items():
+    value = hf_config.get(field, values[0])
+    if value not in values:
+      raise ValueError(
+          f"{source}: {field}={value!r} is not implemented by this model (model_type "
+          f"{hf_config['model_type']!r} computes {field}={values[0]!r}); loading it would silently "
+          f"compute something else. Implemented: {field} in {list(values)}")
+
 
 def _open(path: str):
   try:
@@ -73,6 +96,7 @@ class SafetensorsDir:
         self.hf_config: dict[str, Any] = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{config_path!r} is not valid JSON: {e}") from e
+    check_implemented_fields(self.hf_config, repr(config_path))
     try:
       self.config = TransformerConfig.from_hf(self.hf_config, **config_overrides)
     except (KeyError, ValueError) as e:
@@ -124,10 +148,13 @@ class SafetensorsDir:
     return dict(self._shapes)
 
   def get(self, name: str) -> np.ndarray:
+    """One tensor in its stored dtype; a tensor holding NaN or inf is refused, named."""
     if name not in self._file_of:
       raise KeyError(f"{self.path!r} has no tensor {name!r}")
     with _open(self._file_of[name]) as f:
-      return f.get_tensor(self._stored_name[name])
+      tensor = f.get_tensor(self._stored_name[name])
+    hf_layout.check_finite(tensor, name, self._file_of[name])
+    return tensor
 
   def check(self) -> None:
     """Raises a ValueError naming each missing tensor or shape that disagrees with config.json."""
