@@ -133,8 +133,7 @@ def _check_counts(config: ConfigDict) -> None:
       value = value[part]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
       raise ValueError(f"{key}={value!r}; expected an integer >= {minimum}")
-  from subliminal_jax.training import train_step
-  data_parallel = train_step.data_parallel_size(sharding.make_mesh(**config.mesh))
+  data_parallel = sharding.data_parallel_size(sharding.make_mesh(**config.mesh))
   for name in ("student",) + (("teacher.finetune",) if finetuned else ()):
     train = config.student if name == "student" else config.teacher.finetune
     micro, rest = divmod(train.batch_size, train.grad_accum_steps)
