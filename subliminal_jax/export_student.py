@@ -54,7 +54,7 @@ def export_student(student_dir: str | os.PathLike, model: str, out: str | os.Pat
   recorded = (record["inputs"].get("model")
               or files.read_json(workdir / artifacts.MARKER_FILE)["model"])
   base = stages.load_base(
-      ConfigDict(dict(model=model, dtype=dtype, param_dtype=param_dtype or dtype)),
+      ConfigDict(dict(model=model, dtype=dtype, param_dtype=param_dtype or dtype, remat=False)),
       sharding.make_mesh())
   if base.fingerprint != recorded:
     raise ValueError(f"--model={model!r} (dtype {dtype}) is not the base this student was trained "
