@@ -143,6 +143,19 @@ def matched_control_answers(config: ConfigDict) -> tuple[str, ...]:
   return tuple(a for a in config.evaluation.panel if a not in tuple(config.targets))
 
 
+# Training knobs added after workdirs existed, with the values that train exactly as before they
+# were knobs. At these values they are left out of fingerprints, so adding a knob does not
+# invalidate finished teachers and students; any other value is part of the fingerprint.
+_KNOBS_AT_THEIR_ORIGINAL_BEHAVIOUR = {"bucket": True, "length_multiple": 16, "neutral_fraction": 0.5}
+
+
+def training_fingerprint(settings: ConfigDict | dict[str, Any]) -> dict[str, Any]:
+  """A training config as it enters a stage's fingerprint (see the table above)."""
+  d = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
+  return {k: v for k, v in d.items()
+          if not (k in _KNOBS_AT_THEIR_ORIGINAL_BEHAVIOUR and v == _KNOBS_AT_THEIR_ORIGINAL_BEHAVIOUR[k])}
+
+
 # ---------------------------------------------------------------------------------------------
 # Students' training configs and saved weights
 
@@ -558,7 +571,7 @@ class Stages:
       return Teacher(target, self.base.model, dict(system=system, template_default=False), fp,
                      {"kind": "system_prompt", "system_prompt": system})
     inputs = {"model": self.base.fingerprint, "kind": c.teacher.kind, "system": system,
-              "finetune": c.teacher.finetune.to_dict(), "chat_system": c.chat_system,
+              "finetune": training_fingerprint(c.teacher.finetune), "chat_system": c.chat_system,
               "category": c.category, "data_version": TEACHER_DATA_VERSION}
     directory, summary = self._run(
         "teacher", inputs, lambda out: build_finetuned_teacher(c, self.base, target, self.mesh, out))
@@ -575,7 +588,7 @@ class Stages:
     if c.teacher.kind == "system_prompt" or c.teacher.control == "base":
       return dataclasses.replace(self.base_teacher(), label="control")
     inputs = {"model": self.base.fingerprint, "kind": c.teacher.control,
-              "finetune": c.teacher.finetune.to_dict(), "chat_system": c.chat_system,
+              "finetune": training_fingerprint(c.teacher.finetune), "chat_system": c.chat_system,
               "data_version": TEACHER_DATA_VERSION}
     if c.teacher.control == "matched_finetune":
       inputs.update(target=c.targets[0], answers=list(matched_control_answers(c)))
@@ -621,7 +634,7 @@ class Stages:
     student_base = student_base or self.base
     train = student_train_config(self.config, seed,
                                  same_family=student_base.fingerprint == self.base.fingerprint)
-    inputs = {"dataset": dataset_dir.name, "student": train.to_dict(),
+    inputs = {"dataset": dataset_dir.name, "student": training_fingerprint(train),
               "teacher": teacher.fingerprint, "model": student_base.fingerprint}
     directory, _ = self._run("student", inputs, lambda out: build_student(
         self.config, student_base, dataset_dir, train, self.mesh, teacher.model, out))

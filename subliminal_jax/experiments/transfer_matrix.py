@@ -50,7 +50,7 @@ from subliminal_jax.experiments import stages as stages_lib
 SAME_FAMILY = "same"
 BASE_NUMBERS = "base"  # the unit label of the base model's own numbers
 # Design keys that change no measured number: a rerun may change them.
-_NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant", "tensorboard")
+_NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant", "tensorboard", "remat")
 MAX_ANIMALS = 8  # the exact test enumerates k! label orders per replicate
 
 
@@ -106,6 +106,11 @@ def design(config: ConfigDict) -> dict[str, Any]:
   """What the report is committed to before any number is seen: the statistic, the criterion, and
   the whole experiment (every config value that changes a measured number)."""
   settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_DESIGN}
+  # Training knobs at the values that train as before they existed are left out, as in the
+  # stages' fingerprints: adding a knob does not change an existing design.
+  settings["student"] = stages_lib.training_fingerprint(settings["student"])
+  settings["teacher"] = {**settings["teacher"],
+                         "finetune": stages_lib.training_fingerprint(settings["teacher"]["finetune"])}
   return {"experiment": "transfer_matrix", "statistic": stats.DEFINITION,
           "criterion": config.matrix.criterion.to_dict(), "animals": list(config.targets),
           "replicates": config.matrix.replicates, "student_seeds": list(config.student.seeds),
