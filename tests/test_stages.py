@@ -99,3 +99,15 @@ def test_teacher_replicates_move_every_teacher_and_data_seed():
   assert second.student.seeds == config.student.seeds  # students replicate within each teacher
   with pytest.raises(ValueError, match="replicate=-1"):
     stages.replicate_config(config, -1)
+
+
+def test_knobs_at_their_original_behaviour_stay_out_of_fingerprints():
+  config = matrix_config.get_config("cpu")
+  train = stages.student_train_config(config, 0)
+  assert train.bucket is True and train.length_multiple == 16
+  fingerprinted = stages.training_fingerprint(train)
+  assert "bucket" not in fingerprinted and "length_multiple" not in fingerprinted
+  assert fingerprinted["learning_rate"] == train.learning_rate
+  train.length_multiple = 8  # trains differently: part of the fingerprint
+  assert stages.training_fingerprint(train)["length_multiple"] == 8
+  assert "neutral_fraction" not in stages.training_fingerprint(config.teacher.finetune)
