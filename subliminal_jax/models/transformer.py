@@ -220,15 +220,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query attention. q [b,t,h,d]; k, v [b,s,kv,d]; mask [b,t,s] (True = may attend)."""
+  """Grouped-query attention. q [b,t,h,d]; k, v [b,kv,s,d]; mask [b,t,s] (True = may attend).
+
+  Keys and values come heads-first, the KV cache's layout: both contractions then read them as
+  stored (batch dims leading), with no transposed copy of the cache per layer and step.
+  """
   b, t, h, d = q.shape
-  kv = k.shape[2]
+  kv = k.shape[1]
   q = q.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
   # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h * d)
 
 
@@ -241,7 +245,7 @@ class KVCache:
   position the next real token of row b gets; ``length`` is the number of slots written.
   """
 
-  k: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
+  k: jax.Array  # [layers, batch, kv_heads, max_length, head_dim]
   v: jax.Array
   key_mask: jax.Array  # [batch, max_length] bool
   next_position: jax.Array  # [batch] int32
@@ -249,7 +253,7 @@ class KVCache:
 
   @property
   def max_length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 class DecoderLayers(nnx.Module):
@@ -276,24 +280,32 @@ class DecoderLayers(nnx.Module):
                             param_dtype=pd, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
 
-  def layer(self, x, positions, inv_freq, mask, k_cache, v_cache, write_index):
-    """One layer on one layer's parameter slice. Returns (x, k_cache, v_cache)."""
+  def layer(self, x, positions, inv_freq, mask, cache_kv, layer_index, write_index):
+    """One layer on one layer's parameter slice.
+
+    ``cache_kv`` is None or every layer's (k, v) cache [layers, b, kv, s, d]: this layer writes
+    its new keys and values into slice ``layer_index`` at ``write_index`` and attends over that
+    slice. Returns (x, cache_kv).
+    """
     b, t, _ = x.shape
     h = self.attn_norm(x)
     q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    if k_cache is not None:
-      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, 1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, 1)
-      k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, t, d]
+    if cache_kv is not None:
+      start = (layer_index, 0, 0, write_index, 0)
+      cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
+                       for c, new in zip(cache_kv, (k, v)))
+      k, v = (jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False).astype(x.dtype)
+              for c in cache_kv)
     x = x + self.o_proj(attention(q, k, v, mask))
     x = sharding.constrain(x, ("batch", "seq", "embed"))
     h = self.mlp_norm(x)
     x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
     x = sharding.constrain(x, ("batch", "seq", "embed"))
-    return x, k_cache, v_cache
+    return x, cache_kv
 
 
 class Transformer(nnx.Module):
@@ -312,7 +324,7 @@ class Transformer(nnx.Module):
 
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     c = self.config
-    shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim)
     dtype = jnp.dtype(dtype or c.dtype)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -349,18 +361,23 @@ class Transformer(nnx.Module):
     inv_freq = rope_inverse_frequencies(c)
     graphdef, layer_state = nnx.split(self.layers)
 
-    def body(x, scanned):
-      state, k_cache, v_cache = scanned
+    # The whole cache rides in the scan's carry and each layer updates its own slot in place.
+    # Scanned over as inputs and outputs instead, every decode step copied the full cache twice
+    # (about 4x slower decoding at the SmolLM2 shape on a CPU; see README Performance).
+    def body(carry, scanned):
+      x, cache_kv = carry
+      state, layer_index = scanned
       layer = nnx.merge(graphdef, state)
-      x, k_cache, v_cache = layer.layer(x, positions, inv_freq, mask, k_cache, v_cache, write_index)
-      return x, (k_cache, v_cache)
+      x, cache_kv = layer.layer(x, positions, inv_freq, mask, cache_kv, layer_index, write_index)
+      return (x, cache_kv), None
 
     if c.remat:
       body = jax.checkpoint(body, prevent_cse=False)
-    caches = (cache.k, cache.v) if cache is not None else (None, None)
-    x, (k_new, v_new) = jax.lax.scan(body, x, (layer_state,) + caches)
+    cache_kv = (cache.k, cache.v) if cache is not None else None
+    (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (layer_state, jnp.arange(c.num_layers)))
     x = self.final_norm(x)
     if cache is not None:
+      k_new, v_new = cache_kv
       cache = KVCache(k=k_new, v=v_new, key_mask=key_mask,
                       next_position=cache.next_position + attention_mask.sum(1).astype(jnp.int32),
                       length=cache.length + t)
