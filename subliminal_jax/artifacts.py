@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping
 import jax
 from absl import logging
 
+from subliminal_jax import compilation_cache
+
 
 def fingerprint(*parts: Any) -> str:
   """A stable 16-hex-digit hash of JSON-serialisable parts (dict key order does not matter)."""
@@ -100,18 +102,21 @@ class Workdir:
       logging.info("stage %s: continuing in %s, left by an interrupted run", stage, partial)
     _sync_processes(f"{stage} {fp} start")  # every process has looked before any creates it
     partial.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    start, compile_start = time.time(), compilation_cache.compile_seconds()
     # With several processes (one per host) every process builds: the stage's computations are
     # collective. Each writes the same files; only the first marks the artifact done, after all
     # have finished writing, and the others wait until it is in place.
     summary = dict(build(partial))
     record = {"stage": stage, "fingerprint": fp, "inputs": inputs, "summary": summary,
-              "seconds": round(time.time() - start, 2)}
+              "seconds": round(time.time() - start, 2),
+              "compile_seconds": round(compilation_cache.compile_seconds() - compile_start, 2)}
     _sync_processes(f"{stage} {fp} built")
     if jax.process_index() == 0:
       (partial / "DONE.json").write_text(json.dumps(record, indent=2, default=_jsonable))
       partial.rename(final)
     _sync_processes(f"{stage} {fp} done")
     self.ran.append(stage)
-    logging.info("stage %s: built %s in %.1f s", stage, fp, record["seconds"])
+    logging.info("stage %s: built %s in %.1f s (compiling %.1f s, running %.1f s)", stage, fp,
+                 record["seconds"], record["compile_seconds"],
+                 record["seconds"] - record["compile_seconds"])
     return final, summary

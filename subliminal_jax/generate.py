@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
+from subliminal_jax import compilation_cache
 from subliminal_jax.sampling import logit_processors as lp
 from subliminal_jax.sampling import sampler
 
@@ -175,6 +176,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.prompt:
     raise app.UsageError("give at least one --prompt")
+  compilation_cache.enable_from_flags()
   from subliminal_jax import loading
   loaded = loading.load(FLAGS.model, dtype=FLAGS.dtype)
   grammar = number_grammar(loaded.tokenizer) if FLAGS.format == "numbers" else None

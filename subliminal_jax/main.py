@@ -11,21 +11,16 @@ import importlib
 import logging as std_logging
 import os
 
-import jax
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from subliminal_jax import compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/animal_numbers.py:quick", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every artifact of the run.")
 _STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: all, skipping those "
                             "whose artifact already exists with the same fingerprint).")
-_CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    or os.path.expanduser("~/.cache/subliminal_jax/xla"),
-    "Persistent XLA compilation cache ('' disables). Students, seeds and reruns compile the same "
-    "programs; the cache turns each repeat compile into a file read.")
 _ORBAX_INFO_LOGS = flags.DEFINE_bool(
     "orbax_info_logs", False, "Show orbax-checkpoint's INFO logs (about 25 lines per checkpoint "
     "written, which bury the stages' progress); its warnings and errors always show.")
@@ -50,9 +45,7 @@ def main(argv: list[str]) -> None:
   from subliminal_jax import distributed
   if not _ORBAX_INFO_LOGS.value:
     logging.get_absl_handler().addFilter(OrbaxInfoFilter())
-  if _CACHE_DIR.value:
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  compilation_cache.enable_from_flags()
   distributed.initialize_from_flags()
   config = _CONFIG.value
   name = config.get("experiment")
