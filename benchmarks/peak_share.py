@@ -31,6 +31,7 @@ from absl import app, flags
 
 from benchmarks import engines
 from benchmarks import flops as flops_lib
+from subliminal_jax import compilation_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
@@ -150,6 +151,7 @@ def measure() -> dict:
 
 def main(argv):
   del argv
+  compilation_cache.enable_from_flags()
   result = measure()
   if FLAGS.json:
     print(json.dumps(result))

@@ -24,6 +24,8 @@ import time
 
 from absl import app, flags
 
+from subliminal_jax import compilation_cache
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.DEFINE_integer("batch", 64, "Rows sampled at once.")
@@ -128,6 +130,7 @@ def _count_new(tokens, end_ids) -> int:
 
 def main(argv):
   del argv
+  compilation_cache.enable_from_flags()
   import jax
   import numpy as np
   from subliminal_jax.sampling import grammar as grammar_lib

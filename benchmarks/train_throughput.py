@@ -26,6 +26,8 @@ import time
 
 from absl import app, flags
 
+from subliminal_jax import compilation_cache
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
@@ -116,6 +118,7 @@ def timed(fn) -> float:
 
 def main(argv):
   del argv
+  compilation_cache.enable_from_flags()
   import jax
   config = smollm2_config(FLAGS.dtype, FLAGS.layers)
   tokens = FLAGS.batch * FLAGS.length
