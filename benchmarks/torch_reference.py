@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["device", "TorchTrainer", "hf_model_with_our_weights", "GrammarProcessor", "generate",
+__all__ = ["device", "synchronize", "empty_cache", "TorchTrainer", "hf_model_with_our_weights", "GrammarProcessor", "generate",
            "count_new_tokens"]
 
 
@@ -31,6 +31,15 @@ def synchronize() -> None:
   import torch
   if torch.cuda.is_available():
     torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+  """Returns torch's cached accelerator memory (before the next engine allocates its own)."""
+  import gc
+  import torch
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
 
 
 class TorchTrainer:
