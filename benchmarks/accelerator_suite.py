@@ -64,12 +64,7 @@ flags.DEFINE_string("model", "random", "'random' (random weights) or an HF model
 flags.DEFINE_enum("shape", "smollm2", ["smollm2", "tiny"],
                   "Architecture with --model=random: SmolLM2-135M's, or 2 small layers (tests).")
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (weights stay float32).")
-flags.DEFINE_integer("train_batch", 256, "Training sequences per step.")
-flags.DEFINE_integer("train_length", 128, "Tokens per training sequence.")
-flags.DEFINE_integer("train_steps", 5, "Timed training steps per engine.")
-flags.DEFINE_integer("sample_batch", 1024, "Rows sampled at once.")
-flags.DEFINE_integer("prompt_tokens", 88, "Prompt tokens per row.")
-flags.DEFINE_integer("new_tokens", 40, "max_new_tokens.")
+engines.define_workload_flags(train_batch=256, train_steps=5, sample_batch=1024)
 flags.DEFINE_bool("torch", True, "Time the transformers references.")
 flags.DEFINE_bool("torch_compile", True, "Also time torch.compile / the static cache.")
 flags.DEFINE_string("job_config", "configs/animal_numbers.py:paper", "The main job's config.")

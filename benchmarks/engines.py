@@ -20,11 +20,35 @@ import numpy as np
 from benchmarks import flops as flops_lib
 
 __all__ = ["smollm2_shape", "random_model", "synthetic_token_texts", "TrainWorkload",
-           "SamplingWorkload", "EvaluationWorkload", "LORA_TARGETS"]
+           "SamplingWorkload", "EvaluationWorkload", "LORA_TARGETS", "define_workload_flags",
+           "print_result"]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _NUM_SPECIAL = 17  # ids 0..16 are special tokens (SmolLM2's layout); 2 ends a turn
 END_ID = 2
+
+
+def define_workload_flags(*, train_batch: int, train_steps: int, sample_batch: int) -> None:
+  """The workload sizes every benchmark of training and sampling takes, with its defaults."""
+  from absl import flags
+  flags.DEFINE_integer("train_batch", train_batch, "Training sequences per step.")
+  flags.DEFINE_integer("train_length", 128, "Tokens per training sequence.")
+  flags.DEFINE_integer("train_steps", train_steps, "Timed training steps per engine (after warm-up).")
+  flags.DEFINE_integer("sample_batch", sample_batch, "Rows sampled at once.")
+  flags.DEFINE_integer("prompt_tokens", 88, "Prompt tokens per row.")
+  flags.DEFINE_integer("new_tokens", 40, "max_new_tokens.")
+
+
+def print_result(result: dict[str, Any], as_json: bool) -> None:
+  """One JSON line, or one ``key: value`` line per entry."""
+  import json
+  import sys
+  if as_json:
+    print(json.dumps(result))
+  else:
+    for key, value in result.items():
+      print(f"{key:>24}: {value}")
+  sys.stdout.flush()
 
 
 def smollm2_shape(dtype: str = "float32", layers: int = 30, **overrides: Any):

@@ -21,10 +21,8 @@ Shares are FLOP/s divided by the peak; ``load_average`` (1 minute) is recorded b
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app, flags
@@ -36,12 +34,7 @@ from subliminal_jax import compilation_cache
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.DEFINE_integer("layers", 30, "Decoder layers of the SmolLM2 shape (30 = SmolLM2-135M).")
-flags.DEFINE_integer("train_batch", 8, "Training sequences per step.")
-flags.DEFINE_integer("train_length", 128, "Tokens per training sequence.")
-flags.DEFINE_integer("train_steps", 3, "Timed training steps per engine (after a compiling one).")
-flags.DEFINE_integer("sample_batch", 64, "Rows sampled at once.")
-flags.DEFINE_integer("prompt_tokens", 88, "Prompt tokens per row.")
-flags.DEFINE_integer("new_tokens", 40, "max_new_tokens.")
+engines.define_workload_flags(train_batch=8, train_steps=3, sample_batch=64)
 flags.DEFINE_integer("eval_prompts", 16, "Prompts of the teacher-forcing workload.")
 flags.DEFINE_integer("eval_continuations", 48, "Continuations (1-3 tokens) scored after each.")
 flags.DEFINE_integer("repeats", 2, "Timed repeats of each sampling and evaluation run.")
@@ -152,13 +145,7 @@ def measure() -> dict:
 def main(argv):
   del argv
   compilation_cache.enable_from_flags()
-  result = measure()
-  if FLAGS.json:
-    print(json.dumps(result))
-  else:
-    for key, value in result.items():
-      print(f"{key:>24}: {value}")
-  sys.stdout.flush()
+  engines.print_result(measure(), FLAGS.json)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ torch is used here only (a reference), never by the package.
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import time
 
 from absl import app, flags
@@ -88,12 +86,7 @@ def main(argv):
     result.update({"torch_step_s": statistics.median(torch_times), "torch_tokens_per_s": torch_tps,
                    "torch_step_times_s": torch_times, "torch_threads": reference.torch.get_num_threads(),
                    "torch_mfu": flops_per_token * torch_tps / peak, "ratio": ours_tps / torch_tps})
-  if FLAGS.json:
-    print(json.dumps(result))
-  else:
-    for key, value in result.items():
-      print(f"{key:>20}: {value}")
-  sys.stdout.flush()
+  engines.print_result(result, FLAGS.json)
 
 
 if __name__ == "__main__":
