@@ -1,9 +1,12 @@
-"""Test setup: 8 fake CPU devices, so sharded code paths run on any machine, and one fresh XLA
-compilation cache per test session."""
+"""Test setup: 8 fake CPU devices, so sharded code paths run on any machine; one fresh XLA
+compilation cache per test session; light XLA optimisation for the tiny models most tests use; the
+real SmolLM2 loaded once per test process."""
 
 import os
 import shutil
 import tempfile
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,8 +21,42 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix="subliminal_jax_test_xla_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Tests on tiny models spend most of their time in XLA compiles, which light optimisation (no
+# expensive LLVM passes) makes about twice as fast; subprocess jobs inherit it. Tests on the real
+# SmolLM2 (the `smollm2` fixture), whose run time dominates, compile with full optimisation.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 def pytest_unconfigure(config):
   if _SESSION_CACHE is not None and not hasattr(config, "workerinput"):
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _full_optimisation_for_the_real_model(request):
+  if "smollm2" not in request.fixturenames:
+    yield
+    return
+  import jax
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """The real SmolLM2-135M-Instruct from the embedded GGUF (float32), loaded once per process."""
+  from subliminal_jax import loading
+  return loading.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers():
+  """transformers' own model from the same GGUF (the reference), loaded once per process."""
+  import torch
+  import transformers
+  from subliminal_jax.weights import embedded
+  path = embedded.smollm2_path()
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
