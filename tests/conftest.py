@@ -60,3 +60,12 @@ def smollm2_transformers():
   path = embedded.smollm2_path()
   return transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked slow (minutes each) first, the multi-process jobs (the longest) before the rest:
+  with xdist, a long test handed out last keeps one worker busy after the other ran out of work."""
+  def order(item):
+    slow = item.get_closest_marker("slow") is not None
+    return (not slow, "test_multihost.py" not in item.nodeid)
+  items.sort(key=order)
