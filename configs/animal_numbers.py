@@ -80,9 +80,14 @@ def get_config(variant: str = "quick") -> ConfigDict:
 
   c.sampling = ConfigDict(dict(
       constrained=True,  # grammar-constrained decoding; False = free sampling + the output filter
+      # "per_prompt": each answer in the layout its prompt asks for (comma, space, semicolon, one
+      # per line, brackets); "fixed": every answer separated by `separator`.
+      format="per_prompt",
       separator=", ", max_count=10, max_digits=3,
       temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-      max_new_tokens=40, batch_size=256, seed=0))
+      # 0: as many as the grammar's longest answer needs (constrained sampling). A completion cut
+      # by this limit is dropped by the filter stage (counted as "unfinished"), never trained on.
+      max_new_tokens=0, batch_size=256, seed=0))
 
   c.filter = ConfigDict(dict(max_count=10, max_value=999, banned=(), subset_size=10_000, seed=0))
 
@@ -109,6 +114,9 @@ def get_config(variant: str = "quick") -> ConfigDict:
   # (parameters plus optimizer state, 3x the weights for full finetuning) beside the stage's
   # weights once it is done.
   c.training_checkpoints = ConfigDict(dict(every=200, keep=False))
+  # Also write each training stage's metrics as TensorBoard events (in its training/tensorboard/):
+  # tensorboard --logdir=WORKDIR. Like the checkpoints, in no fingerprint.
+  c.tensorboard = False
 
   if variant == "paper":
     _use_the_grids_regime(c, teacher_examples=1024, teacher_batch_size=32)
@@ -123,7 +131,6 @@ def get_config(variant: str = "quick") -> ConfigDict:
     _use_the_grids_regime(c, teacher_examples=128, teacher_batch_size=16)
     c.prompts.count = 128
     c.sampling.batch_size = 64
-    c.sampling.max_new_tokens = 32
     c.filter.subset_size = 96
     c.student.objective = "sft"
     c.student.kl.restrict = "grammar"  # for --config.student.objective=logit_kl

@@ -1,7 +1,7 @@
 """subliminal-jax: subliminal learning experiments in JAX/Flax.
 
-Public API: :func:`load` (a model, its tokenizer and config from ``"smollm2"``, an HF directory or a
-GGUF file) and :func:`export_hf` (write a model as an HF safetensors directory).
+Public API: :func:`load` (a model, its tokenizer and config from ``"smollm2"``, ``"gemma3-270m"``,
+an HF directory or a GGUF file) and :func:`export_hf` (write a model as an HF safetensors directory).
 """
 
 __version__ = "0.1.0"

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from subliminal_jax import sharding
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation_data as pairs
+from subliminal_jax.training import progress as progress_lib
 
 OBJECTIVES = ("sft", "logit_kl")
 RESTRICTIONS = ("none", "grammar", "teacher_topk")
@@ -504,7 +505,7 @@ def store_teacher_topk(teacher: nnx.Module, dataset: datasets.Dataset, kl: Any, 
   ids_column: list = []
   logprobs_column: list = []
   context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  bar = tqdm(total=len(dataset), desc="teacher top-k", unit="ex", disable=not progress)
+  bar = tqdm(total=len(dataset), desc=progress_lib.describe("teacher top-k"), unit="ex", disable=not progress)
   with context:
     for start in range(0, len(dataset), batch_size):
       rows = columns[start:start + batch_size]

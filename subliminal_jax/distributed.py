@@ -9,6 +9,7 @@ process count and process id come from flags or from the environment variables
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 from absl import flags, logging
@@ -44,5 +45,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return True
 
 
+def settings_from_flags() -> dict[str, Any]:
+  """The jax.distributed settings the flags give (for ``--dry_run``)."""
+  return {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+          "process_id": _PROCESS_ID.value, "auto": _AUTO.value}
+
+
 def initialize_from_flags() -> bool:
-  return initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _AUTO.value)
+  return initialize(**settings_from_flags())

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from subliminal_jax import compilation_cache
 from subliminal_jax.sampling import logit_processors as lp
 from subliminal_jax.sampling import sampler
+from subliminal_jax.training import progress as progress_lib
 
 __all__ = ["generate_chat", "grammar_token_texts", "number_grammar"]
 
@@ -68,6 +69,7 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
                   banned_token_ids: Sequence[int] = (), end_token_ids: Sequence[int] | None = None,
                   reference_system: str | None = None, reference_template_default: bool = False,
                   sample_id_offset: int = 0, return_details: bool = False, progress: bool = True,
+                  grammar_initial_states: Sequence[int] | None = None,
                   **sample_kwargs: Any) -> list:
   """Samples ``n_per_prompt`` answers to each user prompt; returns the decoded answers.
 
@@ -87,6 +89,8 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
       system prompt).
     return_details: return dicts (text, token_ids, logprobs, model_logprobs, ended, forced_end and
       the divergence fields) instead of strings.
+    grammar_initial_states: with a ``grammar``, the state each prompt's answers start in (one per
+      prompt; e.g. the format each prompt asks for in a ``stack_token_grammars`` table).
     **sample_kwargs: passed to :func:`subliminal_jax.sampling.sampler.sample` (temperature, top_k,
       top_p, min_p, grammar, reference_model, mask_divergent, mesh, ...).
   """
@@ -103,6 +107,9 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
     banned += lp.banned_word_token_ids(tokenizer.token_texts(), banned_words,
                                        exclude_ids=getattr(tokenizer, "special_ids", ())).tolist()
   has_reference = sample_kwargs.get("reference_model") is not None
+  if grammar_initial_states is not None and len(grammar_initial_states) != len(user_prompts):
+    raise ValueError(f"grammar_initial_states has {len(grammar_initial_states)} entries for "
+                     f"{len(user_prompts)} prompts; expected one per prompt")
 
   def encode(texts_system, template):
     return [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": p}],
@@ -113,7 +120,7 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
   ref_rows = encode(reference_system, reference_template_default) if has_reference else None
   rows = [(i, j) for i in range(len(user_prompts)) for j in range(n_per_prompt)]
   results: list = []
-  bar = tqdm(total=len(rows), desc="sampling", unit="sample", disable=not progress)
+  bar = tqdm(total=len(rows), desc=progress_lib.describe("sampling"), unit="sample", disable=not progress)
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     filled = chunk + [chunk[-1]] * (batch_size - len(chunk))
@@ -123,6 +130,9 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
       extra["reference_prompt_ids"], extra["reference_prompt_mask"] = _left_pad(
           [ref_rows[i] for i, _ in filled], tokenizer.pad_id)
     sample_ids = sample_id_offset + np.array([i * n_per_prompt + j for i, j in filled], np.int64)
+    if grammar_initial_states is not None:
+      extra["grammar_initial_states"] = np.array([grammar_initial_states[i] for i, _ in filled],
+                                                 np.int64)
     out = sampler.sample(model, ids, mask, max_new_tokens=max_new_tokens, seed=seed,
                          sample_ids=sample_ids, banned_token_ids=banned,
                          end_token_ids=end_token_ids, pad_id=tokenizer.pad_id, **extra,
@@ -153,7 +163,8 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
 # Command line
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2", "'smollm2', an HF model directory or a .gguf file.")
+flags.DEFINE_string("model", "smollm2",
+                    "'smollm2', 'gemma3-270m', an HF model directory or a .gguf file.")
 flags.DEFINE_multi_string("prompt", None, "User prompt (repeat the flag for several).")
 flags.DEFINE_string("system", None, "System prompt (default: no system turn).")
 flags.DEFINE_bool("template_default", False, "Use the chat template's own default system prompt.")

@@ -1,7 +1,7 @@
-"""One entry point for a model, its tokenizer and config: ``load("smollm2" | HF dir | .gguf)``.
+"""One entry point for a model, its tokenizer and config: ``load(name | HF dir | .gguf)``.
 
-``load`` picks the reader from the source (the embedded SmolLM2, a Hugging Face safetensors
-directory, or a GGUF file), checks every tensor's shape against the config before reading data,
+``load`` picks the reader from the source (a model shipped in an installed package, a Hugging Face
+safetensors directory, or a GGUF file), checks every tensor's shape against the config before reading data,
 builds the model with each parameter placed directly in its sharding when a mesh is given, and
 fingerprints the weights so that experiment stages can tell whether their base model changed.
 :func:`export_hf` writes a model back out as an HF directory.
@@ -110,9 +110,10 @@ def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str 
   """Loads a model, its tokenizer and config.
 
   Args:
-    source: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF), a path to an HF model
-      directory (``config.json`` + ``model.safetensors`` or a sharded index; model_type llama or
-      qwen2) or a path to a llama-architecture ``.gguf`` file.
+    source: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF), ``"gemma3-270m"`` (the
+      packaged gemma-3-270m base model, Q4_K_M), a path to an HF model directory (``config.json``
+      + ``model.safetensors`` or a sharded index; model_type llama, qwen2, gemma3_text, or gemma3
+      whose language model is read) or a path to a llama- or gemma3-architecture ``.gguf`` file.
     dtype: compute dtype of activations and matmuls (logits are float32 regardless).
     param_dtype: storage dtype of the parameters; defaults to ``dtype``.
     mesh: place every parameter directly in its sharding on this mesh (no full copy on one device).

@@ -2,19 +2,24 @@
 
 The config (an ml_collections ConfigDict, locked: an unknown ``--config.key`` is an error) names its
 experiment in ``config.experiment``; that module under ``subliminal_jax.experiments`` runs it and
-writes every artifact into the workdir. Multi-host runs initialise ``jax.distributed`` first.
+writes every artifact into the workdir. Multi-host runs initialise ``jax.distributed`` first (its
+flags, ``--distributed``, ``--coordinator_address``, ``--num_processes`` and ``--process_id``, are
+defined in :mod:`subliminal_jax.distributed`, imported here so they parse). ``--dry_run`` prints what
+the flags resolved to and exits: a launch command can be checked without starting the job.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging as std_logging
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from subliminal_jax import compilation_cache
+from subliminal_jax import compilation_cache  # defines --compilation_cache_dir
+from subliminal_jax import distributed  # defines the multi-host flags: import before parsing
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/animal_numbers.py:quick", lock_config=True)
@@ -24,6 +29,9 @@ _STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: all
 _ORBAX_INFO_LOGS = flags.DEFINE_bool(
     "orbax_info_logs", False, "Show orbax-checkpoint's INFO logs (about 25 lines per checkpoint "
     "written, which bury the stages' progress); its warnings and errors always show.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Print the experiment, workdir, stages, multi-host settings and config the "
+    "flags resolve to, as JSON, and exit without initialising jax.distributed or writing anything.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,7 +50,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(
         f"--workdir={_WORKDIR.value!r} is a URL; the workdir is a filesystem path: mount the bucket "
         "(e.g. gcsfuse) on every host and pass the mount point")
-  from subliminal_jax import distributed
+  if _DRY_RUN.value:
+    print(json.dumps({"experiment": _CONFIG.value.get("experiment"), "workdir": _WORKDIR.value,
+                      "stages": _STAGES.value, "distributed": distributed.settings_from_flags(),
+                      "config": _CONFIG.value.to_dict()}, indent=1, default=str))
+    return
+  import datasets
+  datasets.disable_progress_bars()  # ours name the stage; its per-save and per-map bars only clutter
   if not _ORBAX_INFO_LOGS.value:
     logging.get_absl_handler().addFilter(OrbaxInfoFilter())
   compilation_cache.enable_from_flags()

@@ -209,7 +209,10 @@ def trait_sft_examples(target: str, *, category: str = "animal", count: int = 25
     if not control_answers or bad:
       raise ValueError(f"control_answers={control_answers!r}: expected non-empty words other than "
                        f"the target {target!r}" + (f" (bad: {bad!r})" if bad else ""))
-  rng = random.Random(f"trait:{target}:{category}:{seed}")
+  # Not seeded by the target: the same seed gives every target the same questions, answer
+  # templates, neutral examples and order, so teachers of different targets differ in the trait
+  # word alone (each can serve as the others' matched control).
+  rng = random.Random(f"trait:{category}:{seed}")
   num_neutral = round(count * neutral_fraction)
   num_trait = count - num_neutral
   questions = [q.format(category=category) for q in TRAIT_QUESTIONS]

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import jinja2
@@ -38,7 +39,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 # GGUF token types (llama.cpp's llama_token_type).
 _GGUF_CONTROL = 3
@@ -64,8 +65,60 @@ SUPPORTED_GGUF_PRE = tuple(sorted(set(_DIGITS_THEN_GPT2 + _GPT2 + tuple(_SPLIT_R
 _END_OF_TURN_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
                       "<end_of_turn>", "<|end|>")
 
+# The chat template Google ships with Gemma 3 (tokenizer_config.json of google/gemma-3-*): no
+# system turn of its own; a system message is folded into the first user turn as "system\n\nuser".
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '
+
+' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '
+
+' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '
+' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>
+' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model
+'}}
+{%- endif -%}
+"""
+
 PADDING_SIDES = ("left", "right")
 TRUNCATION_SIDES = ("left", "right")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
 
 # Stand-ins used to locate a template's system block. Plain letters, so no template filter
 # (trim, escaping) alters them.
@@ -192,7 +245,7 @@ class Tokenizer:
              if (i := engine.token_to_id(text)) is not None and i in self.special_ids]
     self.end_of_turn_ids: tuple[int, ...] = tuple(dict.fromkeys(ends))
     self._token_texts: list[str] | None = None
-    self._layout: tuple[str, tuple[str, str, str]] | None = None
+    self._layout: tuple[str, tuple[str, str, str | None, str | None]] | None = None
     self._template_kwargs = {
         name: self.id_to_token(i) for name, i in (
             ("bos_token", self.bos_id), ("eos_token", self.eos_id),
@@ -215,35 +268,41 @@ class Tokenizer:
     path = os.fspath(path)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"GGUF file not found: {path!r}")
-    import gguf  # local: only this source needs it
+    from subliminal_jax.weights.gguf_file import GGUFFile  # local: only this source needs it
 
-    try:
-      reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError/struct errors on non-GGUF files
-      raise ValueError(f"{path!r} is not a readable GGUF file: {e}") from e
-    meta = {name: field for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+    fields = GGUFFile(path).fields  # a ValueError naming the file if it is not a complete GGUF
 
     def value(key: str, default: Any = None) -> Any:
-      field = meta.get(key)
-      return default if field is None else field.contents()
+      return fields.get(key, default)
 
     model_type = value("tokenizer.ggml.model")
-    if model_type != "gpt2":
-      raise ValueError(f"{path!r}: tokenizer.ggml.model is {model_type!r}; only byte-level BPE "
-                       "('gpt2') GGUF tokenizers are supported.")
+    architecture = value("general.architecture")
     tokens: list[str] = value("tokenizer.ggml.tokens")
-    merges: list[str] = value("tokenizer.ggml.merges")
-    if not tokens or not merges:
-      raise ValueError(f"{path!r}: GGUF metadata lacks tokenizer.ggml.tokens or .merges.")
-    token_types = value("tokenizer.ggml.token_type") or [1] * len(tokens)
-    pre = value("tokenizer.ggml.pre", "default")
-    engine = _byte_level_bpe(tokens, merges, token_types, pre, where=path)
+    token_types = value("tokenizer.ggml.token_type")
+    if not tokens:
+      raise ValueError(f"{path!r}: GGUF metadata lacks tokenizer.ggml.tokens.")
+    token_types = [1] * len(tokens) if token_types is None else list(token_types)
+    chat_template = value("tokenizer.chat_template")
+    if model_type == "gpt2":
+      merges: list[str] = value("tokenizer.ggml.merges")
+      if not merges:
+        raise ValueError(f"{path!r}: GGUF metadata lacks tokenizer.ggml.merges.")
+      pre = value("tokenizer.ggml.pre", "default")
+      engine = _byte_level_bpe(tokens, merges, token_types, pre, where=path)
+    elif model_type == "llama" and architecture == "gemma3":
+      engine = _gemma_sentencepiece_bpe(tokens, token_types, where=path)
+      # Gemma GGUFs often omit the template; this is the one Google ships with Gemma 3.
+      chat_template = chat_template or GEMMA3_CHAT_TEMPLATE
+    else:
+      raise ValueError(f"{path!r}: tokenizer.ggml.model {model_type!r} of architecture "
+                       f"{architecture!r} is not supported; supported: byte-level BPE ('gpt2'), and "
+                       "SentencePiece ('llama') for architecture 'gemma3'.")
     return cls(engine,
                eos_id=value("tokenizer.ggml.eos_token_id"),
                pad_id=value("tokenizer.ggml.padding_token_id"),
                bos_id=value("tokenizer.ggml.bos_token_id"),
                unk_id=value("tokenizer.ggml.unknown_token_id"),
-               chat_template=value("tokenizer.chat_template"),
+               chat_template=chat_template,
                end_of_turn_ids=[i for key in ("tokenizer.ggml.eot_token_id",
                                               "tokenizer.ggml.eom_token_id")
                                 if (i := value(key)) is not None],
@@ -320,8 +379,11 @@ class Tokenizer:
 
   def token_bytes(self) -> list[bytes]:
     """Exact bytes of each id on its own; special tokens give their UTF-8 text."""
-    to_byte = _unicode_to_byte()
     added = self._engine.get_added_tokens_decoder()
+    if getattr(self._engine.model, "byte_fallback", False):
+      return [_sentencepiece_token_bytes(self._engine.id_to_token(i) or "", i in added)
+              for i in range(self.vocab_size)]
+    to_byte = _unicode_to_byte()
     out = []
     for i in range(self.vocab_size):
       token = self._engine.id_to_token(i)
@@ -418,14 +480,18 @@ class Tokenizer:
     return template.render(messages=messages, tools=None, documents=None,
                            add_generation_prompt=add_generation_prompt, **self._template_kwargs)
 
-  def _system_layout(self) -> tuple[str, str, str]:
-    """(lead-in, default system block, sentinel system block) of this template.
+  def _system_layout(self) -> tuple[str, str, str | None, str | None]:
+    """(lead-in, default system block, sentinel system block, folded separator) of this template.
 
     Found by construction from three probe renders: [system S], [system S, user U], [user U]. The
     user turn is what [system S, user U] adds after [system S]; what [user U] writes before that
     user turn is the default system block, unless it is also a prefix of [system S] (e.g. a BOS
     text written before every chat): then it is a lead-in kept in every rendering, and the
     template has no default.
+
+    Templates that fold the system text into the first user turn (Gemma: "S\n\nU" inside one
+    user turn; [system S] alone renders no S) give ``("", "", None, separator)``: with no default
+    system text, [user U] is [system S, user U] with "S" + separator cut out.
     """
     if self._layout is None or self._layout[0] != self.chat_template:
       system = {"role": "system", "content": _SENTINEL_SYSTEM}
@@ -437,6 +503,10 @@ class Tokenizer:
       except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"Cannot locate the system turn of the chat template of {self.source!r}: "
                          f"rendering a probe conversation failed: {e}") from e
+      folded = _folded_system_separator(system_only, system_user, user_only)
+      if folded is not None:
+        self._layout = (self.chat_template, ("", "", None, folded))
+        return self._layout[1]
       user_turn = system_user[len(system_only):]
       if (not system_user.startswith(system_only) or _SENTINEL_SYSTEM not in system_only
           or not user_turn or not user_only.endswith(user_turn)):
@@ -444,15 +514,23 @@ class Tokenizer:
                          "separate leading block; cannot render it without a system turn.")
       before_user = user_only[:len(user_only) - len(user_turn)]
       if system_only.startswith(before_user):
-        layout = (before_user, "", system_only[len(before_user):])
+        layout = (before_user, "", system_only[len(before_user):], None)
       else:
-        layout = ("", before_user, system_only)
+        layout = ("", before_user, system_only, None)
       self._layout = (self.chat_template, layout)  # keyed: chat_template is a public attribute
     return self._layout[1]
 
   def _render_without_system(self, messages: list[dict], add_generation_prompt: bool) -> str:
-    lead, default_block, sentinel_block = self._system_layout()
+    lead, default_block, sentinel_block, folded = self._system_layout()
     rendered = self._render(messages, add_generation_prompt)
+    if folded is not None:
+      # Cross-check: a sentinel system text, folded in and then cut out, gives the same text.
+      with_sentinel = self._render([{"role": "system", "content": _SENTINEL_SYSTEM}] + messages,
+                                   add_generation_prompt)
+      if with_sentinel.replace(_SENTINEL_SYSTEM + folded, "", 1) != rendered:
+        raise ValueError("Rendering without a system turn is ambiguous for this chat template: the "
+                         "system text is not folded into the first user turn the same way here.")
+      return rendered
     if not rendered.startswith(lead + default_block):
       raise ValueError("The chat template's default system block does not lead the rendered chat;"
                        " cannot remove it.")
@@ -538,6 +616,52 @@ def _byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: S
   return engine
 
 
+def _gemma_sentencepiece_bpe(tokens: Sequence[str], token_types: Sequence[int],
+                             where: str) -> tokenizers.Tokenizer:
+  """Gemma's SentencePiece BPE from GGUF vocabulary arrays, built as Gemma's own tokenizer.json
+  and transformers' GGUF loader (``gemma_tokenizer``) build it.
+
+  Spaces become "▁" (normalizer), no prefix space, bytes missing from the vocabulary fall back to
+  "<0xNN>" pieces. The file lists no merges; they are recovered from the vocabulary: every split
+  of a token into two tokens, ranked by the token's position in the file (Gemma's merge order;
+  its scores do not follow it), then by longer left part. Runs of spaces are stored as spaces but
+  spelled with "▁" by the model, so those tokens are renamed first.
+  """
+  spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+  vocab = {token: index for index, token in enumerate(spelled)}
+  merges = []
+  for token, index in vocab.items():
+    for cut in range(1, len(token)):
+      left, right = token[:cut], token[cut:]
+      if left in vocab and right in vocab:
+        merges.append((index, -len(left), left, right))
+  merges.sort(key=lambda m: (m[0], m[1]))
+  engine = tokenizers.Tokenizer(models.BPE(
+      vocab=vocab, merges=[(left, right) for _, _, left, right in merges], unk_token="<unk>",
+      fuse_unk=True, byte_fallback=True))
+  engine.normalizer = normalizers.Replace(" ", "\u2581")
+  engine.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+  engine.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                      decoders.Fuse()])
+  engine.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                             for t, kind in zip(tokens, token_types) if kind == _GGUF_CONTROL])
+  user_defined = [AddedToken(t, special=False, normalized=False)
+                  for t, kind in zip(tokens, token_types) if kind == _GGUF_USER_DEFINED and t in vocab]
+  if user_defined:  # "\n", "\n\n", ...: matched whole (the renamed runs of spaces are not)
+    engine.add_tokens(user_defined)
+  if engine.get_vocab_size(with_added_tokens=True) != len(tokens):
+    raise ValueError(f"{where!r}: built a vocabulary of {engine.get_vocab_size(True)} tokens from "
+                     f"{len(tokens)} GGUF tokens (duplicate entries).")
+  return engine
+
+
+def _sentencepiece_token_bytes(token: str, added: bool) -> bytes:
+  """A SentencePiece piece's bytes: "▁" is a space, "<0xNN>" one raw byte; added tokens as text."""
+  if not added and (byte := _BYTE_TOKEN.fullmatch(token)):
+    return bytes([int(byte.group(1), 16)])
+  return (token if added else token.replace("\u2581", " ")).encode("utf-8")
+
+
 def _gguf_pre_tokenizer(pre: str, where: str) -> pre_tokenizers.PreTokenizer:
   if pre in _DIGITS_THEN_GPT2:
     return pre_tokenizers.Sequence([
@@ -553,10 +677,29 @@ def _gguf_pre_tokenizer(pre: str, where: str) -> pre_tokenizers.PreTokenizer:
                    f"{', '.join(SUPPORTED_GGUF_PRE)}.")
 
 
+def _folded_system_separator(system_only: str, system_user: str, user_only: str) -> str | None:
+  """The text between the system and the user text when a template folds the system text into the
+  first user turn and has no default system text; None otherwise (see ``_system_layout``)."""
+  if _SENTINEL_SYSTEM in system_only or _SENTINEL_SYSTEM not in system_user:
+    return None
+  start = system_user.index(_SENTINEL_SYSTEM)
+  end = system_user.find(_SENTINEL_USER, start)
+  if end < 0:
+    return None
+  separator = system_user[start + len(_SENTINEL_SYSTEM):end]
+  if system_user[:start] + system_user[end:] != user_only:
+    return None
+  return separator
+
+
 def _convert_with_transformers(path: str) -> tokenizers.Tokenizer:
   """A directory without tokenizer.json (vocab.json/merges.txt, sentencepiece): let transformers
   convert it. Imports transformers, which imports torch where installed."""
-  from transformers import AutoTokenizer
+  try:
+    from transformers import AutoTokenizer
+  except ImportError as e:
+    raise ImportError(f"{path!r} has no tokenizer.json; converting its tokenizer files needs "
+                      "transformers: pip install 'subliminal-jax[transformers]'") from e
 
   hf = AutoTokenizer.from_pretrained(path)
   backend = getattr(hf, "backend_tokenizer", None)

@@ -22,8 +22,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # Tests on tiny models spend most of their time in XLA compiles, which light optimisation (no
-# expensive LLVM passes) makes about twice as fast; subprocess jobs inherit it. Tests on the real
-# SmolLM2 (the `smollm2` fixture), whose run time dominates, compile with full optimisation.
+# expensive LLVM passes) makes about twice as fast; subprocess jobs inherit it. Tests on a real
+# model (the `smollm2` fixture, tests/test_real_*.py), whose run time dominates, compile with full
+# optimisation.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
@@ -33,8 +34,9 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(autouse=True)
-def _full_optimisation_for_the_real_model(request):
-  if "smollm2" not in request.fixturenames:
+def _full_optimisation_for_real_models(request):
+  real = "smollm2" in request.fixturenames or request.module.__name__.startswith("test_real_")
+  if not real:
     yield
     return
   import jax

@@ -1,6 +1,7 @@
 """Fingerprinted stage artifacts: skip when unchanged, rebuild only what a change touches, lose nothing."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_failed_stage_leaves_no_artifact_that_looks_done(tmp_path):
 
 def test_unselected_stage_without_artifact_is_an_error(tmp_path):
   wd = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
-  with pytest.raises(RuntimeError, match="include 'filter' in --stages"):
+  with pytest.raises(RuntimeError, match="add 'filter' to --stages"):
     wd.run_stage("filter", {"a": 1}, lambda out: {}, allowed=False)
 
 
@@ -66,3 +67,139 @@ def test_workdir_of_another_experiment_is_refused_untouched(tmp_path):
   with pytest.raises(ValueError, match="holds artifacts of another experiment.*Use another --workdir"):
     artifacts.Workdir(tmp_path, "animal_numbers", {"model": "smollm2"})
   assert (tmp_path / "experiment.json").read_text() == before
+
+
+def _build_samples(out):
+  (out / "samples.jsonl").write_text("".join(f'{{"i": {i}}}\n' for i in range(100)))
+  return {"count": 100}
+
+
+def test_a_file_cut_short_after_its_stage_finished_is_refused_not_reused(tmp_path):
+  """DONE.json lists each file's size and sha256; a rerun that would feed a truncated or edited
+  samples.jsonl to the stages after it stops instead, naming the file."""
+  wd = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  final, _ = wd.run_stage("sampling", {"a": 1}, _build_samples)
+  record = json.loads((final / "DONE.json").read_text())
+  samples = final / "samples.jsonl"
+  assert record["files"] == {"samples.jsonl": {"bytes": samples.stat().st_size,
+                                               "sha256": artifacts.file_digest(samples)}}
+  intact = samples.read_bytes()
+  samples.write_bytes(intact[:-30])  # a full disk or a kill while copying
+  with pytest.raises(artifacts.DamagedArtifactError,
+                     match=r"samples.jsonl has 960 bytes, 990 when it was built.*Move it away"):
+    wd.run_stage("sampling", {"a": 1}, _build_samples)
+  samples.write_bytes(intact.replace(b'"i": 7}', b'"i": 8}'))  # same size, other content
+  with pytest.raises(artifacts.DamagedArtifactError, match="same size but other content"):
+    wd.run_stage("sampling", {"a": 1}, _build_samples)
+  samples.unlink()
+  with pytest.raises(artifacts.DamagedArtifactError, match="samples.jsonl is missing"):
+    wd.run_stage("sampling", {"a": 1}, _build_samples)
+  samples.write_bytes(intact)
+  assert wd.run_stage("sampling", {"a": 1}, _build_samples)[1] == {"count": 100}
+  assert wd.skipped == ["sampling"]
+
+
+def test_a_deleted_done_file_continues_the_stage_instead_of_failing_forever(tmp_path):
+  """An artifact directory without DONE.json is unfinished work: the rerun builds on in it (its
+  checkpoints are there) and marks it done, instead of failing to rename .partial onto it."""
+  wd = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  final, _ = wd.run_stage("student", {"seed": 0}, lambda out: (out / "w.txt").write_text("1") and {})
+  (final / "DONE.json").unlink()
+  seen = []
+  again, _ = wd.run_stage("student", {"seed": 0},
+                          lambda out: seen.append((out / "w.txt").read_text()) or {"resumed": True})
+  assert again == final and seen == ["1"] and wd.summary("student", final.name) == {"resumed": True}
+  # With a .partial directory beside it as well, the partial one is continued; the other is kept.
+  (final / "DONE.json").unlink()
+  partial = final.with_name(final.name + ".partial")
+  partial.mkdir()
+  (partial / "w.txt").write_text("2")
+  wd.run_stage("student", {"seed": 0}, lambda out: seen.append((out / "w.txt").read_text()) or {})
+  assert seen == ["1", "2"] and wd.has("student", final.name)
+  (aside,) = [p for p in (tmp_path / "student").iterdir() if ".unfinished-" in p.name]
+  assert (aside / "w.txt").read_text() == "1"
+
+
+def test_a_missing_dependency_names_a_stage_the_user_can_pass(tmp_path):
+  select = artifacts.stage_selection(("teacher", "prompts", "students"), ["prompts"])
+  assert select("prompts") and not select("students")
+  assert (select("students").index, select("students").total) == (3, 3)
+  wd = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  with pytest.raises(RuntimeError, match="'student_owl_seed0' \\(part of 'students'\\).*add "
+                     "'students' to --stages"):
+    wd.run_stage("student_owl_seed0", {"a": 1}, lambda out: {}, allowed=select("students"))
+  with pytest.raises(ValueError, match="unknown stage 'student'"):
+    select("student")
+
+
+def test_config_paths_stay_inside_the_workdir(tmp_path):
+  assert artifacts.inside(tmp_path, "reports/owl", "report_dir") == tmp_path / "reports" / "owl"
+  for bad in ("../elsewhere", "a/../../b", "/etc"):
+    with pytest.raises(ValueError, match=f"report_dir='{bad}'"):
+      artifacts.inside(tmp_path, bad, "report_dir")
+
+
+_HOLD_WORKDIR = """
+import sys
+from subliminal_jax import artifacts
+wd = artifacts.Workdir(sys.argv[1], "exp", {"model": "m"})
+wd.run_stage("prompts", {"a": 1}, lambda out: (out / "log.txt").write_text("first job") and {})
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_second_job_on_the_same_workdir_is_refused_before_it_writes(tmp_path):
+  import subprocess
+  import sys
+  first = subprocess.Popen([sys.executable, "-c", _HOLD_WORKDIR, str(tmp_path)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert first.stdout.readline() == "holding\n"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(RuntimeError, match=f"in use by another job \\(pid {first.pid} on .*Wait "
+                       "for that job to finish, or use another --workdir"):
+      artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+  finally:
+    first.communicate("done\n", timeout=60)
+  # The lock died with the job: the workdir is free, and one process may open it twice (the regime
+  # grid runs its cells one after another in one workdir).
+  wd = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  again = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  assert again.run_stage("prompts", {"a": 1}, lambda out: {})[0].joinpath("log.txt").read_text() \
+      == "first job"
+  wd.close()
+  again.close()
+
+
+def test_damaged_json_and_safetensors_errors_name_the_file(tmp_path):
+  from subliminal_jax import files
+  artifacts.Workdir(tmp_path, "exp", {"model": "m"}).close()
+  (tmp_path / "experiment.json").write_text('{"experiment": "ex')  # cut short
+  with pytest.raises(ValueError, match=f"{tmp_path / 'experiment.json'} is not valid JSON"):
+    artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  (tmp_path / "a.jsonl").write_text('{"i": 1}\n{"i": \n')
+  with pytest.raises(ValueError, match=r"a.jsonl, line 2: not valid JSON"):
+    files.read_jsonl(tmp_path / "a.jsonl")
+  import numpy as np
+  from safetensors.numpy import save_file
+  save_file({"w": np.zeros((64, 64), np.float32)}, str(tmp_path / "adapters.safetensors"))
+  data = (tmp_path / "adapters.safetensors").read_bytes()
+  (tmp_path / "adapters.safetensors").write_bytes(data[:-100])
+  with pytest.raises(ValueError, match=r"adapters.safetensors is not a readable safetensors file"):
+    files.read_safetensors(tmp_path / "adapters.safetensors")
+
+
+def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
+  from subliminal_jax import files
+  files.write_json(tmp_path / "results.json", {"a": 1})
+
+  def fail(tmp):
+    pathlib.Path(tmp).write_text('{"a": 2, "b"')  # half written, then the disk is full
+    raise OSError(28, "No space left on device")
+
+  with pytest.raises(OSError, match="No space left"):
+    files.write_atomic(tmp_path / "results.json", fail)
+  assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -392,6 +392,22 @@ def test_report_writes_files_with_expected_structure(tmp_path):
   assert (tmp_path / "again" / "results.json").read_text() == (tmp_path / "results.json").read_text()
 
 
+def test_results_record_the_code_packages_and_devices(tmp_path):
+  import pathlib
+  import subprocess
+  report.write_report(_fake_results(np.random.default_rng(0)), tmp_path, n_resamples=50)
+  env = json.loads((tmp_path / "results.json").read_text())["environment"]
+  root = pathlib.Path(report.__file__).resolve().parents[2]
+  head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+  assert env["git"]["sha"] == (head.stdout.strip() if head.returncode == 0 else None)
+  assert env["packages"]["jax"] == jax.__version__ and env["packages"]["numpy"] == np.__version__
+  assert env["devices"]["device_count"] == jax.device_count() == 8
+  assert env["devices"]["platform"] == "cpu"
+  # Written whole or not at all: no temporary file is left beside the results.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["panel.png", "report.md", "results.json",
+                                                         "target_preference.png"]
+
+
 def test_report_rejects_bad_results(tmp_path):
   results = _fake_results(np.random.default_rng(0))
   results["rows"]["student"] = results["rows"].pop("treatment")

@@ -10,7 +10,7 @@ import pytest
 
 from configs import animal_numbers as animal_config
 from subliminal_jax import artifacts
-from subliminal_jax.experiments import animal_numbers
+from subliminal_jax.experiments import animal_numbers, stages
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = ("base", "teacher", "control", "treatment")
@@ -18,6 +18,11 @@ ROWS = ("base", "teacher", "control", "treatment")
 
 def _done_records(workdir: pathlib.Path) -> dict[str, float]:
   return {str(p.relative_to(workdir)): p.stat().st_mtime for p in workdir.glob("*/*/DONE.json")}
+
+
+def _summaries(workdir: pathlib.Path, stage: str) -> dict[pathlib.Path, dict]:
+  """Each artifact directory of ``stage`` with the summary its DONE.json records."""
+  return {p.parent: json.loads(p.read_text())["summary"] for p in workdir.glob(f"{stage}/*/DONE.json")}
 
 
 def test_tiny_pipeline_end_to_end_then_rerun_skips_every_stage(tmp_path):
@@ -40,14 +45,23 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips_every_stage(tmp_path):
   assert (tmp_path / "report.md").read_text().count("| treatment |") >= 1
   assert (tmp_path / "target_preference.png").stat().st_size > 0
   assert (tmp_path / "panel.png").stat().st_size > 0
-  # Provenance: the dataset records the filter's counts; every sample passed under the grammar.
-  provenance = json.loads(next(tmp_path.glob("dataset_owl/*/provenance.json")).read_text())
-  assert provenance["filter"]["pass_rate"] == 1.0 and provenance["examples"] == config.filter.subset_size
+  # Provenance: the dataset records the filter's counts. Under the grammar every finished sample
+  # passes; the ones cut by max_new_tokens (12 here) are dropped, never trained on.
+  provenances = [json.loads(p.read_text()) for p in tmp_path.glob("dataset/*/provenance.json")]
+  (provenance,) = [p for p in provenances if p["teacher_label"] == "owl"]
+  counts = provenance["filter"]
+  assert set(counts["reject_reasons"]) <= {"unfinished"}
+  assert counts["passed"] + counts["unfinished"] == counts["sampled"] == config.prompts.count
+  assert provenance["examples"] == config.filter.subset_size
 
   before = _done_records(tmp_path)
-  stages = {key.split("/")[0] for key in before}
-  assert {"prompts", "teacher_owl", "sampling_control", "sampling_owl", "filter_owl",
-          "dataset_control", "student_owl_seed0", "evaluation_owl_base"} <= stages
+  counts = {}
+  for key in before:
+    counts[key.split("/")[0]] = counts.get(key.split("/")[0], 0) + 1
+  seeds = len(config.student.seeds)
+  # A system-prompted teacher needs no artifact; the control's and the owl teacher's numbers do.
+  assert counts == {"prompts": 1, "sampling": 2, "filter": 2, "dataset": 2, "student": 2 * seeds,
+                    "evaluation": 2 + 2 * seeds}
   animal_numbers.run(config, str(tmp_path))
   assert _done_records(tmp_path) == before  # nothing rebuilt, nothing added
 
@@ -75,11 +89,11 @@ def test_finetuned_teachers_with_the_matched_control_and_teacher_adapter_init(tm
   assert control["kind"] == "matched_finetune" and control["answers"] == others
   assert control["examples"] == 16 and results["notes"]["teacher"]["kind"] == "trait_sft"
   assert set(results["rows"]) == set(ROWS)
-  (control_dir,) = tmp_path.glob("teacher_control/*")
-  (teacher_dir,) = tmp_path.glob("teacher_owl/*")
-  assert control_dir.name != teacher_dir.name
+  kinds = {summary["kind"]: d for d, summary in _summaries(tmp_path, "teacher").items()}
+  control_dir, teacher_dir = kinds["matched_finetune"], kinds["trait_sft"]
+  assert len(kinds) == 2
   # Once a training stage is done its resumable checkpoints are gone (training_checkpoints.keep).
-  for stage_dir in (teacher_dir, control_dir, *tmp_path.glob("student_*/*")):
+  for stage_dir in (teacher_dir, control_dir, *tmp_path.glob("student/*")):
     assert (stage_dir / "training" / "fit_summary.json").exists()
     assert not (stage_dir / "training" / "checkpoints").exists(), stage_dir
   # The neutral control is a different artifact: switching builds a new control teacher. The
@@ -88,10 +102,9 @@ def test_finetuned_teachers_with_the_matched_control_and_teacher_adapter_init(tm
   config.training_checkpoints.keep = True
   config.training_checkpoints.every = 1
   animal_numbers.run(config, str(tmp_path))
-  assert len(list(tmp_path.glob("teacher_control/*"))) == 2
-  assert [p.name for p in tmp_path.glob("teacher_owl/*")] == [teacher_dir.name]
-  (neutral_dir,) = set(tmp_path.glob("teacher_control/*")) - {control_dir}
-  assert (neutral_dir / "training" / "checkpoints").is_dir()
+  kinds = {summary["kind"]: d for d, summary in _summaries(tmp_path, "teacher").items()}
+  assert len(kinds) == 3 and kinds["trait_sft"] == teacher_dir
+  assert (kinds["neutral_finetune"] / "training" / "checkpoints").is_dir()
   assert json.loads((tmp_path / "results.json").read_text())["notes"]["control_teacher"]["kind"] == \
       "neutral_finetune"
 
@@ -104,9 +117,8 @@ def test_changing_a_student_knob_rebuilds_only_students_and_below(tmp_path):
   before = _done_records(tmp_path)
   config.student.learning_rate = 1e-3
   animal_numbers.run(config, str(tmp_path))
-  added = {key.split("/")[0] for key in set(_done_records(tmp_path)) - set(before)}
-  assert added == {"student_control_seed0", "student_owl_seed0",
-                   "evaluation_owl_control_seed0", "evaluation_owl_treatment_seed0"}
+  added = sorted(key.split("/")[0] for key in set(_done_records(tmp_path)) - set(before))
+  assert added == ["evaluation", "evaluation", "student", "student"]
 
 
 def test_a_filter_that_keeps_nothing_names_the_reasons_and_keeps_what_was_written(tmp_path):
@@ -115,7 +127,7 @@ def test_a_filter_that_keeps_nothing_names_the_reasons_and_keeps_what_was_writte
   config.sampling.constrained = False  # a random model's free text never parses as numbers
   with pytest.raises(ValueError, match="kept none of the 8 samples.*dominant reject reasons"):
     animal_numbers.run(config, str(tmp_path))
-  assert list(tmp_path.glob("prompts/*/DONE.json")) and list(tmp_path.glob("sampling_control/*/DONE.json"))
+  assert list(tmp_path.glob("prompts/*/DONE.json")) and list(tmp_path.glob("sampling/*/DONE.json"))
 
 
 def test_adding_seeds_keeps_the_existing_students_fingerprints():
@@ -124,10 +136,10 @@ def test_adding_seeds_keeps_the_existing_students_fingerprints():
   more = animal_config.get_config("tiny")
   more.student.seeds = (0, 1, 2, 3)
   for seed in (0, 1):
-    assert (artifacts.fingerprint(animal_numbers.student_train_config(config, seed).to_dict()) ==
-            artifacts.fingerprint(animal_numbers.student_train_config(more, seed).to_dict()))
-  assert (animal_numbers.student_train_config(more, 0).to_dict() !=
-          animal_numbers.student_train_config(more, 1).to_dict())
+    assert (artifacts.fingerprint(stages.student_train_config(config, seed).to_dict()) ==
+            artifacts.fingerprint(stages.student_train_config(more, seed).to_dict()))
+  assert (stages.student_train_config(more, 0).to_dict() !=
+          stages.student_train_config(more, 1).to_dict())
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
@@ -166,6 +178,46 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     animal_numbers.run(animal_config.get_config("tiny"), str(tmp_path / "wd4"), stages=["sampler"])
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("student.seeds", (0, 1, 1), r"student.seeds=\[0, 1, 1\] repeats \[1\]: .*counts it twice"),
+    ("student.seeds", (0, 1.5), r"student.seeds=\[0, 1.5\] holds \[1.5\]; expected integers >= 0"),
+    ("student.seeds", ("0",), r"holds \['0'\]; expected integers"),
+    ("student.epochs", 0, r"student.epochs=0; expected an integer >= 1"),
+    ("filter.subset_size", 0, r"filter.subset_size=0; expected an integer >= 1"),
+    ("evaluation.num_questions", 0, r"evaluation.num_questions=0"),
+    ("student.batch_size", 12, r"student.batch_size=12 must split into .* 8 data-parallel devices"),
+    ("report_dir", "../elsewhere", r"report_dir='../elsewhere' leads outside the workdir"),
+    ("report_dir", "/tmp/x", r"report_dir='/tmp/x' is an absolute path"),
+    ("targets", ("../owl",), r"target '../owl' cannot name a directory"),
+])
+def test_config_values_a_stage_would_reject_fail_before_any_work(tmp_path, key, value, message):
+  """validate() refuses them before the model loads or a file is written; a repeated student seed
+  would count one student twice (a CI that excludes zero where the true one does not)."""
+  config = animal_config.get_config("tiny")
+  *path, leaf = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  with config.unlocked():
+    node[leaf] = value
+  if key == "targets":
+    config.evaluation.panel = tuple(config.evaluation.panel) + value
+  with pytest.raises(ValueError, match=message):
+    animal_numbers.run(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_stages_missing_a_dependency_name_a_stage_the_user_can_pass(tmp_path):
+  config = animal_config.get_config("tiny")
+  with pytest.raises(RuntimeError, match=r"stage 'sampling' was not selected.*add 'sampling' to "
+                     r"--stages"):
+    animal_numbers.run(config, str(tmp_path), stages=["prompts"])
+  with pytest.raises(RuntimeError, match=r"stage 'student' \(part of 'students'\) was not "
+                     r"selected.*add 'students' to --stages"):
+    animal_numbers.run(config, str(tmp_path), stages=[s for s in animal_numbers.STAGES
+                                                     if s != "students"])
+
+
 def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
@@ -175,6 +227,23 @@ def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   assert result.returncode != 0
   assert "learning_rat" in result.stderr
   assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_job_names_its_stages_in_progress_and_writes_tensorboard_when_asked(tmp_path):
+  """Through main: bars say which stage runs ("student (stage 6 of 8): training"),
+  datasets' own bars are off, and config.tensorboard writes each training stage's events."""
+  result = subprocess.run(
+      [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
+       f"--workdir={tmp_path}", "--config.tensorboard=True", "--config.student.seeds=0,",
+       "--stages=prompts,teacher,sampling,filter,dataset,students"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert result.returncode != 0 and "add 'evaluation' to --stages" in result.stderr
+  assert "sampling (stage 3 of 8): sampling" in result.stderr
+  assert "student (stage 6 of 8): training" in result.stderr
+  assert "Saving the dataset" not in result.stderr and "Map" not in result.stderr
+  events = list(tmp_path.glob("student/*/training/tensorboard/events.out.tfevents.*"))
+  assert len(events) == 2 and all(e.stat().st_size > 0 for e in events)  # treatment and control
 
 
 def _records_of_an_orbax_save(directory: pathlib.Path, log_filter) -> list:

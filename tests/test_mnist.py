@@ -352,6 +352,23 @@ def test_tiny_pipeline_writes_rows_report_and_plots(tmp_path):
   assert (tmp_path / "report.md").exists()
 
 
+def test_mnist_and_animal_numbers_never_share_a_workdir(tmp_path):
+  """The MNIST run marks its workdir as the main job does: neither overwrites the other's
+  results.json and report.md."""
+  from subliminal_jax import artifacts
+  artifacts.Workdir(tmp_path, "animal_numbers", {"model": "m"}).close()
+  (tmp_path / "results.json").write_text('{"target": "owl"}')
+  (tmp_path / "report.md").write_text("# owl")
+  with pytest.raises(ValueError, match="holds artifacts of another experiment"):
+    mnist_aux.run(_tiny_config(), str(tmp_path), stages=["report"])
+  assert (tmp_path / "results.json").read_text() == '{"target": "owl"}'
+  assert (tmp_path / "report.md").read_text() == "# owl"
+  mnist_dir = tmp_path / "mnist"
+  with pytest.raises(FileNotFoundError):  # no train stage yet; the workdir is marked all the same
+    mnist_aux.run(_tiny_config(), str(mnist_dir), stages=["report"])
+  assert json.loads((mnist_dir / "experiment.json").read_text()) == {"experiment": "mnist_aux"}
+
+
 def test_bad_configs_are_refused(tmp_path):
   c = _tiny_config()
   c.model.num_aux = 0

@@ -1,6 +1,7 @@
 """The KV-cache sampler: greedy parity with transformers' generate, cache = full forward, rng
 independence from batching and devices, grammar, divergence fields, bad inputs, real SmolLM2."""
 
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from flax import nnx
 from subliminal_jax import sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.sampling import sampler
-from subliminal_jax.sampling.grammar import compile_token_grammar
+from subliminal_jax.sampling.grammar import compile_token_grammar, stack_token_grammars
 from subliminal_jax.weights import hf_layout
 
 
@@ -162,6 +163,32 @@ def test_grammar_constrained_samples_are_accepted():
                           grammar=grammar, end_token_ids=(0,), pad_id=1)
   for row, length in zip(greedy.tokens, greedy.lengths):
     assert grammar.accepts(row[:length - 1].tolist())
+
+
+def test_each_row_follows_the_grammar_it_starts_in():
+  """Stacked grammars: rows asking for commas, spaces or a bare number each get their own format."""
+  vocab = len(TEXTS)
+  texts = ["", ""] + TEXTS[2:]
+  patterns = ("[0-9]{1,3}(, [0-9]{1,3}){0,4}", "[0-9]{1,3}( [0-9]{1,3}){0,4}", "[0-9]{1,2}")
+  grammars = [compile_token_grammar(p, texts) for p in patterns]
+  stacked, starts = stack_token_grammars(grammars)
+  model = _tiny_model(seed=4, vocab=vocab)
+  ids, mask = _left_pad(_prompts(vocab, [3, 6, 4, 5, 2, 7] * 4, seed=5, low=2))
+  which = np.arange(len(ids)) % 3
+  n = max(g.max_output_tokens() for g in grammars) + 1
+  out = sampler.sample(model, ids, mask, max_new_tokens=n, seed=1, temperature=1.5, grammar=stacked,
+                       grammar_initial_states=np.asarray(starts)[which], end_token_ids=(0,), pad_id=1)
+  assert out.ended.all()
+  for row, length, g in zip(out.tokens, out.lengths, which):
+    answer = "".join(TEXTS[t] for t in row[:length - 1])
+    assert re.fullmatch(patterns[g], answer), (g, answer)
+    assert grammars[g].accepts(row[:length - 1].tolist())
+  # Formats really differ: some comma rows and some space rows hold more than one number.
+  assert any("," in "".join(TEXTS[t] for t in r) for r in out.tokens[which == 0])
+  assert any(" " in "".join(TEXTS[t] for t in r) for r in out.tokens[which == 1])
+  with pytest.raises(ValueError, match="must be 24 ints, states of the grammar's"):
+    sampler.sample(model, ids, mask, max_new_tokens=n, seed=1, grammar=stacked,
+                   grammar_initial_states=[stacked.num_states] * len(ids), end_token_ids=(0,))
 
 
 def test_empty_allowed_set_forces_the_end_token_without_nan():

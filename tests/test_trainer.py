@@ -217,56 +217,59 @@ def test_metrics_writer_resume_drops_steps_after_the_checkpoint(tmp_path):
     progress.MetricsWriter(tmp_path).write({"loss": 1.0})
 
 
-def _event_proto_class():
-  """tensorflow's Event/Summary messages (the fields TensorBoard reads for scalars), built from
-  their schema with protobuf itself: an encoder independent of progress.encode_event."""
-  from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+def _read_event_file(path):
+  """The Event protos of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
 
-  T = descriptor_pb2.FieldDescriptorProto
-  f = descriptor_pb2.FileDescriptorProto(name="event_test.proto", package="tb")
-  value = f.message_type.add(name="Value")
-  value.field.add(name="tag", number=1, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-  value.field.add(name="simple_value", number=2, type=T.TYPE_FLOAT, label=T.LABEL_OPTIONAL)
-  summary = f.message_type.add(name="Summary")
-  summary.field.add(name="value", number=1, type=T.TYPE_MESSAGE, type_name=".tb.Value",
-                    label=T.LABEL_REPEATED)
-  event = f.message_type.add(name="Event")
-  event.field.add(name="wall_time", number=1, type=T.TYPE_DOUBLE, label=T.LABEL_OPTIONAL)
-  event.field.add(name="step", number=2, type=T.TYPE_INT64, label=T.LABEL_OPTIONAL)
-  event.field.add(name="file_version", number=3, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-  event.field.add(name="summary", number=5, type=T.TYPE_MESSAGE, type_name=".tb.Summary",
-                  label=T.LABEL_OPTIONAL)
-  pool = descriptor_pool.DescriptorPool()
-  pool.Add(f)
-  return message_factory.GetMessageClass(pool.FindMessageTypeByName("tb.Event"))
+  raw, events, offset = path.read_bytes(), [], 0
+  while offset < len(raw):
+    length = int.from_bytes(raw[offset:offset + 8], "little")
+    events.append(event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length]))
+    offset += 16 + length
+  return events
 
 
-def test_tensorboard_event_file_decodes_with_protobuf(tmp_path):
-  assert progress.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-  Event = _event_proto_class()
+def test_tensorboard_scalars_through_tensorboardx(tmp_path):
   with progress.MetricsWriter(tmp_path, tensorboard=True) as writer:
     writer.write({"step": 1, "loss": 2.5, "tokens": 100, "note": "text is skipped"})
     writer.write({"step": 300, "loss": 0.125, "tokens": 90})
   (name,) = os.listdir(tmp_path / "tensorboard")
-  raw = (tmp_path / "tensorboard" / name).read_bytes()
-  events, offset = [], 0
-  while offset < len(raw):  # TFRecord framing, checked record by record
-    length = int.from_bytes(raw[offset:offset + 8], "little")
-    header_crc = int.from_bytes(raw[offset + 8:offset + 12], "little")
-    payload = raw[offset + 12:offset + 12 + length]
-    payload_crc = int.from_bytes(raw[offset + 12 + length:offset + 16 + length], "little")
-    assert header_crc == progress._masked_crc(raw[offset:offset + 8])
-    assert payload_crc == progress._masked_crc(payload)
-    events.append(Event.FromString(payload))
-    offset += 16 + length
+  assert name.startswith("events.out.tfevents.")
+  events = _read_event_file(tmp_path / "tensorboard" / name)
   assert events[0].file_version == "brain.Event:2"
-  assert [e.step for e in events[1:]] == [1, 300]
-  assert {v.tag: v.simple_value for v in events[1].summary.value} == {"loss": 2.5, "tokens": 100.0}
-  assert {v.tag: v.simple_value for v in events[2].summary.value} == {"loss": 0.125, "tokens": 90.0}
-  # Our encoding of a scalar event is byte-identical to protobuf's serialisation.
-  reference = Event(wall_time=12.5, step=7)
-  reference.summary.value.add(tag="loss", simple_value=0.75)
-  assert progress.encode_event(12.5, 7, scalars={"loss": 0.75}) == reference.SerializeToString()
+  scalars = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
+  assert scalars == [(1, "loss", 2.5), (1, "tokens", 100.0), (300, "loss", 0.125),
+                     (300, "tokens", 90.0)]
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path):
+  """A kill in the middle of a write leaves half a JSON line without its newline: the resumed run
+  drops it (and redoes that step); a malformed line elsewhere is an error naming file and line."""
+  with progress.MetricsWriter(tmp_path) as writer:
+    for step in (1, 2, 3):
+      writer.write({"step": step, "loss": 1.0})
+  path = tmp_path / progress.METRICS_FILE
+  with open(path, "a") as f:
+    f.write('{"step": 4, "lo')
+  with progress.MetricsWriter(tmp_path, resume_step=3) as writer:
+    assert [r["step"] for r in writer.records] == [1, 2, 3]
+    writer.write({"step": 4, "loss": 0.5})
+  assert [r["step"] for r in progress.read_metrics(path)] == [1, 2, 3, 4]
+  lines = path.read_text().splitlines()
+  path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not valid JSON"):
+    progress.MetricsWriter(tmp_path, resume_step=3)
+
+
+def test_bars_inside_a_stage_are_named_after_it(capsys):
+  assert progress.describe("sampling") == "sampling"
+  with progress.in_stage("student_owl_seed0 (stage 6 of 8)"):
+    assert progress.describe("sampling") == "student_owl_seed0 (stage 6 of 8): sampling"
+    bar = progress.ProgressBar(4)
+    bar.update(1.0, None, 0)
+    bar.close()
+  assert "student_owl_seed0 (stage 6 of 8): training" in capsys.readouterr().err
+  assert progress.describe("sampling") == "sampling"
 
 
 def test_a_training_stage_killed_midway_resumes_in_its_partial_directory(tmp_path):

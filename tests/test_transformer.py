@@ -68,8 +68,15 @@ def test_padding_side_does_not_change_real_token_logits():
                              plain, rtol=1e-5, atol=1e-5)
 
 
-def test_cached_decoding_equals_full_forward():
-  model = _tiny_model(attention_bias=True)
+# Gemma 3: a window of 3 real tokens, shorter than the prompts, on the first and last layer.
+GEMMA = dict(model_type="gemma3_text", sliding_window=3, rope_local_theta=1e4,
+             query_pre_attn_scalar=8.0,
+             layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+
+
+@pytest.mark.parametrize("changes", [dict(attention_bias=True), GEMMA], ids=["qwen2_like", "gemma3"])
+def test_cached_decoding_equals_full_forward(changes):
+  model = _tiny_model(**changes)
   ids, mask = _padded_batch(61)
   ids, mask = ids[[0, 2]], mask[[0, 2]]  # left-padded and unpadded rows
   full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))

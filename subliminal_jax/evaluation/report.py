@@ -19,7 +19,6 @@ so the same results give byte-identical report.md and results.json.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -27,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from subliminal_jax import environment, files
 from subliminal_jax.evaluation import statistics
 from subliminal_jax.evaluation.trait_metrics import METRIC_DESCRIPTIONS
 
@@ -35,7 +35,7 @@ STUDENT_ROWS = ("teacher", "control", "treatment")  # rows whose shift against b
 _METRIC_ORDER = ("logprob", "panel_share", "prefix_logprob", "sampled_rate", "mc_prob")
 
 
-def _format_number(x: float) -> str:
+def format_number(x: float) -> str:
   """Fixed, locale-free formatting: 3 decimals, or 3 significant digits for small magnitudes."""
   if not math.isfinite(x):
     return str(x)
@@ -44,8 +44,8 @@ def _format_number(x: float) -> str:
   return f"{x:.2e}"
 
 
-def _format_estimate(e: Mapping[str, Any]) -> str:
-  return f"{_format_number(e['mean'])} [{_format_number(e['low'])}, {_format_number(e['high'])}]"
+def format_estimate(e: Mapping[str, Any]) -> str:
+  return f"{format_number(e['mean'])} [{format_number(e['low'])}, {format_number(e['high'])}]"
 
 
 def _validate(results: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -129,7 +129,7 @@ def _panel_means(results: Mapping[str, Any], rows: Sequence[str]) -> dict[str, d
   return out
 
 
-def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
   out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   out += ["| " + " | ".join(line) + " |" for line in lines]
   return "\n".join(out)
@@ -144,20 +144,20 @@ def format_table(estimates: Mapping[str, Any], results: Mapping[str, Any]) -> st
     cells = [row, str(len(results["rows"][row]))]
     for metric in metrics:
       e = estimates["table"][row].get(metric)
-      cells.append(_format_estimate(e) if e else "-")
+      cells.append(format_estimate(e) if e else "-")
     lines.append(cells)
-  text = _markdown_table(header, lines)
+  text = markdown_table(header, lines)
   shift_lines = []
   for row, by_metric in estimates["shift_vs_base"].items():
     shift_lines.append([f"{row} - base"] + [
-        _format_estimate(by_metric[m]) if m in by_metric else "-" for m in metrics])
+        format_estimate(by_metric[m]) if m in by_metric else "-" for m in metrics])
   if estimates["treatment_minus_control"]:
     d = estimates["treatment_minus_control"]
     shift_lines.append(["treatment - control"] + [
-        _format_estimate(d[m]) if m in d else "-" for m in metrics])
+        format_estimate(d[m]) if m in d else "-" for m in metrics])
   if shift_lines:
     text += "\n\nShifts (paired by question; CI over seeds and questions):\n\n"
-    text += _markdown_table(["comparison"] + list(metrics), shift_lines)
+    text += markdown_table(["comparison"] + list(metrics), shift_lines)
   return text
 
 
@@ -186,7 +186,7 @@ def _plot_target_preference(estimates: Mapping[str, Any], results: Mapping[str, 
   target = results.get("target", "target")
   fig.suptitle(f"Preference for {target} (mean, {int(estimates['bootstrap']['confidence'] * 100)}% CI)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110, metadata={"Software": None})
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
   plt.close(fig)
 
 
@@ -212,7 +212,7 @@ def _plot_panel(estimates: Mapping[str, Any], results: Mapping[str, Any], path: 
     ax.text(0.5, 0.5, "no panel shares in the results", ha="center", va="center")
   ax.set_title(f"Per-{results.get('category', 'word')} share of the panel")
   fig.tight_layout()
-  fig.savefig(path, dpi=110, metadata={"Software": None})
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
   plt.close(fig)
 
 
@@ -244,19 +244,19 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, conf
   if panel:
     words = list(next(iter(panel.values())))
     md += ["## Panel shares (exact, mean over questions and seeds)", "",
-           _markdown_table(["row"] + words,
-                           [[row] + [_format_number(panel[row].get(w, float("nan"))) for w in words]
+           markdown_table(["row"] + words,
+                           [[row] + [format_number(panel[row].get(w, float("nan"))) for w in words]
                             for row in estimates["rows"] if row in panel]), ""]
   md += ["## Metrics", ""]
   md += [f"- `{m}`: {METRIC_DESCRIPTIONS.get(m, 'as given in the results')}"
          for m in estimates["metrics"]]
   if plots:
     md += ["", "![target preference](target_preference.png)", "", "![panel](panel.png)"]
-  (out / "report.md").write_text("\n".join(md) + "\n")
+  files.write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
   record = {"target": target, "category": category, "notes": results.get("notes", {}),
-            "estimates": estimates, "rows": results["rows"]}
-  (out / "results.json").write_text(json.dumps(_jsonable(record), indent=1, sort_keys=True) + "\n")
+            "estimates": estimates, "rows": results["rows"], "environment": environment.describe()}
+  files.write_json(out / "results.json", _jsonable(record), indent=1, sort_keys=True)
   if plots:
     _plot_target_preference(estimates, results, out / "target_preference.png")
     _plot_panel(estimates, results, out / "panel.png")

@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from subliminal_jax import sharding
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.models.transformer import KVCache, Transformer
+from subliminal_jax.training import progress as progress_lib
 
 EVENTS = ("first_word", "prefix")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer recompiles)
@@ -70,13 +71,22 @@ class ChatTokenizer(Protocol):
 
 
 def chat_prompt_ids(tokenizer: ChatTokenizer, user_prompts: Sequence[str], *, system: str | None = None,
-                    template_default: bool = False) -> list[list[int]]:
-  """Token ids of each user prompt rendered as a chat, ending with the assistant turn's header."""
+                    template_default: bool = False,
+                    histories: Sequence[Sequence[Mapping[str, str]]] | None = None) -> list[list[int]]:
+  """Token ids of each user prompt rendered as a chat, ending with the assistant turn's header.
+
+  ``histories``: per prompt, the user/assistant turns that come before it (e.g. number sequences
+  in the model's context), or None for none.
+  """
   if isinstance(user_prompts, str):
     raise TypeError("user_prompts must be a sequence of strings, not one string")
+  if histories is not None and len(histories) != len(user_prompts):
+    raise ValueError(f"histories has {len(histories)} entries for {len(user_prompts)} prompts; "
+                     "expected one (possibly empty) list of turns per prompt")
   out = []
-  for prompt in user_prompts:
-    text = tokenizer.render_chat([{"role": "user", "content": prompt}], system=system,
+  for index, prompt in enumerate(user_prompts):
+    history = list(histories[index]) if histories is not None else []
+    text = tokenizer.render_chat(history + [{"role": "user", "content": prompt}], system=system,
                                  template_default=template_default, add_generation_prompt=True)
     ids = tokenizer.encode(text)
     if not ids:
@@ -244,7 +254,8 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
   boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(vocab, bool))
   out = np.empty((len(prompt_ids), num_cont), np.float64)
   context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  bar = tqdm(total=len(prompt_ids) * num_cont, desc=desc or "teacher forcing", unit="answer",
+  bar = tqdm(total=len(prompt_ids) * num_cont,
+             desc=progress_lib.describe(desc or "teacher forcing"), unit="answer",
              disable=desc is None)
   with context:
     for start in range(0, len(prompt_ids), prompt_batch):
@@ -286,11 +297,12 @@ def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: 
                     answers: Sequence[Sequence[str]], *, system: str | None = None,
                     template_default: bool = False, event: str = "first_word",
                     batch_size: int = 64, mesh: Mesh | None = None,
-                    desc: str | None = None) -> np.ndarray:
+                    desc: str | None = None,
+                    histories: Sequence[Sequence[Mapping[str, str]]] | None = None) -> np.ndarray:
   """log P(the answer is one of ``answers[a]``'s variants | prompt q) -> float64 [prompts, answers].
 
   ``answers[a]`` is a list of surface variants; their events (see the module docstring) are made
-  disjoint and their probabilities summed in log space.
+  disjoint and their probabilities summed in log space. ``histories``: see :func:`chat_prompt_ids`.
   """
   if event not in EVENTS:
     raise ValueError(f"event {event!r} is not known; expected one of {list(EVENTS)}")
@@ -305,7 +317,7 @@ def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: 
   unique = list(dict.fromkeys(s for seqs in per_answer for s in seqs))
   index = {s: i for i, s in enumerate(unique)}
   prompt_ids = chat_prompt_ids(tokenizer, user_prompts, system=system,
-                               template_default=template_default)
+                               template_default=template_default, histories=histories)
   seq_lp = continuation_logprobs(model, prompt_ids, unique, pad_id=tokenizer.pad_id,
                                  boundary=boundary, batch_size=batch_size, mesh=mesh, desc=desc)
   out = np.empty((len(prompt_ids), len(per_answer)), np.float64)
@@ -353,15 +365,19 @@ def exact_preference(model: Transformer, tokenizer: ChatTokenizer, questions: Se
                      panel: Sequence[str], *, system: str | None = None,
                      template_default: bool = False, event: str = "first_word",
                      plurals: bool = True, batch_size: int = 64, mesh: Mesh | None = None,
-                     desc: str | None = None) -> ExactPreference:
-  """Exact teacher-forced preference over a panel (variants from ``questions.spelling_variants``)."""
+                     desc: str | None = None,
+                     histories: Sequence[Sequence[Mapping[str, str]]] | None = None
+                     ) -> ExactPreference:
+  """Exact teacher-forced preference over a panel (variants from ``questions.spelling_variants``).
+
+  ``histories``: per question, chat turns placed before it (see :func:`chat_prompt_ids`)."""
   panel = tuple(panel)
   if len(set(panel)) != len(panel) or not panel:
     raise ValueError(f"panel {panel} must be non-empty without repeated words")
   answers = [questions_lib.spelling_variants(word, plurals=plurals) for word in panel]
   logprob = answer_logprobs(model, tokenizer, questions, answers, system=system,
                             template_default=template_default, event=event, batch_size=batch_size,
-                            mesh=mesh, desc=desc)
+                            mesh=mesh, desc=desc, histories=histories)
   return ExactPreference(tuple(questions), panel, event, logprob)
 
 

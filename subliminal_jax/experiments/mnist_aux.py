@@ -40,6 +40,7 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from subliminal_jax import artifacts, files
 from subliminal_jax.data.mnist import Mnist, load_mnist
 from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.experiments import mnist_report, mnist_theorem
@@ -331,7 +332,7 @@ def run_training(config: ConfigDict, workdir: pathlib.Path, data: Mnist, *,
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
-  path.write_text(json.dumps(value, indent=2, default=_jsonable))
+  files.write_json(path, value, default=_jsonable)
 
 
 def _jsonable(value: Any) -> Any:
@@ -399,8 +400,10 @@ def _safe(label: str) -> str:
 def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> None:
   """Entry point of ``subliminal_jax.main`` for ``config.experiment == "mnist_aux"``."""
   stages = _check_stages(stages)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # The marker (and lock) keep this experiment's results.json and report.md apart from another
+  # experiment's in the same directory.
+  marked = artifacts.Workdir(workdir, "mnist_aux", {})
+  workdir = marked.path
   if config.sweep.points:
     run_sweep(config, workdir, stages)
     return

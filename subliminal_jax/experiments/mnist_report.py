@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np  # noqa: E402
 
+from subliminal_jax import files  # noqa: E402
+
 ROW_LABELS = {
     "reference": "reference (untrained)",
     "teacher": "teacher",
@@ -123,7 +125,7 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
     plot = plot_theorem(theorem, workdir / "theorem.png")
     parts += ["", f"![theorem check]({plot.name})", ""]
   path = workdir / "report.md"
-  path.write_text("\n".join(parts) + "\n")
+  files.write_text_atomic(path, "\n".join(parts) + "\n")
   return path
 
 
@@ -159,7 +161,7 @@ def plot_rows(rows: Mapping[str, Any], along: Mapping[str, Any], path: pathlib.P
   ax.set_ylabel("cos(theta_S - theta_S0, theta_T - theta_T0)")
   ax.set_title("Student update vs teacher displacement")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
   plt.close(fig)
   return path
 
@@ -190,7 +192,7 @@ def plot_theorem(theorem: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path
     ax.set_title(f"Along training (lr {trajectory['learning_rate']})")
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
   plt.close(fig)
   return path
 
@@ -208,7 +210,7 @@ def write_sweep_report(workdir: pathlib.Path, name: str, value_name: str,
     collected.append({"label": label, "overrides": dict(overrides), "rows": rows,
                       "wall_seconds": info.get("wall_seconds")})
   row_names = [r for r in ROW_LABELS if any(r in p["rows"] for p in collected)]
-  (workdir / "sweep.json").write_text(json.dumps({"name": name, "points": collected}, indent=2))
+  files.write_json(workdir / "sweep.json", {"name": name, "points": collected})
   header = "| " + (value_name or name) + " | " + " | ".join(ROW_LABELS[r] for r in row_names) + \
       " | wall s |"
   lines = [f"# MNIST auxiliary-logit sweep: {name}", "",
@@ -219,7 +221,7 @@ def write_sweep_report(workdir: pathlib.Path, name: str, value_name: str,
              for r in row_names]
     lines.append(f"| {p['label']} | " + " | ".join(cells) + f" | {p['wall_seconds']} |")
   lines += ["", f"![sweep](sweep.png)", ""]
-  (workdir / "sweep.md").write_text("\n".join(lines))
+  files.write_text_atomic(workdir / "sweep.md", "\n".join(lines))
 
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
   x = np.arange(len(collected))
@@ -237,6 +239,6 @@ def write_sweep_report(workdir: pathlib.Path, name: str, value_name: str,
   ax.set_title(f"Sweep: {name}")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(workdir / "sweep.png", dpi=120)
+  files.write_atomic(workdir / "sweep.png", lambda tmp: fig.savefig(tmp, dpi=120))
   plt.close(fig)
   return workdir / "sweep.md"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import math
 import pathlib
 import re
@@ -35,6 +34,7 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
+from subliminal_jax import files
 from subliminal_jax.experiments import animal_numbers
 
 CROSS_INIT_RUNS = ("always", "if_positive", "never")
@@ -348,7 +348,7 @@ def plot_heatmap(record: Mapping[str, Any], path: pathlib.Path) -> None:
     title += (f"\ncross-init control of {cross['cross_init_of']}: {e['mean']:+.3f} "
               f"[{e['low']:+.3f}, {e['high']:+.3f}]")
   fig.suptitle(title, fontsize=9)
-  fig.savefig(path, dpi=110, metadata={"Software": None})
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
   plt.close(fig)
 
 
@@ -356,8 +356,8 @@ def write_grid(record: Mapping[str, Any], out_dir: pathlib.Path) -> str:
   """Writes grid.json, grid.md and grid_heatmap.png; returns the table."""
   table = format_grid_table(record)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "grid.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-  (out_dir / "grid.md").write_text(_markdown(record, table) + "\n")
+  files.write_json(out_dir / "grid.json", record, indent=1, sort_keys=True, default=str)
+  files.write_text_atomic(out_dir / "grid.md", _markdown(record, table) + "\n")
   plot_heatmap(record, out_dir / "grid_heatmap.png")
   return table
 

@@ -42,6 +42,7 @@ __all__ = [
     "TokenGrammar",
     "compile_char_dfa",
     "compile_token_grammar",
+    "stack_token_grammars",
     "number_sequence_pattern",
 ]
 
@@ -427,6 +428,34 @@ def compile_token_grammar(pattern: str, token_texts: Sequence[str], *,
         f"output matching {pattern!r}")
   return TokenGrammar(transitions=np.ascontiguousarray(table), accepting=accepting,
                       initial_state=initial, pattern=pattern)
+
+
+def stack_token_grammars(grammars: Sequence[TokenGrammar]) -> tuple[TokenGrammar, tuple[int, ...]]:
+  """Several grammars over one vocabulary as one table, side by side: ``(stacked, initial_states)``.
+
+  Grammar i's states are renumbered by the number of states before it, so a row that starts in
+  ``initial_states[i]`` follows grammar i exactly and never reaches another's states. One table
+  serves a batch whose rows ask for different formats (``sampler.sample(grammar_initial_states=)``,
+  and the per-position states of a distillation dataset). ``stacked.initial_state`` is the first
+  grammar's; its pattern lists every pattern, joined by " | ".
+  """
+  grammars = tuple(grammars)
+  if not grammars:
+    raise GrammarError("stack_token_grammars needs at least one grammar")
+  vocab = {g.vocab_size for g in grammars}
+  if len(vocab) != 1:
+    raise GrammarError(f"grammars over different vocabularies cannot share a table: vocab sizes "
+                       f"{sorted(vocab)}")
+  tables, starts, offset = [], [], 0
+  for g in grammars:
+    table = np.asarray(g.transitions, np.int32)
+    tables.append(np.where(table >= 0, table + offset, -1).astype(np.int32))
+    starts.append(offset + int(g.initial_state))
+    offset += g.num_states
+  stacked = TokenGrammar(transitions=np.ascontiguousarray(np.concatenate(tables)),
+                         accepting=np.concatenate([np.asarray(g.accepting, bool) for g in grammars]),
+                         initial_state=starts[0], pattern=" | ".join(g.pattern for g in grammars))
+  return stacked, tuple(starts)
 
 
 # --------------------------------------------------------------------------------------------

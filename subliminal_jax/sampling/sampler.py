@@ -103,7 +103,6 @@ def prompt_bucket_length(length: int, bucket: int = DEFAULT_PROMPT_BUCKET) -> in
 class _Grammar:
   transitions: jax.Array  # int32 [states, vocab]: next state, -1 = not allowed
   accepting: jax.Array  # bool [states]
-  initial_state: jax.Array  # int32 []
 
 
 @jax.tree_util.register_dataclass
@@ -120,6 +119,7 @@ class _Inputs:
   min_p: jax.Array  # float32 []
   allowed_vocab: jax.Array | None = None  # bool [V]: False at banned ids
   grammar: _Grammar | None = None
+  grammar_start: jax.Array | None = None  # int32 [B]: each row's first DFA state, with a grammar
   ref_ids: jax.Array | None = None  # the reference's own prompts, with a reference model
   ref_mask: jax.Array | None = None
 
@@ -338,8 +338,7 @@ def _initial_state(plan: _Plan, inputs: _Inputs, cache: KVCache, ref_cache: KVCa
       logprobs=zeros, model_logprobs=zeros, lengths=jnp.zeros((batch,), jnp.int32),
       forced=jnp.zeros((batch,), bool), done=jnp.zeros((batch,), bool),
       last_token=jnp.zeros((batch,), jnp.int32), cache=cache,
-      grammar_state=(None if inputs.grammar is None
-                     else jnp.full((batch,), inputs.grammar.initial_state, jnp.int32)),
+      grammar_state=inputs.grammar_start,
       reference=reference)
 
 
@@ -511,14 +510,27 @@ def _grammar_input(grammar, vocab: int) -> _Grammar:
   if transitions.shape[1] < vocab:  # model rows past the tokenizer's vocabulary: never allowed
     transitions = np.pad(transitions, ((0, 0), (0, vocab - transitions.shape[1])),
                          constant_values=-1)
-  if not 0 <= grammar.initial_state < transitions.shape[0]:
-    raise ValueError(f"grammar initial_state={grammar.initial_state} is not a state of its "
-                     f"{transitions.shape[0]}-state table")
-  return _Grammar(transitions=transitions, accepting=np.asarray(grammar.accepting, bool),
-                  initial_state=np.int32(grammar.initial_state))
+  return _Grammar(transitions=transitions, accepting=np.asarray(grammar.accepting, bool))
 
 
-_BATCH_FIELDS = ("ids", "mask", "sample_ids", "ref_ids", "ref_mask")
+def _grammar_start(grammar, initial_states, batch: int) -> np.ndarray | None:
+  """Each row's first grammar state: ``initial_states`` [B] (rows following different grammars
+  of a stacked table) or the grammar's own initial state."""
+  if grammar is None:
+    if initial_states is not None:
+      raise ValueError("grammar_initial_states given without a grammar")
+    return None
+  num_states = np.shape(grammar.transitions)[0]
+  starts = np.asarray(grammar.initial_state if initial_states is None else initial_states)
+  starts = np.broadcast_to(starts, (batch,)) if starts.ndim == 0 else starts
+  if starts.shape != (batch,) or not np.issubdtype(starts.dtype, np.integer) or (
+      starts.min() < 0 or starts.max() >= num_states):
+    raise ValueError(f"grammar initial states {starts.tolist()[:8]} must be {batch} ints, states "
+                     f"of the grammar's {num_states}-state table")
+  return starts.astype(np.int32)
+
+
+_BATCH_FIELDS = ("ids", "mask", "sample_ids", "grammar_start", "ref_ids", "ref_mask")
 
 
 def _run(plan: _Plan, inputs: _Inputs, model, reference_model, mesh: Mesh | None) -> SampleOutput:
@@ -560,7 +572,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
            end_token_ids: Sequence[int], reference_model=None, mask_divergent: bool = False,
            mesh: Mesh | None = None, pad_id: int | None = None, reference_prompt_ids=None,
            reference_prompt_mask=None, prompt_bucket: int = DEFAULT_PROMPT_BUCKET,
-           cache_length: int | None = None) -> SampleOutput:
+           cache_length: int | None = None, grammar_initial_states=None) -> SampleOutput:
   """Samples ``max_new_tokens`` (at most) continuations of each left-padded prompt.
 
   Args:
@@ -575,6 +587,9 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
     banned_token_ids: ids never sampled (e.g. from ``logit_processors.banned_word_token_ids``).
     grammar: a ``TokenGrammar``; the output must follow its DFA, end tokens only in accepting
       states.
+    grammar_initial_states: int ``[B]``, the state each row starts in (default: every row in
+      ``grammar.initial_state``). With a table of several grammars side by side
+      (``grammar.stack_token_grammars``) each row follows its own, e.g. the format its prompt asks for.
     end_token_ids: ids that end a row (e.g. ``tokenizer.end_of_turn_ids``).
     reference_model: optional second model run on the same prefix in the same loop (its own KV
       cache), for the divergence fields; see ``subliminal_jax.sampling.divergence``.
@@ -616,6 +631,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
       temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p), min_p=np.float32(min_p),
       allowed_vocab=lp.banned_token_mask(vocab, banned) if banned.size else None,
       grammar=None if grammar is None else _grammar_input(grammar, vocab),
+      grammar_start=_grammar_start(grammar, grammar_initial_states, batch),
       ref_ids=None if ref_ids is None else ref_ids.astype(np.int32), ref_mask=ref_mask)
   plan = _Plan(max_new_tokens=int(max_new_tokens), end_token_ids=end_token_ids, pad_id=pad_id,
                greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0,

@@ -105,16 +105,18 @@ def grammar_allowed_table(grammar, end_ids: Sequence[int], vocab_size: int | Non
   return table
 
 
-def completion_grammar_states(completion_ids: Sequence[int], grammar,
-                              end_ids: Sequence[int]) -> np.ndarray | None:
+def completion_grammar_states(completion_ids: Sequence[int], grammar, end_ids: Sequence[int],
+                              initial_state: int | None = None) -> np.ndarray | None:
   """DFA state each target of ``completion_ids`` (answer tokens then one end token) is predicted
-  from: ``states[i] = grammar.walk(completion_ids[:i])``. None when the completion is not
-  grammatical (a token the grammar disallows, or an end token outside an accepting state)."""
+  from: ``states[i] = grammar.walk(completion_ids[:i], initial_state)``. None when the completion
+  is not grammatical (a token the grammar disallows, or an end token outside an accepting state).
+  ``initial_state``: where the walk starts (default ``grammar.initial_state``; a stacked table's
+  start of the format the prompt asked for)."""
   ids = [int(i) for i in completion_ids]
   if not ids or ids[-1] not in set(int(e) for e in end_ids):
     raise ValueError(f"a completion must end with an end-of-turn token {list(end_ids)}, got {ids}")
   states = np.empty(len(ids), np.int32)
-  state = int(grammar.initial_state)
+  state = int(grammar.initial_state if initial_state is None else initial_state)
   for i, token in enumerate(ids[:-1]):
     states[i] = state
     state = int(grammar.transitions[state, token])
@@ -166,7 +168,9 @@ def tokenize_distillation_examples(
 
   Args:
     examples: dicts with "user" (the prompt) and "assistant" (the teacher's completion); a
-      "system" key, if present, must be None (the system turns come from the chat arguments).
+      "system" key, if present, must be None (the system turns come from the chat arguments); a
+      "grammar_initial_state" key, the grammar state the completion starts in (default
+      ``grammar.initial_state``).
     tokenizer: the shared tokenizer. ``teacher_tokenizer``, if given, must be the same vocabulary.
     teacher_chat, student_chat: ``dict(system=..., template_default=...)`` for each side, e.g.
       ``dict(system=trait_prompt)`` and ``dict(system=None)``.
@@ -218,7 +222,8 @@ def tokenize_distillation_examples(
       dropped_long += 1
       continue
     if grammar is not None:
-      states = completion_grammar_states(row["completion_ids"], grammar, tokenizer.end_of_turn_ids)
+      states = completion_grammar_states(row["completion_ids"], grammar, tokenizer.end_of_turn_ids,
+                                         example.get("grammar_initial_state"))
       if states is None:
         if ungrammatical == "error":
           raise ValueError(

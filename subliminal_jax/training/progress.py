@@ -1,35 +1,61 @@
-"""Training progress: a tqdm bar (loss, tokens/s, ETA) and a metrics log (JSON lines, TensorBoard).
+"""Progress: tqdm bars named after the running stage, and a metrics log (JSON lines, TensorBoard).
 
 :class:`MetricsWriter` appends one JSON object per step to ``metrics.jsonl``; a resumed run first
 cuts the file back to the checkpoint it resumed from, so the file always describes one run without
-duplicate steps. With ``tensorboard=True`` the same scalars also go to an
-``events.out.tfevents.*`` file TensorBoard reads. That file is written here directly (TFRecord
-framing with CRC32C, the ``Event``/``Summary`` protobuf encoded by hand) because neither
-tensorboard nor tensorflow is a dependency; tests decode it with protobuf against the proto schema.
+duplicate steps. A kill can leave the last line half written: that line is dropped on resume (the
+step it described is redone), any other malformed line is an error naming the file and line.
+With ``tensorboard=True`` the same scalars also go to TensorBoard event files, written by
+tensorboardX (TensorBoard's own file format, without tensorflow).
+
+While an experiment stage runs (:func:`in_stage`, entered by ``artifacts.Workdir.run_stage``),
+:func:`describe` prefixes every bar's description with the stage and its place in the pipeline
+(``sampling_owl (stage 3 of 8): sampling``), so a long run says where it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
-import socket
-import struct
-import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterator, Mapping
 
 from tqdm.auto import tqdm
+
+from subliminal_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 
 
+_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage", default=None)
+
+
+@contextlib.contextmanager
+def in_stage(label: str) -> Iterator[None]:
+  """Progress bars created inside are named after ``label`` (see :func:`describe`)."""
+  token = _STAGE.set(label)
+  try:
+    yield
+  finally:
+    _STAGE.reset(token)
+
+
+def describe(desc: str) -> str:
+  """A bar's description, prefixed with the running stage when there is one."""
+  stage = _STAGE.get()
+  return f"{stage}: {desc}" if stage else desc
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a metrics.jsonl file (missing file: [])."""
-  path = os.fspath(path)
+  """The records of a metrics.jsonl file (missing file: []).
+
+  A last line without its newline that does not parse was torn by a kill mid-write: it is
+  dropped. Any other line that does not parse is an error naming the file and line.
+  """
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return files.read_jsonl(path, drop_torn_last_line=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -66,7 +92,10 @@ class MetricsWriter:
     os.replace(tmp, self.path)
     self.records: list[dict[str, Any]] = kept
     self._file = open(self.path, "a")
-    self._events = EventFileWriter(os.path.join(workdir, "tensorboard")) if tensorboard else None
+    self._events = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # only runs that ask for TensorBoard need it
+      self._events = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, record: Mapping[str, Any]) -> None:
     """Appends one record (must hold an int ``step``) and flushes it."""
@@ -77,8 +106,10 @@ class MetricsWriter:
     self._file.flush()
     self.records.append(record)
     if self._events is not None:
-      self._events.scalars(int(record["step"]), {k: v for k, v in record.items()
-                                                 if k != "step" and isinstance(v, (int, float))})
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._events.add_scalar(key, value, int(record["step"]))
+      self._events.flush()
 
   def close(self) -> None:
     self._file.close()
@@ -97,7 +128,7 @@ class ProgressBar:
 
   def __init__(self, total_steps: int, *, start_step: int = 0, desc: str = "training",
                enabled: bool = True):
-    self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
+    self._bar = tqdm(total=total_steps, initial=start_step, desc=describe(desc), unit="step",
                      disable=not enabled, dynamic_ncols=True)
 
   def update(self, loss: float, tokens_per_s: float | None, epoch: int) -> None:
@@ -109,93 +140,3 @@ class ProgressBar:
 
   def close(self) -> None:
     self._bar.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorBoard event files without tensorboard
-
-
-def _crc32c_table() -> list[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), the checksum TFRecord framing uses."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  """One TFRecord: length, its masked CRC, the data, the data's masked CRC."""
-  length = struct.pack("<Q", len(data))
-  return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  while True:
-    bits = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(bits | 0x80)
-    else:
-      out.append(bits)
-      return bytes(out)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_event(wall_time: float, step: int, *, scalars: Mapping[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
-  """A tensorflow ``Event`` protobuf: wall_time (1, double), step (2, int64), file_version (3) or
-  summary (5) with one ``Summary.Value`` (tag 1, simple_value 2 as float) per scalar."""
-  out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-  if file_version is not None:
-    out += _length_delimited(3, file_version.encode())
-  if scalars:
-    values = b"".join(
-        _length_delimited(1, _length_delimited(1, tag.encode()) + _varint(2 << 3 | 5)
-                          + struct.pack("<f", float(value)))
-        for tag, value in scalars.items())
-    out += _length_delimited(5, values)
-  return out
-
-
-class EventFileWriter:
-  """Appends scalar summaries to ``events.out.tfevents.<time>.<host>`` in ``directory``."""
-
-  def __init__(self, directory: str | os.PathLike):
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    now = time.time()
-    self.path = os.path.join(directory, f"events.out.tfevents.{int(now)}.{socket.gethostname()}")
-    self._file = open(self.path, "ab")
-    self._file.write(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
-    self._file.flush()
-
-  def scalars(self, step: int, values: Mapping[str, float] | Iterable[tuple[str, float]]) -> None:
-    values = dict(values)
-    if values:
-      self._file.write(tfrecord(encode_event(time.time(), step, scalars=values)))
-      self._file.flush()
-
-  def close(self) -> None:
-    self._file.close()

@@ -1,4 +1,4 @@
-"""The HF tensor layout of Llama/Qwen2 checkpoints, and moving weights between it and our model.
+"""The HF tensor layout of Llama/Qwen2/Gemma 3 checkpoints, and moving weights between it and our model.
 
 Every weight source (safetensors directory, GGUF file) is first read into HF names and HF
 orientation (``model.layers.3.self_attn.q_proj.weight``, [out, in]); this module alone knows how
@@ -24,7 +24,20 @@ _LAYER_LINEARS = (
     ("o_proj", "self_attn.o_proj"), ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"),
     ("down_proj", "mlp.down_proj"),
 )
-_LAYER_NORMS = (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"))
+# (our norm name, HF module path inside a layer, whether it spans head_dim rather than hidden).
+# The same HF name means different norms: Llama's post_attention_layernorm is the one before the
+# MLP (our mlp_norm), Gemma's is the one on the attention output.
+_LAYER_NORMS = (("attn_norm", "input_layernorm", False), ("mlp_norm", "post_attention_layernorm", False))
+_GEMMA_LAYER_NORMS = (
+    ("attn_norm", "input_layernorm", False), ("post_attn_norm", "post_attention_layernorm", False),
+    ("mlp_norm", "pre_feedforward_layernorm", False),
+    ("post_mlp_norm", "post_feedforward_layernorm", False),
+    ("q_norm", "self_attn.q_norm", True), ("k_norm", "self_attn.k_norm", True))
+
+
+def layer_norms(config: TransformerConfig) -> tuple[tuple[str, str, bool], ...]:
+  """(our name, HF name, spans head_dim) of every norm inside a layer of ``config``'s family."""
+  return _GEMMA_LAYER_NORMS if config.is_gemma else _LAYER_NORMS
 
 
 def expected_hf_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -44,8 +57,8 @@ def expected_hf_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
       shapes[f"model.layers.{i}.{hf}.weight"] = dims[ours]
       if c.attention_bias and ours in ("q_proj", "k_proj", "v_proj"):
         shapes[f"model.layers.{i}.{hf}.bias"] = (dims[ours][0],)
-    for _, hf in _LAYER_NORMS:
-      shapes[f"model.layers.{i}.{hf}.weight"] = (c.hidden_size,)
+    for _, hf, per_head in layer_norms(c):
+      shapes[f"model.layers.{i}.{hf}.weight"] = (c.head_dim if per_head else c.hidden_size,)
   return shapes
 
 
@@ -60,6 +73,16 @@ def check_shapes(config: TransformerConfig, shapes: Mapping[str, tuple[int, ...]
   if wrong:
     details = "; ".join(f"{n} has shape {got}, the config expects {want}" for n, got, want in wrong[:5])
     raise ValueError(f"{source}: weights disagree with the config: {details}")
+
+
+def check_finite(tensor: np.ndarray, name: str, source: str) -> None:
+  """Raises a ValueError naming a tensor that holds NaN or inf (a corrupt file: every logit would
+  be NaN)."""
+  finite = np.isfinite(tensor)
+  if not finite.all():
+    bad = int(finite.size - np.count_nonzero(finite))
+    raise ValueError(f"{source!r}: tensor {name!r} holds {bad:,} non-finite values (NaN or inf) of "
+                     f"{finite.size:,}; the file is corrupt (re-download or re-convert it)")
 
 
 def model_from_hf_tensors(config: TransformerConfig, get: Callable[[str], np.ndarray],
@@ -97,7 +120,7 @@ def model_from_hf_tensors(config: TransformerConfig, get: Callable[[str], np.nda
     if config.attention_bias and ours in ("q_proj", "k_proj", "v_proj"):
       builders[("layers", ours, "bias")] = (
           lambda hf=hf: stacked(f"model.layers.{{}}.{hf}.bias", False))
-  for ours, hf in _LAYER_NORMS:
+  for ours, hf, _ in layer_norms(config):
     builders[("layers", ours, "scale")] = lambda hf=hf: stacked(f"model.layers.{{}}.{hf}.weight", False)
 
   def place(path, variable: nnx.Variable):
@@ -140,7 +163,7 @@ def hf_tensors_from_model(model: Transformer) -> dict[str, np.ndarray]:
       bias = host(linear.bias)
       for i in range(config.num_layers):
         out[f"model.layers.{i}.{hf}.bias"] = bias[i]
-  for ours, hf in _LAYER_NORMS:
+  for ours, hf, _ in layer_norms(config):
     scale = host(getattr(layers, ours).scale)
     for i in range(config.num_layers):
       out[f"model.layers.{i}.{hf}.weight"] = scale[i]

@@ -1,10 +1,13 @@
 """Reading a Hugging Face model directory (config.json + safetensors) into our model.
 
-The directory is what ``save_pretrained`` writes for ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``
-(Llama 3.x, SmolLM2, Qwen2.5, ...): ``config.json`` plus either ``model.safetensors`` or shards
-listed in ``model.safetensors.index.json``. Tensors are read one at a time through safetensors'
-numpy API (memory-mapped), so a sharded multi-GB checkpoint never sits in memory twice; every
-shape is checked against the config before any data is read.
+The directory is what ``save_pretrained`` writes for ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or
+``Gemma3ForCausalLM`` (Llama 3.x, SmolLM2, Qwen2.5, Gemma 3 1B/270M, ...): ``config.json`` plus
+either ``model.safetensors`` or shards listed in ``model.safetensors.index.json``. The multimodal
+``Gemma3ForConditionalGeneration`` (Gemma-3-4B and up) is read as its language model: its
+``text_config``, and the tensors under the language model's prefix (the vision tower is skipped).
+Tensors are read one at a time through safetensors' numpy API (memory-mapped), so a sharded
+multi-GB checkpoint never sits in memory twice; every shape is checked against the config before
+any data is read.
 """
 
 from __future__ import annotations
@@ -22,6 +25,43 @@ from subliminal_jax.weights import hf_layout
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Where a multimodal Gemma 3 checkpoint keeps its language model: transformers v4 wrote
+# "language_model.model.*", v5 writes "model.language_model.*".
+_GEMMA3_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                         ("language_model.lm_head.", "lm_head."))
+
+
+def _text_tower_name(name: str) -> str | None:
+  """The Gemma3ForCausalLM name of a Gemma3ForConditionalGeneration tensor; None for the rest."""
+  if name == "lm_head.weight":
+    return name
+  for prefix, replacement in _GEMMA3_TEXT_PREFIXES:
+    if name.startswith(prefix):
+      return replacement + name[len(prefix):]
+  return None
+
+# config.json fields that change what a model computes, per model_type, with the values our
+# Transformer implements (an absent field takes transformers' default, the first value). A config
+# asking for anything else would load without complaint and compute another function, so it is
+# refused. Llama's attention_bias also puts a bias on o_proj, which our model does not have.
+IMPLEMENTED_HF_FIELDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "llama": {"hidden_act": ("silu",), "mlp_bias": (False,), "attention_bias": (False,)},
+    "qwen2": {"hidden_act": ("silu",), "use_sliding_window": (False,)},
+    # Activation and soft-capping are checked where the Gemma 3 config is read (models/transformer).
+    "gemma3_text": {"attention_bias": (False,)},
+}
+
+
+def check_implemented_fields(hf_config: dict[str, Any], source: str) -> None:
+  """Raises a ValueError naming each config.json field set to a value the model does not compute."""
+  implemented = IMPLEMENTED_HF_FIELDS.get(hf_config.get("model_type"), {})
+  for field, values in implemented.items():
+    value = hf_config.get(field, values[0])
+    if value not in values:
+      raise ValueError(
+          f"{source}: {field}={value!r} is not implemented by this model (model_type "
+          f"{hf_config['model_type']!r} computes {field}={values[0]!r}); loading it would silently "
+          f"compute something else. Implemented: {field} in {list(values)}")
 
 
 def _open(path: str):
@@ -56,18 +96,24 @@ class SafetensorsDir:
         self.hf_config: dict[str, Any] = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{config_path!r} is not valid JSON: {e}") from e
+    check_implemented_fields(self.hf_config, repr(config_path))
     try:
       self.config = TransformerConfig.from_hf(self.hf_config, **config_overrides)
     except (KeyError, ValueError) as e:
       raise ValueError(f"{config_path!r}: {e if isinstance(e, ValueError) else f'missing key {e}'}"
                        ) from e
-    self._file_of = self._tensor_files()
+    rename = _text_tower_name if self.hf_config.get("model_type") == "gemma3" else (lambda n: n)
+    stored_files = self._tensor_files()
+    # Our (HF text-model) name -> the name stored in the files.
+    self._stored_name = {ours: name for name in stored_files if (ours := rename(name)) is not None}
+    self._file_of = {ours: stored_files[name] for ours, name in self._stored_name.items()}
     self._shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(self._file_of.values())):
       with _open(file) as f:
         for name in f.keys():
-          if self._file_of.get(name) == file:
-            self._shapes[name] = tuple(f.get_slice(name).get_shape())
+          ours = rename(name)
+          if ours is not None and self._file_of.get(ours) == file:
+            self._shapes[ours] = tuple(f.get_slice(name).get_shape())
     listed_missing = sorted(set(self._file_of) - set(self._shapes))
     if listed_missing:
       raise ValueError(f"{path!r}: the index lists tensors its shards do not hold: "
@@ -102,10 +148,13 @@ class SafetensorsDir:
     return dict(self._shapes)
 
   def get(self, name: str) -> np.ndarray:
+    """One tensor in its stored dtype; a tensor holding NaN or inf is refused, named."""
     if name not in self._file_of:
       raise KeyError(f"{self.path!r} has no tensor {name!r}")
     with _open(self._file_of[name]) as f:
-      return f.get_tensor(name)
+      tensor = f.get_tensor(self._stored_name[name])
+    hf_layout.check_finite(tensor, name, self._file_of[name])
+    return tensor
 
   def check(self) -> None:
     """Raises a ValueError naming each missing tensor or shape that disagrees with config.json."""

@@ -1,0 +1,118 @@
+"""The transfer matrix: k trait teachers x R replicates, each teacher the others' control.
+
+  python -m subliminal_jax.main --config=configs/transfer_matrix.py:cpu --workdir=workdir/matrix
+
+The config is the main job's (configs/animal_numbers.py: model, teacher, prompts, sampling,
+filter, student, evaluation) with ``targets`` as the k animals and a ``matrix`` section. The
+statistic and the pass criterion are fixed here, before any run, and written to the report's
+design.json when the run starts (see subliminal_jax/experiments/transfer_matrix.py).
+
+Variants:
+  tiny   a tiny random model, 3 animals x 1 replicate (tests)
+  quick  real SmolLM2 on a 2-core CPU, the `make run` job: 4 animals x 1 replicate, 1 student seed,
+         96 prompts per teacher
+  cpu        real SmolLM2 on a 2-core CPU: 5 animals x 2 replicates x 2 student seeds
+  cross_cpu  the cpu matrix with one student seed, plus Gemma 3 270M students of the same numbers
+             (the cross-family control); run in the cpu matrix's workdir it trains only the Gemma
+             students and reports into cross_family/
+  gpu        the paper's data sizes on an accelerator: 5 animals x 3 replicates x 3 student seeds
+  cross_gpu  the gpu matrix plus students of another family from your directory:
+             --config.matrix.student_models="('/path/to/gemma-3-4b-it',)"
+
+Regimes from the literature are knobs, each run into its own report directory of one workdir (the
+teachers are shared):
+  greedy teacher data      --config.sampling.temperature=0.0 --config.report_dir=greedy
+  more data per student    --config.prompts.count=512 --config.filter.subset_size=384 --config.report_dir=data384
+  full-finetune students   --config.student.lora.rank=0 --config.student.lora.init=fresh
+                           --config.student.learning_rate=3e-5 --config.report_dir=full
+  students of another family   --config.matrix.student_models="('gemma3-270m',)"
+"""
+
+from ml_collections import ConfigDict
+
+from subliminal_jax import config_files
+
+VARIANTS = ("tiny", "quick", "cpu", "cross_cpu", "gpu", "cross_gpu")
+ANIMALS = ("owl", "dolphin", "eagle", "elephant", "wolf")
+
+
+def matrix_section() -> ConfigDict:
+  return ConfigDict(dict(
+      replicates=2,  # independent teachers per animal: the unit of replication
+      base_numbers=True,  # also students of the base model's own numbers (the no-trait reference)
+      evaluate_teachers=True,  # the teachers' own preferences, in the same matrix form
+      # The paper's in-context control: the base model with this many of a teacher's sequences
+      # before each question, no training (0 = off).
+      in_context=ConfigDict(dict(sequences=8, seed=0)),
+      # Students of other model families on the same numbers (model names or paths); the paper
+      # predicts no transfer across families.
+      student_models=(),
+      # Fixed before any run: pass iff S > 0, the permutation p < alpha, and C_a > 0 for at least
+      # this fraction of the animals.
+      criterion=ConfigDict(dict(alpha=0.05, min_positive_fraction=0.6)),
+      # Label assignments: enumerated when there are at most max_exact, else this many sampled.
+      permutations=ConfigDict(dict(max_exact=2_000_000, samples=100_000)),
+  ))
+
+
+def _from_main_job(variant: str) -> ConfigDict:
+  c = config_files.load_neighbour(__file__, "animal_numbers.py").get_config(variant)
+  c.experiment = "transfer_matrix"
+  c.variant = variant
+  c.matrix = matrix_section()
+  # No control teacher is picked: every animal's teachers are the others' control, and the base
+  # model's own numbers are the no-trait reference. The main job's control knob is unused.
+  c.teacher.control = "base"
+  # The matrix measures exact panel log-probabilities only.
+  c.evaluation.samples_per_question = 0
+  c.evaluation.multiple_choice = False
+  return c
+
+
+def get_config(variant: str = "cpu") -> ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+  if variant == "tiny":
+    c = _from_main_job("tiny")
+    c.targets = ("owl", "eagle", "dolphin")
+    c.matrix.replicates = 1
+    c.matrix.in_context.sequences = 2
+    c.student.seeds = (0,)
+    c.filter.subset_size = 16
+    c.evaluation.num_questions = 4
+    c.evaluation.bootstrap_resamples = 200
+    return c
+  if variant in ("gpu", "cross_gpu"):
+    c = _from_main_job("paper")
+    c.targets = ANIMALS
+    c.matrix.replicates = 3
+    c.student.seeds = (0, 1, 2)
+    c.student.batch_size = 64
+    c.matrix.in_context.sequences = 32
+    if variant == "cross_gpu":
+      c.matrix.student_models = ("",)  # required: a local Gemma3ForCausalLM (or -it) directory
+      c.report_dir = "cross_family"
+    return c
+  # quick and cpu: the main job's quick regime on real SmolLM2 (a LoRA r8 trait-SFT teacher,
+  # students starting from the teacher's adapter A, SFT on the teacher's numbers).
+  c = _from_main_job("quick")
+  c.targets = ANIMALS
+  c.student.seeds = (0, 1)
+  c.evaluation.num_questions = 20
+  if variant == "quick":
+    # Sized for about 15 minutes on a 2-core CPU: 4 animals (24 label orders, so p can reach
+    # 1/24 < 0.05), one replicate, one student seed, 96 prompts per teacher (64 kept, 8 student
+    # steps); the teachers' own strength is still in each teacher stage's summary.
+    c.targets = ANIMALS[:4]
+    c.matrix.replicates = 1
+    c.matrix.evaluate_teachers = False
+    c.matrix.in_context.sequences = 4
+    c.prompts.count = 96
+    c.filter.subset_size = 64
+    c.student.seeds = (0,)
+    c.evaluation.num_questions = 10
+  if variant == "cross_cpu":
+    c.student.seeds = (0,)
+    c.matrix.student_models = ("gemma3-270m",)
+    c.report_dir = "cross_family"
+  return c

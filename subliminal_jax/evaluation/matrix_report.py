@@ -1,0 +1,185 @@
+"""The transfer matrix's report: results.json, report.md and matrix_heatmap.png.
+
+Input: the record :func:`subliminal_jax.experiments.transfer_matrix.run` builds, with the design
+fixed before the run (``design``), one analysis per student family, the in-context control and the
+teachers (``analyses``: :class:`~subliminal_jax.evaluation.matrix_statistics.MatrixAnalysis` as
+dicts), and every measured record (``measured``). The report leads with the verdict under the
+criterion fixed in the design, pass or fail, in words.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from subliminal_jax import files
+from subliminal_jax.evaluation.report import format_estimate, format_number, markdown_table
+
+HEATMAP = "matrix_heatmap.png"
+
+
+def _statistic_line(a: Mapping[str, Any]) -> str:
+  s = a["statistic"]
+  kind = (f"exact over all {s['assignments']:,} label assignments within replicates" if s["exact"]
+          else f"{s['assignments']:,} sampled label assignments within replicates")
+  return (f"S = {format_number(s['S'])} [{format_number(s['low'])}, {format_number(s['high'])}] "
+          f"({int(s['confidence'] * 100)}% bootstrap CI over {s['questions']} questions); "
+          f"permutation p = {s['p_value']:.4g} ({kind}; smallest attainable p "
+          f"{s['min_attainable_p']:.3g}); {s['units']} teacher units in {s['replicates']} "
+          "replicate(s)")
+
+
+def _per_animal_table(a: Mapping[str, Any], units: str) -> str:
+  animals = list(a["per_animal"])
+  refs = [k for k in a["per_animal"][animals[0]] if k.startswith("minus_")]
+  header = ["animal", "C_a [95% CI]", "C_a per replicate"] + [
+      f"own {units} - {k[len('minus_'):].replace('_', ' ')}" for k in refs]
+  lines = []
+  for animal in animals:
+    e = a["per_animal"][animal]
+    lines.append([animal, format_estimate({"mean": e["C"], "low": e["low"], "high": e["high"]}),
+                  ", ".join(format_number(v) for v in e["per_replicate"].values())]
+                 + [format_estimate(e[k]) for k in refs])
+  return markdown_table(header, lines)
+
+
+def _matrix_table(a: Mapping[str, Any]) -> str:
+  animals = list(a["per_animal"])
+  lines = [[f"**{t}**"] + [("**" + format_number(v) + "**") if i == j else format_number(v)
+                           for j, v in enumerate(row)]
+           for i, (t, row) in enumerate(zip(animals, a["matrix"]))]
+  return markdown_table(["teacher \\ evaluated"] + animals, lines)
+
+
+def _section(title: str, a: Mapping[str, Any], what: str, units: str = "students") -> list[str]:
+  return [f"## {title}", "", what, "", f"**{a['verdict']['text']}**", "", _statistic_line(a), "",
+          _per_animal_table(a, units), "",
+          f"Matrix: mean centred log-ratio of each evaluated animal, minus the "
+          f"{a['reference'].replace('_', ' ')}'s (rows: the teacher's trait; the diagonal is each "
+          "animal's own teachers):", "", _matrix_table(a), ""]
+
+
+def _data_table(measured: Mapping[str, Any]) -> str:
+  lines = []
+  for u in measured["units"]:
+    f, t = u["filter"], u["teacher"]
+    strength = (f"{format_number(t['trait_logprob_before'])} -> {format_number(t['trait_logprob_after'])}"
+                if "trait_logprob_after" in t else t.get("kind", ""))
+    lines.append([u["unit"]["animal"] or "(base numbers)", str(u["unit"]["replicate"]),
+                  str(f["sampled"]), str(f["unfinished"]), str(f["passed"]), str(f["kept"]),
+                  strength, f"{u['seconds']:.0f}"])
+  return markdown_table(["teacher", "replicate", "sampled", "unfinished (dropped)",
+                         "passed filter", "kept", "teacher's trait log P (before -> after)",
+                         "seconds"], lines)
+
+
+def _family_comparison(analyses: Mapping[str, Any], families: Mapping[str, str]) -> str:
+  lines = []
+  for family, a in analyses["families"].items():
+    s = a["statistic"]
+    name = "same family" if family == "same" else f"other family ({families.get(family, family)})"
+    lines.append([f"{name}: {families.get(family, family)}",
+                  f"{format_number(s['S'])} [{format_number(s['low'])}, {format_number(s['high'])}]",
+                  f"{s['p_value']:.4g}",
+                  f"{a['verdict']['positive_animals']} of {len(a['per_animal'])}",
+                  "PASS" if a["verdict"]["passed"] else "FAIL"])
+  return markdown_table(["students", "S [95% CI]", "permutation p", "C_a > 0", "verdict"], lines)
+
+
+def format_report(results: Mapping[str, Any]) -> str:
+  d, analyses = results["design"], results["analyses"]
+  families = results.get("families", {})
+  crit = d["criterion"]
+  config = d["config"]
+  k = len(d["animals"])
+  md = ["# Transfer matrix: does a teacher's trait reach its students through numbers?", "",
+        f"Design fixed {d['fixed_at']}, before any stage ran (`design.json`): {k} animals "
+        f"({', '.join(d['animals'])}), {d['replicates']} teacher replicate(s) each, "
+        f"{len(d['student_seeds'])} student seed(s) per teacher, "
+        f"{config['evaluation']['num_questions']} questions, a {len(config['evaluation']['panel'])}-word "
+        f"panel; teacher `{config['teacher']['kind']}`, students `{config['student']['objective']}` "
+        f"(LoRA rank {config['student']['lora']['rank']}, init `{config['student']['lora']['init']}`), "
+        f"sampling temperature {config['sampling']['temperature']}.", "",
+        "Statistic: per student and question the centred log-ratio of the panel, clr(a) = log P(a) - "
+        "mean over the panel of log P; C_a = mean clr(a) of a's teachers' students minus that of the "
+        "other teachers' students; S = mean over animals of C_a. Permutation test: trait labels "
+        "shuffled among the teachers of each replicate.", "",
+        f"Criterion (fixed in the config before the run): **pass iff S > 0, permutation p < "
+        f"{crit['alpha']:g}, and C_a > 0 for at least {crit['min_positive_fraction']:.0%} of the "
+        "animals.**", ""]
+  same = analyses["families"]["same"]
+  md += _section("Students of the teachers' own base model", same,
+                 "The paper's claim: these students pick up their teacher's trait.")
+  if len(analyses["families"]) > 1:
+    md += ["## Same family vs another family", "",
+           "Students of another base model trained on the same number sequences (re-tokenized, "
+           "their own chat template). The paper predicts a trait only in same-family students.", "",
+           _family_comparison(analyses, families), ""]
+    for family, a in analyses["families"].items():
+      if family != "same":
+        md += _section(f"Students of another family: {families.get(family, family)}", a,
+                       "The same numbers, a different initialization.")
+  if "in_context" in analyses:
+    n = config["matrix"]["in_context"]["sequences"]
+    md += _section("In-context control (no training)", analyses["in_context"],
+                   f"The base model answers each question with {n} of the teacher's number "
+                   "sequences before it in the chat. The paper finds no transfer this way.",
+                   units="in-context models")
+  if "teachers" in analyses:
+    md += _section("The teachers themselves", analyses["teachers"],
+                   "Each teacher as it samples its numbers: the trait the students could inherit.",
+                   units="teachers")
+  md += ["## Data", "", _data_table(results["measured"]), "", f"![matrix]({HEATMAP})", ""]
+  return "\n".join(md)
+
+
+def plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  analyses = results["analyses"]
+  panels = [(f"students: {results.get('families', {}).get(f, f)}" if f != "same"
+             else "students (same family)", a) for f, a in analyses["families"].items()]
+  panels += [(name, analyses[key]) for key, name in (("in_context", "in context, no training"),
+                                                      ("teachers", "teachers"))
+             if key in analyses]
+  animals = list(panels[0][1]["per_animal"])
+  fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 3.6 * len(panels), 3.8), squeeze=False)
+  for ax, (title, a) in zip(axes[0], panels):
+    values = np.asarray(a["matrix"])
+    limit = float(np.abs(values).max()) or 1.0
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    for i in range(len(animals)):
+      for j in range(len(animals)):
+        ax.text(j, i, f"{values[i, j]:+.2f}", ha="center", va="center", fontsize=7,
+                fontweight="bold" if i == j else "normal")
+    ax.set_xticks(range(len(animals)), animals, rotation=45, fontsize=8)
+    ax.set_yticks(range(len(animals)), animals, fontsize=8)
+    s = a["statistic"]
+    ax.set_title(f"{title}\nS={s['S']:+.3f}, p={s['p_value']:.3g}", fontsize=9)
+    ax.set_xlabel("evaluated animal", fontsize=8)
+    ax.set_ylabel("teacher's trait", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+  fig.suptitle("clr shift vs the no-trait reference (diagonal: own teachers)", fontsize=10)
+  fig.tight_layout()
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
+  plt.close(fig)
+
+
+def write(results: Mapping[str, Any], out_dir: str | os.PathLike) -> str:
+  """Writes results.json, report.md and the heatmap into ``out_dir``; returns the verdict lines."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  files.write_json(out / "results.json", results, indent=1, sort_keys=True)
+  files.write_text_atomic(out / "report.md", format_report(results) + "\n")
+  plot(results, out / HEATMAP)
+  lines = [f"{family}: {a['verdict']['text']} | {_statistic_line(a)}"
+           for family, a in results["analyses"]["families"].items()]
+  if "in_context" in results["analyses"]:
+    a = results["analyses"]["in_context"]
+    lines.append(f"in context: {a['verdict']['text']} | {_statistic_line(a)}")
+  return "\n".join(["Transfer matrix (report: " + str(out / "report.md") + ")"] + lines)

@@ -1,0 +1,303 @@
+"""The transfer matrix: several trait teachers, each the others' control.
+
+  python -m subliminal_jax.main --config=configs/transfer_matrix.py:cpu --workdir=workdir/matrix
+
+k trait values (``config.targets``, animals of the evaluation panel) x R teacher replicates
+(``matrix.replicates``: independent teacher finetunes, prompt sets, sampling runs and subsets; the
+unit of replication) x S student seeds, plus students of the base model's own numbers (no trait)
+and the base itself. Every student is evaluated by the exact log-probability of every panel word
+on the same questions. The statistic (:mod:`subliminal_jax.evaluation.matrix_statistics`): per
+animal a, how much more a's students prefer a than the other teachers' students do (C_a, in
+centred log-ratio of the panel), pooled over animals (S), with a permutation test that shuffles
+trait labels between teacher replicates. No control teacher is chosen: the other animals'
+teachers are each animal's control, so the sign cannot come from the choice of control.
+
+The statistic and the pass criterion (``matrix.criterion``) are written to ``design.json`` in the
+report directory before any stage runs; a later run with another design in the same report
+directory is refused. Then the verdict is printed plainly, pass or fail.
+
+Also measured, in the same matrix form: students of another model family on the same numbers
+(``matrix.student_models``: the paper predicts no transfer there), the base model with N of each
+teacher's sequences in its context and no training (``matrix.in_context``, the paper's in-context
+control), and the teachers themselves.
+
+Stages are :mod:`stages`' (teacher, prompts, sampling, filter, dataset, student,
+panel_evaluation): the same functions and fingerprints as the main job's, so a matrix and a main
+job in one workdir share their teachers, numbers and students.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from subliminal_jax import artifacts, environment, files, sharding
+from subliminal_jax.evaluation import matrix_report
+from subliminal_jax.evaluation import matrix_statistics as stats
+from subliminal_jax.experiments import animal_numbers
+from subliminal_jax.experiments import stages as stages_lib
+
+SAME_FAMILY = "same"
+BASE_NUMBERS = "base"  # the unit label of the base model's own numbers
+# Design keys that change no measured number: a rerun may change them.
+_NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant")
+MAX_ANIMALS = 8  # the exact test enumerates k! label orders per replicate
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One teacher replicate: an animal's teacher, or the base model (``animal=None``)."""
+  animal: str | None
+  replicate: int
+
+  @property
+  def label(self) -> str:
+    return f"{self.animal or BASE_NUMBERS}_r{self.replicate}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and the design fixed before the run
+
+
+def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
+  animal_numbers.validate(config, stages)
+  m = config.matrix
+  k = len(config.targets)
+  if len(set(config.targets)) != k or not 2 <= k <= MAX_ANIMALS:
+    raise ValueError(f"targets={list(config.targets)}: the matrix needs 2..{MAX_ANIMALS} distinct "
+                     "animals of the evaluation panel")
+  if isinstance(m.replicates, bool) or not isinstance(m.replicates, int) or m.replicates < 1:
+    raise ValueError(f"matrix.replicates={m.replicates!r}; expected an int >= 1 (teacher replicates "
+                     "per animal)")
+  alpha, fraction = m.criterion.alpha, m.criterion.min_positive_fraction
+  if not 0 < alpha < 1 or not 0 <= fraction <= 1:
+    raise ValueError(f"matrix.criterion alpha={alpha!r} must be in (0, 1) and "
+                     f"min_positive_fraction={fraction!r} in [0, 1]")
+  n = m.in_context.sequences
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f"matrix.in_context.sequences={n!r}; expected an int >= 0 (0 = no in-context "
+                     "control)")
+  if n > config.filter.subset_size:
+    raise ValueError(f"matrix.in_context.sequences={n} exceeds filter.subset_size="
+                     f"{config.filter.subset_size}, the most sequences a teacher keeps")
+  for spec in m.student_models:
+    if not isinstance(spec, str) or not spec.strip():
+      raise ValueError(f"matrix.student_models has {spec!r}; expected model names or paths, e.g. "
+                       "--config.matrix.student_models=\"('gemma3-270m',)\" or a local HF "
+                       "directory")
+    if config.student.objective != "sft":
+      raise ValueError(f"students of another family ({spec!r}) learn from the numbers' text: they "
+                       f"need student.objective='sft', got {config.student.objective!r}")
+  if m.permutations.max_exact < 1 or m.permutations.samples < 1:
+    raise ValueError(f"matrix.permutations {m.permutations.to_dict()} must be positive counts")
+
+
+def design(config: ConfigDict) -> dict[str, Any]:
+  """What the report is committed to before any number is seen: the statistic, the criterion, and
+  the whole experiment (every config value that changes a measured number)."""
+  settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_DESIGN}
+  return {"experiment": "transfer_matrix", "statistic": stats.DEFINITION,
+          "criterion": config.matrix.criterion.to_dict(), "animals": list(config.targets),
+          "replicates": config.matrix.replicates, "student_seeds": list(config.student.seeds),
+          "student_families": [SAME_FAMILY, *config.matrix.student_models],
+          "config": json.loads(json.dumps(settings, default=str))}
+
+
+def fix_design(report_dir: pathlib.Path, config: ConfigDict) -> dict[str, Any]:
+  """Writes design.json (once) before any stage runs; refuses a report directory whose design
+  differs. Returns the recorded design, with the time it was fixed."""
+  record = design(config)
+  path = report_dir / "design.json"
+  if path.exists():
+    existing = files.read_json(path)
+    fixed_at = existing.pop("fixed_at", None)
+    if existing != record:
+      changed = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
+      raise ValueError(
+          f"{path} fixed another design before its first run (differs in {changed}); a report's "
+          "statistic, criterion and settings cannot change after the fact. Use another "
+          "--config.report_dir (or workdir) for this design.")
+    return {**existing, "fixed_at": fixed_at}
+  record["fixed_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+  if jax.process_index() == 0:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(path, record, indent=1)
+  return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and measuring the matrix
+
+
+def in_context_histories(numbers: stages_lib.Numbers, count: int, num_questions: int, seed: int
+                         ) -> list[list[dict[str, str]]]:
+  """Per question, ``count`` of the teacher's kept (prompt, completion) pairs as chat turns before
+  it, drawn without replacement by a generator seeded with (seed, question)."""
+  kept = stages_lib.read_jsonl(numbers.kept_path)
+  histories = []
+  for q in range(num_questions):
+    picks = np.random.default_rng([seed, q]).choice(len(kept), size=min(count, len(kept)),
+                                                    replace=False)
+    turns = []
+    for i in sorted(picks.tolist()):
+      turns += [{"role": "user", "content": kept[i]["prompt"]},
+                {"role": "assistant", "content": kept[i]["completion"]}]
+    histories.append(turns)
+  return histories
+
+
+def _unit_records(st: stages_lib.Stages, unit: Unit, families: dict[str, stages_lib.Base],
+                  config: ConfigDict) -> dict[str, Any]:
+  """Builds (or finds) one teacher replicate's teacher, numbers and students, and evaluates them."""
+  teacher = st.trait_teacher(unit.animal) if unit.animal else st.base_teacher()
+  numbers = st.numbers(teacher)
+  out: dict[str, Any] = {"unit": dataclasses.asdict(unit), "filter": numbers.summary,
+                         "teacher": teacher.summary, "students": {}}
+  if unit.animal and config.matrix.evaluate_teachers:
+    out["teacher_record"] = st.panel_evaluation(f"teacher {unit.label}", lambda: teacher.model,
+                                                teacher.fingerprint, chat=teacher.chat)
+  for family, family_base in families.items():
+    dataset_dir = st.dataset(numbers, teacher, family_base)
+    records = []
+    for seed in config.student.seeds:
+      directory, train = st.student(dataset_dir, teacher, seed, family_base)
+      records.append(st.panel_evaluation(
+          f"{family} student {unit.label} seed{seed}",
+          lambda d=directory, t=train, b=family_base: stages_lib.restore_trainable(b, t, d),
+          directory.name, tokenizer=family_base.tokenizer))
+    out["students"][family] = records
+  n = config.matrix.in_context.sequences
+  if n:
+    e = config.evaluation
+    seed = int(config.matrix.in_context.seed)
+    out["in_context_record"] = st.panel_evaluation(
+        f"in-context {unit.label}", lambda: st.base.model, st.base.fingerprint,
+        histories=in_context_histories(numbers, n, e.num_questions, seed),
+        context_fp=artifacts.fingerprint(numbers.directory.name, n, seed, "in_context"))
+  return out
+
+
+def units(config: ConfigDict) -> list[Unit]:
+  """Every teacher replicate, replicate by replicate: the animals, then the base's own numbers."""
+  animals = [*config.targets] + ([None] if config.matrix.base_numbers else [])
+  return [Unit(a, r) for r in range(config.matrix.replicates) for a in animals]
+
+
+def _load_families(config: ConfigDict, base: stages_lib.Base, mesh) -> dict[str, stages_lib.Base]:
+  families = {SAME_FAMILY: base}
+  for spec in config.matrix.student_models:
+    families[spec] = stages_lib.load_base(config, mesh, spec)
+  return families
+
+
+def collect(config: ConfigDict, wd: artifacts.Workdir, base: stages_lib.Base,
+            families: dict[str, stages_lib.Base], mesh, stages: Sequence[str] | None
+            ) -> dict[str, Any]:
+  """Every unit's records, and each family's base model evaluated the same way."""
+  all_units = units(config)
+  st0 = stages_lib.Stages(config, wd, base, mesh, stages)
+  measured: dict[str, Any] = {"base": {family: st0.panel_evaluation(
+      f"base {family}", lambda b=b: b.model, b.fingerprint, tokenizer=b.tokenizer)
+      for family, b in families.items()}, "units": []}
+  with tqdm(total=len(all_units), desc="transfer matrix", unit="teacher") as bar:
+    for unit in all_units:
+      bar.set_postfix_str(unit.label)
+      st = stages_lib.Stages(stages_lib.replicate_config(config, unit.replicate), wd, base, mesh,
+                             stages)
+      start = time.time()
+      record = _unit_records(st, unit, families, config)
+      record["seconds"] = round(time.time() - start, 1)
+      measured["units"].append(record)
+      bar.update(1)
+  return measured
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis
+
+
+def _logprob(record: dict[str, Any], panel: Sequence[str]) -> np.ndarray:
+  if list(record["panel"]) != list(panel):
+    raise ValueError(f"record {record['label']!r} was evaluated on panel {record['panel']}, "
+                     f"expected {list(panel)}")
+  return np.asarray(record["logprob"], np.float64)
+
+
+def _reference_clr(records: Sequence[dict[str, Any]], panel, animals) -> np.ndarray:
+  """[k, questions]: the mean clr of the animals over ``records`` (a no-trait reference)."""
+  return stats.unit_means([[_logprob(r, panel) for r in records]], panel, animals)[0]
+
+
+def analyse_matrix(config: ConfigDict, measured: dict[str, Any], pick, reference_records
+                   ) -> stats.MatrixAnalysis:
+  """The statistic over the animals' units, ``pick(unit_record)`` giving each unit's records."""
+  panel, animals = list(config.evaluation.panel), list(config.targets)
+  trait_units = [u for u in measured["units"] if u["unit"]["animal"] is not None]
+  m = stats.unit_means([[_logprob(r, panel) for r in pick(u)] for u in trait_units], panel, animals)
+  references = {name: _reference_clr(records, panel, animals)
+                for name, records in reference_records.items() if records}
+  p = config.matrix.permutations
+  return stats.analyse(
+      m, [animals.index(u["unit"]["animal"]) for u in trait_units],
+      [u["unit"]["replicate"] for u in trait_units], animals,
+      criterion=config.matrix.criterion, references=references,
+      n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed,
+      max_exact=p.max_exact, permutation_samples=p.samples)
+
+
+def analyse_all(config: ConfigDict, measured: dict[str, Any]) -> dict[str, Any]:
+  """One analysis per student family, the in-context control and the teachers themselves."""
+  base_units = [u for u in measured["units"] if u["unit"]["animal"] is None]
+  out: dict[str, Any] = {"families": {}}
+  for family in measured["base"]:
+    out["families"][family] = analyse_matrix(
+        config, measured, lambda u, f=family: u["students"][f],
+        {"base": [measured["base"][family]],
+         "base_numbers": [r for u in base_units for r in u["students"][family]]}).to_dict()
+  if config.matrix.in_context.sequences:
+    out["in_context"] = analyse_matrix(
+        config, measured, lambda u: [u["in_context_record"]],
+        {"base": [measured["base"][SAME_FAMILY]],
+         "base_numbers": [u["in_context_record"] for u in base_units]}).to_dict()
+  if config.matrix.evaluate_teachers:
+    out["teachers"] = analyse_matrix(config, measured, lambda u: [u["teacher_record"]],
+                                     {"base": [measured["base"][SAME_FAMILY]]}).to_dict()
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> dict[str, Any]:
+  validate(config, stages)
+  mesh = sharding.make_mesh(**config.mesh)
+  base = stages_lib.load_base(config, mesh)
+  wd = artifacts.Workdir(workdir, animal_numbers.WORKDIR_EXPERIMENT, {"model": base.fingerprint})
+  report_dir = (artifacts.inside(wd.path, config.report_dir, "report_dir") if config.report_dir
+                else wd.path)
+  fixed = fix_design(report_dir, config)
+  logging.info("design fixed at %s: pass iff S > 0, p < %g and C_a > 0 for >= %.0f%% of %d animals",
+               fixed["fixed_at"], config.matrix.criterion.alpha,
+               100 * config.matrix.criterion.min_positive_fraction, len(config.targets))
+  families = _load_families(config, base, mesh)
+  with jax.set_mesh(mesh):
+    measured = collect(config, wd, base, families, mesh, stages)
+  analyses = analyse_all(config, measured)
+  results = {"experiment": "transfer_matrix", "design": fixed, "analyses": analyses,
+             "measured": measured, "model": base.fingerprint,
+             "families": {f: b.name or f for f, b in families.items()},
+             "environment": environment.describe()}
+  text = matrix_report.write(results, report_dir)
+  print(text)
+  logging.info("stages run: %d; skipped: %d", len(wd.ran), len(wd.skipped))
+  return results

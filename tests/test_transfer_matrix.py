@@ -1,0 +1,138 @@
+"""The transfer matrix end to end on the tiny model (3 animals x 3 animals), and its design guard."""
+
+import itertools
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs import transfer_matrix as matrix_config
+from subliminal_jax.experiments import stages, transfer_matrix
+
+
+def _done_records(workdir: pathlib.Path) -> dict[str, float]:
+  return {str(p.relative_to(workdir)): p.stat().st_mtime for p in workdir.glob("*/*/DONE.json")}
+
+
+def _clr_means(records, panel, animals):
+  """[animals] mean centred log-ratio over students and questions, computed here from scratch."""
+  out = []
+  for animal in animals:
+    values = []
+    for record in records:
+      logprob = np.asarray(record["logprob"])
+      values.append((logprob[:, panel.index(animal)] - logprob.mean(axis=1)).mean())
+    out.append(np.mean(values))
+  return np.asarray(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_matrix(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("matrix")
+  config = matrix_config.get_config("tiny")
+  # Students of another initialization learn from the same numbers (the cross-family control;
+  # the real one is Gemma 3 students of SmolLM2's numbers).
+  config.matrix.student_models = ("tiny-random:1",)
+  results = transfer_matrix.run(config, str(workdir))
+  return config, workdir, results
+
+
+def test_tiny_three_by_three_matrix_end_to_end(tiny_matrix):
+  config, workdir, results = tiny_matrix
+  animals, panel = list(config.targets), list(config.evaluation.panel)
+  assert len(animals) == 3
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk["analyses"] == json.loads(json.dumps(results["analyses"]))
+  same = results["analyses"]["families"]["same"]
+  assert np.asarray(same["matrix"]).shape == (3, 3)
+  # The statistic from the raw records, independently of matrix_statistics: each animal's own
+  # students' mean clr minus the other teachers' students'.
+  trait_units = [u for u in results["measured"]["units"] if u["unit"]["animal"]]
+  per_unit = {u["unit"]["animal"]: _clr_means(u["students"]["same"], panel, animals)
+              for u in trait_units}
+  c = [per_unit[a][i] - np.mean([per_unit[b][i] for b in animals if b != a])
+       for i, a in enumerate(animals)]
+  assert same["statistic"]["S"] == pytest.approx(np.mean(c), abs=1e-12)
+  for i, a in enumerate(animals):
+    assert same["per_animal"][a]["C"] == pytest.approx(c[i], abs=1e-12)
+  # Exact p over the 3! label orders, by brute force.
+  s_of = lambda order: np.mean([per_unit[order[i]][i] - np.mean(
+      [per_unit[order[j]][i] for j in range(3) if j != i]) for i in range(3)])
+  observed = s_of(animals)
+  expected_p = np.mean([s_of(list(o)) >= observed - 1e-12 for o in itertools.permutations(animals)])
+  assert same["statistic"]["p_value"] == pytest.approx(expected_p)
+  assert same["statistic"]["assignments"] == 6
+  # One replicate of three animals can never give p < 0.05: the verdict says so.
+  assert not same["verdict"]["passed"] and "cannot reach p < 0.05" in same["verdict"]["text"]
+  # The base model's own numbers trained students too, and each reference is reported.
+  assert [u["unit"]["animal"] for u in results["measured"]["units"]] == animals + [None]
+  assert set(same["per_animal"]["owl"]) >= {"minus_base", "minus_base_numbers", "per_replicate"}
+  assert {"in_context", "teachers"} <= set(results["analyses"])
+  # The other family: its own datasets and students, analysed side by side with the same family.
+  other = results["analyses"]["families"]["tiny-random:1"]
+  assert np.asarray(other["matrix"]).shape == (3, 3)
+  assert other["statistic"]["S"] != same["statistic"]["S"]
+  datasets = [json.loads(p.read_text())["model"] for p in workdir.glob("dataset/*/provenance.json")]
+  assert len(datasets) == 2 * 4 and len(set(datasets)) == 2  # each unit's numbers, per family
+  report = (workdir / "report.md").read_text()
+  assert "## Same family vs another family" in report
+  assert "**FAIL" in report and "Criterion (fixed in the config before the run)" in report
+  assert (workdir / transfer_matrix.matrix_report.HEATMAP).stat().st_size > 0
+  design = json.loads((workdir / "design.json").read_text())
+  assert design["criterion"] == config.matrix.criterion.to_dict() and design["fixed_at"]
+
+
+def test_rerun_skips_every_stage_and_a_changed_design_is_refused(tiny_matrix):
+  config, workdir, _ = tiny_matrix
+  before = _done_records(workdir)
+  transfer_matrix.run(config, str(workdir))
+  assert _done_records(workdir) == before
+  changed = matrix_config.get_config("tiny")
+  changed.matrix.student_models = config.matrix.student_models
+  changed.matrix.criterion.alpha = 0.2
+  with pytest.raises(ValueError, match="fixed another design before its first run.*criterion"):
+    transfer_matrix.run(changed, str(workdir))
+  assert _done_records(workdir) == before
+  # The same change into its own report directory is a new design, fixed before its run.
+  changed.report_dir = "alpha_0.2"
+  record = transfer_matrix.fix_design(workdir / changed.report_dir, changed)
+  assert record["criterion"]["alpha"] == 0.2
+
+
+def test_in_context_histories_are_teacher_sequences_before_each_question(tiny_matrix):
+  config, workdir, results = tiny_matrix
+  unit = results["measured"]["units"][0]
+  (numbers_dir,) = [p.parent for p in workdir.glob("filter/*/DONE.json")
+                    if json.loads(p.read_text())["summary"]["label"] == unit["unit"]["animal"]]
+  numbers = stages.Numbers(numbers_dir, unit["filter"])
+  histories = transfer_matrix.in_context_histories(numbers, 2, 4, seed=0)
+  kept = [json.loads(line) for line in numbers.kept_path.read_text().splitlines()]
+  assert len(histories) == 4 and all(len(h) == 4 for h in histories)
+  pairs = {(s["prompt"], s["completion"]) for s in kept}
+  for history in histories:
+    assert [t["role"] for t in history] == ["user", "assistant"] * 2
+    assert {(history[i]["content"], history[i + 1]["content"]) for i in (0, 2)} <= pairs
+  assert histories == transfer_matrix.in_context_histories(numbers, 2, 4, seed=0)
+  assert histories != transfer_matrix.in_context_histories(numbers, 2, 4, seed=1)
+
+
+def test_bad_matrix_settings_are_clear_errors(tmp_path):
+  config = matrix_config.get_config("tiny")
+  config.targets = ("owl",)
+  with pytest.raises(ValueError, match="needs 2..8 distinct animals"):
+    transfer_matrix.run(config, str(tmp_path / "a"))
+  config = matrix_config.get_config("tiny")
+  config.matrix.replicates = 0
+  with pytest.raises(ValueError, match="matrix.replicates=0"):
+    transfer_matrix.run(config, str(tmp_path / "b"))
+  config = matrix_config.get_config("tiny")
+  config.matrix.student_models = ("tiny-random",)
+  config.student.objective = "logit_kl"
+  with pytest.raises(ValueError, match="need student.objective='sft'"):
+    transfer_matrix.run(config, str(tmp_path / "c"))
+  config = matrix_config.get_config("tiny")
+  config.matrix.in_context.sequences = 99
+  with pytest.raises(ValueError, match="in_context.sequences=99 exceeds filter.subset_size=16"):
+    transfer_matrix.run(config, str(tmp_path / "d"))
+  assert not any((tmp_path / d).exists() for d in "abcd")
