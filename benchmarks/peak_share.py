@@ -1,9 +1,10 @@
 """Each engine's FLOP rate as a share of this machine's measured peak, all in one run.
 
 The peak is measured here, not taken from a datasheet: XLA matmuls at the model's own weight
-shapes (``flops.matmul_peak``), at the training step's row count, before and after the engines
-run (the larger of the two: on a shared machine the quieter moment is the better estimate). Every
-engine runs the SmolLM2-135M shape with random weights (see ``benchmarks/engines.py``):
+shapes (``flops.matmul_peak``) at the training step's row count, right before and right after
+each engine (the larger of the two: on a shared machine load comes and goes, and the peak next to
+a figure is its fair yardstick). Every engine runs the SmolLM2-135M shape with random weights (see
+``benchmarks/engines.py``):
 
 * training: one AdamW step of full finetuning (6N FLOPs/token) and of LoRA r8 on every projection
   (4N + 6 x adapters), batch x length tokens;
@@ -39,7 +40,7 @@ flags.DEFINE_integer("eval_prompts", 16, "Prompts of the teacher-forcing workloa
 flags.DEFINE_integer("eval_continuations", 48, "Continuations (1-3 tokens) scored after each.")
 flags.DEFINE_integer("repeats", 2, "Timed repeats of each sampling and evaluation run.")
 flags.DEFINE_list("engines", ["train_full", "train_lora", "sampling", "evaluation"],
-                  "Which engines to run.")
+                  "Which engines to run (train_full, train_lora, sampling, evaluation).")
 
 
 def _load() -> float:
@@ -104,40 +105,46 @@ def _evaluation(model) -> dict:
           "flops_per_s": workload.flops / seconds, "load_average": _load()}
 
 
+def _beside_peaks(config, rows: int, run) -> dict:
+  """``run()``'s figures with the peak at ``rows`` measured right before and right after it; its
+  ``peak_flops_per_s`` is the larger (on a shared machine load comes and goes: the peak measured
+  next to a figure is the fair yardstick for it)."""
+  before = _peak(config, rows)
+  result = run()
+  after = _peak(config, rows)
+  result["peak_flops_per_s"] = max(before["flops_per_s"], after["flops_per_s"])
+  result["peaks"] = [before, after]
+  return result
+
+
 def measure() -> dict:
-  """Runs the peak, the engines and the peak again; returns every figure and the shares."""
+  """Each engine beside the peak measured before and after it; every figure and the shares."""
   import jax
   config = engines.smollm2_shape(layers=FLAGS.layers)
-  train_rows = FLAGS.train_batch * FLAGS.train_length
+  rows = FLAGS.train_batch * FLAGS.train_length
   result = {"benchmark": "peak_share", "device": jax.devices()[0].device_kind,
             "cpu_count": os.cpu_count(), "layers": FLAGS.layers, "params": config.num_params,
-            "start": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_before": _peak(config, train_rows)}
-  if "train_full" in FLAGS.engines:
-    result["train_full"] = _train(config, 0)
-  if "train_lora" in FLAGS.engines:
-    result["train_lora_r8"] = _train(config, 8)
+            "start": time.strftime("%Y-%m-%d %H:%M:%S")}
+  shares = {}
+  for engine, name, rank in (("train_full", "train_full", 0), ("train_lora", "train_lora_r8", 8)):
+    if engine in FLAGS.engines:
+      result[name] = _beside_peaks(config, rows, lambda: _train(config, rank))
+      shares[name] = result[name]["flops_per_s"] / result[name]["peak_flops_per_s"]
   model = engines.random_model(config)
   if "sampling" in FLAGS.engines:
-    result["sampling"] = _sampling(config, model)
-    result["peak_at_decode_rows"] = _peak(config, FLAGS.sample_batch)
-    result["memory_bytes_per_s"] = flops_lib.memory_bandwidth()
-  if "evaluation" in FLAGS.engines:
-    result["evaluation"] = _evaluation(model)
-  result["peak_after"] = _peak(config, train_rows)
-  peak = max(result["peak_before"]["flops_per_s"], result["peak_after"]["flops_per_s"])
-  result["peak_flops_per_s"] = peak
-  shares = {}
-  for name in ("train_full", "train_lora_r8", "evaluation"):
-    if name in result:
-      shares[name] = result[name]["flops_per_s"] / peak
-  if "sampling" in result:
-    sampling = result["sampling"]
-    shares["sampling_prefill"] = sampling["prefill_flops_per_s"] / peak
-    shares["sampling_decode"] = sampling["decode_flops_per_s"] / peak
+    sampling = result["sampling"] = _beside_peaks(config, rows, lambda: _sampling(config, model))
+    sampling["peak_at_decode_rows"] = _peak(config, FLAGS.sample_batch)
+    sampling["memory_bytes_per_s"] = flops_lib.memory_bandwidth()
+    shares["sampling_prefill"] = sampling["prefill_flops_per_s"] / sampling["peak_flops_per_s"]
+    shares["sampling_decode"] = sampling["decode_flops_per_s"] / sampling["peak_flops_per_s"]
     shares["sampling_decode_of_same_rows_matmul"] = (
-        sampling["decode_flops_per_s"] / result["peak_at_decode_rows"]["flops_per_s"])
+        sampling["decode_flops_per_s"] / sampling["peak_at_decode_rows"]["flops_per_s"])
     shares["sampling_decode_of_bandwidth_bound"] = (
-        sampling["decode_bytes_per_step"] / result["memory_bytes_per_s"] / sampling["decode_step_s"])
+        sampling["decode_bytes_per_step"] / sampling["memory_bytes_per_s"]
+        / sampling["decode_step_s"])
+  if "evaluation" in FLAGS.engines:
+    evaluation = result["evaluation"] = _beside_peaks(config, rows, lambda: _evaluation(model))
+    shares["evaluation"] = evaluation["flops_per_s"] / evaluation["peak_flops_per_s"]
   result["share_of_peak"] = shares
   return result
 
