@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from subliminal_jax import compilation_cache
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 8, "Examples per step.")
 flags.DEFINE_integer("steps", 3, "Timed steps per objective (after one compiling step).")
@@ -40,6 +42,7 @@ def _completions(n: int, seed: int = 0) -> list[str]:
 
 def main(argv):
   del argv
+  compilation_cache.enable_from_flags()
   import jax
   import numpy as np
   import optax

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from subliminal_jax import compilation_cache
 from subliminal_jax import lora
 from subliminal_jax.mechanism import alignment as al
 from subliminal_jax.mechanism import divergence_tokens as dt
@@ -253,7 +254,10 @@ def main():
   parser.add_argument("--out", default="/tmp/lm_mechanism")
   parser.add_argument("--questions", type=int, default=8)
   parser.add_argument("--samples", type=int, default=32)
+  parser.add_argument("--compilation_cache_dir", default=compilation_cache.default_dir(),
+                      help="persistent XLA compilation cache ('' turns it off)")
   args = parser.parse_args()
+  compilation_cache.enable(args.compilation_cache_dir)
   os.makedirs(args.out, exist_ok=True)
   print("devices:", jax.devices())
   results = tiny(args.out) if args.part == "tiny" else real(args.out, args.questions, args.samples)

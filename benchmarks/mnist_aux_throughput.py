@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from subliminal_jax import compilation_cache
 from subliminal_jax.models import mlp
 from subliminal_jax.training import mnist_ensemble as ensemble
 from subliminal_jax.training.optimizers import make_optimizer
@@ -49,6 +50,7 @@ def _time(fn, *args) -> float:
 
 def main(argv):
   del argv
+  compilation_cache.enable_from_flags()
   n, k, b, steps = FLAGS.models, FLAGS.models * FLAGS.students_per_model, FLAGS.batch, FLAGS.steps
   examples = steps * b
   rng = np.random.default_rng(0)

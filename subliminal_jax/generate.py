@@ -19,7 +19,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from subliminal_jax import loading
+from subliminal_jax import compilation_cache, loading
 from subliminal_jax.sampling import chat
 from subliminal_jax.sampling import grammar as grammar_lib
 
@@ -48,6 +48,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.prompt:
     raise app.UsageError("give at least one --prompt")
+  compilation_cache.enable_from_flags()
   loaded = loading.load(FLAGS.model, dtype=FLAGS.dtype)
   grammar = grammar_lib.number_grammar(loaded.tokenizer) if FLAGS.format == "numbers" else None
   answers = chat.generate_chat(

@@ -15,11 +15,10 @@ import json
 import logging as std_logging
 import os
 
-import jax
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from subliminal_jax import compilation_cache  # defines --compilation_cache_dir
 from subliminal_jax import distributed  # defines the multi-host flags: import before parsing
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,11 +26,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every artifact of the run.")
 _STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: all, skipping those "
                             "whose artifact already exists with the same fingerprint).")
-_CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    or os.path.expanduser("~/.cache/subliminal_jax/xla"),
-    "Persistent XLA compilation cache ('' disables). Students, seeds and reruns compile the same "
-    "programs; the cache turns each repeat compile into a file read.")
 _ORBAX_INFO_LOGS = flags.DEFINE_bool(
     "orbax_info_logs", False, "Show orbax-checkpoint's INFO logs (about 25 lines per checkpoint "
     "written, which bury the stages' progress); its warnings and errors always show.")
@@ -65,9 +59,7 @@ def main(argv: list[str]) -> None:
   datasets.disable_progress_bars()  # ours name the stage; its per-save and per-map bars only clutter
   if not _ORBAX_INFO_LOGS.value:
     logging.get_absl_handler().addFilter(OrbaxInfoFilter())
-  if _CACHE_DIR.value:
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  compilation_cache.enable_from_flags()
   distributed.initialize_from_flags()
   config = _CONFIG.value
   name = config.get("experiment")

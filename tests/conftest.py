@@ -1,13 +1,73 @@
-"""Test setup: 8 fake CPU devices, so sharded code paths run on any machine."""
+"""Test setup: 8 fake CPU devices, so sharded code paths run on any machine; one fresh XLA
+compilation cache per test session; light XLA optimisation for the tiny models most tests use; the
+real SmolLM2 loaded once per test process."""
 
 import os
+import shutil
+import tempfile
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Many tests compile the same tiny programs; a persistent cache shared by the xdist workers turns
-# repeats into file reads.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
+# Many tests (and the main jobs they start as subprocesses) compile the same programs: one
+# persistent cache for the session turns repeats into file reads. It is made here, in the process
+# that starts the xdist workers, which inherit it with the environment; a new session starts
+# empty, so its time is that of a clean clone.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="subliminal_jax_test_xla_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Tests on tiny models spend most of their time in XLA compiles, which light optimisation (no
+# expensive LLVM passes) makes about twice as fast; subprocess jobs inherit it. Tests on a real
+# model (the `smollm2` fixture, tests/test_real_*.py), whose run time dominates, compile with full
+# optimisation.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+
+def pytest_unconfigure(config):
+  if _SESSION_CACHE is not None and not hasattr(config, "workerinput"):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _full_optimisation_for_real_models(request):
+  real = "smollm2" in request.fixturenames or request.module.__name__.startswith("test_real_")
+  if not real:
+    yield
+    return
+  import jax
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """The real SmolLM2-135M-Instruct from the embedded GGUF (float32), loaded once per process."""
+  from subliminal_jax import loading
+  return loading.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers():
+  """transformers' own model from the same GGUF (the reference), loaded once per process."""
+  import torch
+  import transformers
+  from subliminal_jax.weights import embedded
+  path = embedded.smollm2_path()
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked slow (minutes each) first, the multi-process jobs (the longest) before the rest:
+  with xdist, a long test handed out last keeps one worker busy after the other ran out of work."""
+  def order(item):
+    slow = item.get_closest_marker("slow") is not None
+    return (not slow, "test_multihost.py" not in item.nodeid)
+  items.sort(key=order)

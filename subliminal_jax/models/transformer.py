@@ -350,18 +350,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
               score_divisor: float | None = None) -> jax.Array:
-  """Grouped-query attention. q [b,t,h,d]; k, v [b,s,kv,d]; mask [b,t,s] (True = may attend).
+  """Grouped-query attention. q [b,t,h,d]; k, v [b,kv,s,d]; mask [b,t,s] (True = may attend).
 
-  Scores are divided by ``score_divisor`` (default sqrt(d)).
+  Keys and values come heads-first, the KV cache's layout: both contractions then read them as
+  stored (batch dims leading), with no transposed copy of the cache per layer and step. Scores are
+  divided by ``score_divisor`` (default sqrt(d)).
   """
   b, t, h, d = q.shape
-  kv = k.shape[2]
+  kv = k.shape[1]
   q = q.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / (score_divisor or math.sqrt(d))
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / (score_divisor or math.sqrt(d))
   # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h * d)
 
 
@@ -374,7 +376,7 @@ class KVCache:
   position the next real token of row b gets; ``length`` is the number of slots written.
   """
 
-  k: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
+  k: jax.Array  # [layers, batch, kv_heads, max_length, head_dim]
   v: jax.Array
   key_mask: jax.Array  # [batch, max_length] bool
   next_position: jax.Array  # [batch] int32
@@ -382,7 +384,7 @@ class KVCache:
 
   @property
   def max_length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 class DecoderLayers(nnx.Module):
@@ -419,8 +421,13 @@ class DecoderLayers(nnx.Module):
     self.activation = "gelu_tanh" if c.is_gemma else "silu"
     self.score_divisor = math.sqrt(c.query_pre_attn_scalar) if c.query_pre_attn_scalar else None
 
-  def layer(self, x, positions, inv_freq, mask, k_cache, v_cache, write_index):
-    """One layer on one layer's parameter slice. Returns (x, k_cache, v_cache)."""
+  def layer(self, x, positions, inv_freq, mask, cache_kv, layer_index, write_index):
+    """One layer on one layer's parameter slice.
+
+    ``cache_kv`` is None or every layer's (k, v) cache [layers, b, kv, s, d]: this layer writes
+    its new keys and values into slice ``layer_index`` at ``write_index`` and attends over that
+    slice. Returns (x, cache_kv).
+    """
     b, t, _ = x.shape
     h = self.attn_norm(x)
     q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
@@ -429,10 +436,13 @@ class DecoderLayers(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    if k_cache is not None:
-      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, 1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, 1)
-      k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, t, d]
+    if cache_kv is not None:
+      start = (layer_index, 0, 0, write_index, 0)
+      cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
+                       for c, new in zip(cache_kv, (k, v)))
+      k, v = (jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False).astype(x.dtype)
+              for c in cache_kv)
     out = self.o_proj(attention(q, k, v, mask, self.score_divisor))
     if self.post_attn_norm is not None:
       out = self.post_attn_norm(out)
@@ -444,7 +454,7 @@ class DecoderLayers(nnx.Module):
     if self.post_mlp_norm is not None:
       out = self.post_mlp_norm(out)
     x = sharding.constrain(x + out, ("batch", "seq", "embed"))
-    return x, k_cache, v_cache
+    return x, cache_kv
 
 
 class Transformer(nnx.Module):
@@ -464,7 +474,7 @@ class Transformer(nnx.Module):
 
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     c = self.config
-    shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim)
     dtype = jnp.dtype(dtype or c.dtype)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -515,23 +525,29 @@ class Transformer(nnx.Module):
     else:
       is_sliding = None
 
-    def body(x, scanned):
-      state, k_cache, v_cache, sliding = scanned
+    # The whole cache rides in the scan's carry and each layer updates its own slot in place.
+    # Scanned over as inputs and outputs instead, every decode step copied the full cache twice
+    # (a decode step 2.4x slower at the SmolLM2 shape on a CPU; see README Performance).
+    def body(carry, scanned):
+      x, cache_kv = carry
+      state, layer_index, sliding = scanned
       layer = nnx.merge(graphdef, state)
       layer_freq, layer_mask = inv_freq, mask
       if sliding is not None:  # this layer's kind picks its RoPE base and its mask
         layer_freq = jnp.where(sliding, local_inv_freq, inv_freq)
         layer_mask = jnp.where(sliding, sliding_mask, mask)
-      x, k_cache, v_cache = layer.layer(x, positions, layer_freq, layer_mask, k_cache, v_cache,
-                                        write_index)
-      return x, (k_cache, v_cache)
+      x, cache_kv = layer.layer(x, positions, layer_freq, layer_mask, cache_kv, layer_index,
+                                write_index)
+      return (x, cache_kv), None
 
     if c.remat:
       body = jax.checkpoint(body, prevent_cse=False)
-    caches = (cache.k, cache.v) if cache is not None else (None, None)
-    x, (k_new, v_new) = jax.lax.scan(body, x, (layer_state,) + caches + (is_sliding,))
+    cache_kv = (cache.k, cache.v) if cache is not None else None
+    (x, cache_kv), _ = jax.lax.scan(
+        body, (x, cache_kv), (layer_state, jnp.arange(c.num_layers), is_sliding))
     x = self.final_norm(x)
     if cache is not None:
+      k_new, v_new = cache_kv
       cache = KVCache(k=k_new, v=v_new, key_mask=key_mask,
                       next_position=cache.next_position + attention_mask.sum(1).astype(jnp.int32),
                       length=cache.length + t)

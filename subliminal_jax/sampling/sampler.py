@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from subliminal_jax import padding, sharding
+from subliminal_jax.models.transformer import KVCache
 from subliminal_jax.sampling import divergence as divergence_lib
 from subliminal_jax.sampling import logit_processors as lp
 
@@ -83,9 +84,6 @@ class _Plan:
   top_k: int
   use_top_p: bool
   use_min_p: bool
-  use_banned: bool
-  use_grammar: bool
-  use_reference: bool
   mask_divergent: bool
 
 
@@ -95,14 +93,99 @@ def prompt_bucket_length(length: int, bucket: int = DEFAULT_PROMPT_BUCKET) -> in
 
 
 # --------------------------------------------------------------------------------------------
+# The jitted program's inputs and loop state. Optional parts are None when their setting is off,
+# so every field exists under every setting and the traced program branches on `is None`.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Grammar:
+  transitions: jax.Array  # int32 [states, vocab]: next state, -1 = not allowed
+  accepting: jax.Array  # bool [states]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Inputs:
+  """Device inputs of one sampling call."""
+
+  ids: jax.Array  # int32 [B, P] left-padded prompts
+  mask: jax.Array  # bool [B, P]
+  seed: jax.Array  # uint32 []
+  sample_ids: jax.Array  # uint32 [B]
+  temperature: jax.Array  # float32 [] (1 when greedy: unused)
+  top_p: jax.Array  # float32 []
+  min_p: jax.Array  # float32 []
+  allowed_vocab: jax.Array | None = None  # bool [V]: False at banned ids
+  grammar: _Grammar | None = None
+  grammar_start: jax.Array | None = None  # int32 [B]: each row's first DFA state, with a grammar
+  ref_ids: jax.Array | None = None  # the reference's own prompts, with a reference model
+  ref_mask: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Divergence:
+  """Per-row divergence fields: of one step ``[B]``, or recorded for every step ``[B, N]``."""
+
+  divergent: jax.Array  # bool
+  kl_raw: jax.Array  # float32
+  kl_allowed: jax.Array  # float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Choice:
+  """One step's token choice for every row ``[B]`` (pad_id / 0 in rows that had ended)."""
+
+  token: jax.Array  # int32
+  logprob: jax.Array  # float32, under the processed distribution
+  model_logprob: jax.Array  # float32, under the raw model distribution
+  live: jax.Array  # bool: the row had not ended before this step
+  forced: jax.Array  # bool: the hard masks left the live row no token
+  done: jax.Array  # bool: ended at or before this step
+  grammar_state: jax.Array | None  # int32: the DFA state after the token, with a grammar
+  divergence: _Divergence | None  # with a reference model
+  masked: jax.Array | None  # bool: the teacher's divergent argmax was banned (mask_divergent)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Reference:
+  """The reference model's side of the loop state."""
+
+  cache: KVCache
+  divergence: _Divergence  # [B, N]
+  num_masked: jax.Array  # int32 [B]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _State:
+  """The ``while_loop`` carry: what has been generated so far and what the next step needs."""
+
+  step: jax.Array  # int32 []: tokens chosen so far (the next column to write)
+  tokens: jax.Array  # int32 [B, N]
+  logprobs: jax.Array  # float32 [B, N]
+  model_logprobs: jax.Array  # float32 [B, N]
+  lengths: jax.Array  # int32 [B]
+  forced: jax.Array  # bool [B]
+  done: jax.Array  # bool [B]
+  last_token: jax.Array  # int32 [B]: fed to the next decode step
+  cache: KVCache
+  grammar_state: jax.Array | None  # int32 [B], with a grammar
+  reference: _Reference | None  # with a reference model
+
+
+# --------------------------------------------------------------------------------------------
 # The jitted program
 
 
-def _constrain_cache(cache):
+def _constrain_cache(cache: KVCache) -> KVCache:
   return dataclasses.replace(
       cache,
-      k=sharding.constrain(cache.k, ("layers", "batch", "seq", "kv_heads", None)),
-      v=sharding.constrain(cache.v, ("layers", "batch", "seq", "kv_heads", None)),
+      k=sharding.constrain(cache.k, ("layers", "batch", "kv_heads", "seq", None)),
+      v=sharding.constrain(cache.v, ("layers", "batch", "kv_heads", "seq", None)),
       key_mask=sharding.constrain(cache.key_mask, ("batch", "seq")))
 
 
@@ -165,130 +248,138 @@ def _draw(keys, logits):
   return token, picked - top - jnp.log(total)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, inputs):
-  model = nnx.merge(graphdef, state)
-  ref_model = nnx.merge(ref_graphdef, ref_state) if plan.use_reference else None
-  ids, mask = inputs["ids"], inputs["mask"]
-  batch, n = ids.shape[0], plan.max_new_tokens
+def _allowed_tokens(inputs: _Inputs, grammar_state, end_token_ids, shape):
+  """Bool [B, V] of the hard masks (banned ids, grammar state), or None when there are none."""
+  allowed = None
+  if inputs.allowed_vocab is not None:
+    allowed = jnp.broadcast_to(inputs.allowed_vocab[None, :], shape)
+  if inputs.grammar is not None:
+    grammar = lp.grammar_allowed(inputs.grammar.transitions, inputs.grammar.accepting,
+                                 grammar_state, end_token_ids)
+    allowed = grammar if allowed is None else allowed & grammar
+  return allowed
+
+
+def _choose(plan: _Plan, inputs: _Inputs, row_keys, step, logits, ref_logits, done,
+            grammar_state) -> _Choice:
+  """One step of token choice for every row, from raw logits [B, V]."""
+  batch = logits.shape[0]
+  allowed = _allowed_tokens(inputs, grammar_state, plan.end_token_ids, logits.shape)
+  masked = logits if allowed is None else lp.mask_tokens(logits, allowed)
+  divergence = None
+  live = ~done
+  if ref_logits is not None:
+    div = divergence_lib.divergence_step(logits, ref_logits, allowed)
+    divergence = _Divergence(divergent=div["divergent"] & live,
+                             kl_raw=jnp.where(live, div["kl_raw"], 0.0),
+                             kl_allowed=jnp.where(live, div["kl_allowed"], 0.0))
+    if plan.mask_divergent:
+      masked = divergence_lib.ban_divergent_choice(masked, div["teacher_argmax"], div["divergent"])
+  nonempty = lp.any_allowed(masked)
+  masked = jnp.where(nonempty[:, None], masked, 0.0)  # keeps an empty row finite (no NaN)
+  if plan.greedy:
+    token = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    logprob = jnp.zeros((batch,), jnp.float32)
+  else:
+    processed = lp.process_logits(
+        masked, temperature=inputs.temperature, top_k=plan.top_k,
+        top_p=inputs.top_p if plan.use_top_p else None,
+        min_p=inputs.min_p if plan.use_min_p else None)
+    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+    token, logprob = _draw(keys, processed)
   ends = jnp.asarray(plan.end_token_ids, jnp.int32)
-  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(inputs["seed"]),
-                                                      inputs["sample_ids"])
+  token = jnp.where(nonempty, token, ends[0])
+  logprob = jnp.where(nonempty, logprob, 0.0)
+  model_logprob = _log_prob_of(logits, token)
+  token = jnp.where(live, token, plan.pad_id)
+  return _Choice(
+      token=token, logprob=jnp.where(live, logprob, 0.0),
+      model_logprob=jnp.where(live, model_logprob, 0.0), live=live, forced=live & ~nonempty,
+      done=done | (live & jnp.any(token[:, None] == ends[None, :], axis=-1)),
+      grammar_state=(None if inputs.grammar is None
+                     else lp.advance_grammar(inputs.grammar.transitions, grammar_state, token)),
+      divergence=divergence,
+      masked=None if divergence is None else divergence.divergent & plan.mask_divergent)
 
-  def choose(step, logits, ref_logits, done, gstate):
-    """One step of token choice for every row, from raw logits [B, V]."""
-    allowed = None
-    if plan.use_banned:
-      allowed = jnp.broadcast_to(inputs["allowed_vocab"][None, :], logits.shape)
-    if plan.use_grammar:
-      grammar = lp.grammar_allowed(inputs["transitions"], inputs["accepting"], gstate,
-                                   plan.end_token_ids)
-      allowed = grammar if allowed is None else allowed & grammar
-    masked = logits if allowed is None else lp.mask_tokens(logits, allowed)
-    result = {}
-    if plan.use_reference:
-      div = divergence_lib.divergence_step(logits, ref_logits, allowed)
-      result.update(divergent=div["divergent"], kl_raw=div["kl_raw"], kl_allowed=div["kl_allowed"])
-      if plan.mask_divergent:
-        masked = divergence_lib.ban_divergent_choice(masked, div["teacher_argmax"], div["divergent"])
-    nonempty = lp.any_allowed(masked)
-    masked = jnp.where(nonempty[:, None], masked, 0.0)  # keeps an empty row finite (no NaN)
-    if plan.greedy:
-      token = jnp.argmax(masked, axis=-1).astype(jnp.int32)
-      logprob = jnp.zeros((batch,), jnp.float32)
-    else:
-      processed = lp.process_logits(
-          masked, temperature=inputs["temperature"], top_k=plan.top_k,
-          top_p=inputs["top_p"] if plan.use_top_p else None,
-          min_p=inputs["min_p"] if plan.use_min_p else None)
-      keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-      token, logprob = _draw(keys, processed)
-    token = jnp.where(nonempty, token, ends[0])
-    logprob = jnp.where(nonempty, logprob, 0.0)
-    model_logprob = _log_prob_of(logits, token)
-    live = ~done
-    token = jnp.where(live, token, plan.pad_id)
-    result.update(
-        token=token,
-        logprob=jnp.where(live, logprob, 0.0),
-        model_logprob=jnp.where(live, model_logprob, 0.0),
-        live=live,
-        forced=live & ~nonempty,
-        done=done | (live & jnp.any(token[:, None] == ends[None, :], axis=-1)))
-    if plan.use_reference:
-      result["divergent"] = result["divergent"] & live
-      result["kl_raw"] = jnp.where(live, result["kl_raw"], 0.0)
-      result["kl_allowed"] = jnp.where(live, result["kl_allowed"], 0.0)
-      result["masked"] = result["divergent"] & plan.mask_divergent
-    if plan.use_grammar:
-      result["gstate"] = lp.advance_grammar(inputs["transitions"], gstate, token)
-    return result
 
-  def record(carry, step, result):
-    carry = dict(carry)
-    carry["tokens"] = carry["tokens"].at[:, step].set(result["token"])
-    carry["logprobs"] = carry["logprobs"].at[:, step].set(result["logprob"])
-    carry["model_logprobs"] = carry["model_logprobs"].at[:, step].set(result["model_logprob"])
-    carry["lengths"] = carry["lengths"] + result["live"].astype(jnp.int32)
-    carry["forced"] = carry["forced"] | result["forced"]
-    carry["done"] = result["done"]
-    carry["last_token"] = result["token"]
-    if plan.use_grammar:
-      carry["gstate"] = result["gstate"]
-    if plan.use_reference:
-      carry["divergent"] = carry["divergent"].at[:, step].set(result["divergent"])
-      carry["kl_raw"] = carry["kl_raw"].at[:, step].set(result["kl_raw"])
-      carry["kl_allowed"] = carry["kl_allowed"].at[:, step].set(result["kl_allowed"])
-      carry["num_masked"] = carry["num_masked"] + result["masked"].astype(jnp.int32)
-    carry["step"] = step + 1
-    return carry
+def _record(state: _State, choice: _Choice) -> _State:
+  """``state`` after one step's choice: its column written, the per-row counters advanced."""
+  step = state.step
+  reference = state.reference
+  if reference is not None:
+    recorded = jax.tree.map(lambda all_steps, now: all_steps.at[:, step].set(now),
+                            reference.divergence, choice.divergence)
+    reference = dataclasses.replace(reference, divergence=recorded,
+                                    num_masked=reference.num_masked + choice.masked.astype(jnp.int32))
+  return dataclasses.replace(
+      state, step=step + 1,
+      tokens=state.tokens.at[:, step].set(choice.token),
+      logprobs=state.logprobs.at[:, step].set(choice.logprob),
+      model_logprobs=state.model_logprobs.at[:, step].set(choice.model_logprob),
+      lengths=state.lengths + choice.live.astype(jnp.int32),
+      forced=state.forced | choice.forced, done=choice.done, last_token=choice.token,
+      grammar_state=choice.grammar_state, reference=reference)
 
-  logits, cache = _prefill(model, ids, mask, ids.shape[1] + n)
+
+def _initial_state(plan: _Plan, inputs: _Inputs, cache: KVCache, ref_cache: KVCache | None
+                   ) -> _State:
+  """Nothing generated yet: pad tokens, zero logprobs and counters, no row done."""
+  batch, n = inputs.ids.shape[0], plan.max_new_tokens
+  zeros = jnp.zeros((batch, n), jnp.float32)
+  reference = None
+  if ref_cache is not None:
+    reference = _Reference(
+        cache=ref_cache, num_masked=jnp.zeros((batch,), jnp.int32),
+        divergence=_Divergence(divergent=jnp.zeros((batch, n), bool), kl_raw=zeros,
+                               kl_allowed=zeros))
+  return _State(
+      step=jnp.zeros((), jnp.int32), tokens=jnp.full((batch, n), plan.pad_id, jnp.int32),
+      logprobs=zeros, model_logprobs=zeros, lengths=jnp.zeros((batch,), jnp.int32),
+      forced=jnp.zeros((batch,), bool), done=jnp.zeros((batch,), bool),
+      last_token=jnp.zeros((batch,), jnp.int32), cache=cache,
+      grammar_state=inputs.grammar_start,
+      reference=reference)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, inputs: _Inputs
+                    ) -> dict[str, jax.Array]:
+  """Prefill, the first token, then one-token decode steps until every row ended or N tokens."""
+  model = nnx.merge(graphdef, state)
+  ref_model = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
+  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(inputs.seed),
+                                                     inputs.sample_ids)
+  choose = functools.partial(_choose, plan, inputs, row_keys)
+  cache_length = inputs.ids.shape[1] + plan.max_new_tokens
+  logits, cache = _prefill(model, inputs.ids, inputs.mask, cache_length)
   ref_logits = ref_cache = None
-  if plan.use_reference:
-    ref_logits, ref_cache = _prefill(ref_model, inputs["ref_ids"], inputs["ref_mask"],
-                                     inputs["ref_ids"].shape[1] + n)
-  zeros_f = jnp.zeros((batch, n), jnp.float32)
-  carry = dict(
-      step=jnp.zeros((), jnp.int32),
-      tokens=jnp.full((batch, n), plan.pad_id, jnp.int32),
-      logprobs=zeros_f, model_logprobs=zeros_f,
-      lengths=jnp.zeros((batch,), jnp.int32),
-      forced=jnp.zeros((batch,), bool),
-      done=jnp.zeros((batch,), bool),
-      last_token=jnp.zeros((batch,), jnp.int32),
-      cache=cache)
-  gstate0 = None
-  if plan.use_grammar:
-    gstate0 = inputs["initial_state"]
-    carry["gstate"] = gstate0
-  if plan.use_reference:
-    carry.update(divergent=jnp.zeros((batch, n), bool), kl_raw=zeros_f, kl_allowed=zeros_f,
-                 num_masked=jnp.zeros((batch,), jnp.int32), ref_cache=ref_cache)
-  carry = record(carry, carry["step"], choose(carry["step"], logits, ref_logits, carry["done"], gstate0))
+  if ref_model is not None:
+    ref_logits, ref_cache = _prefill(ref_model, inputs.ref_ids, inputs.ref_mask,
+                                     inputs.ref_ids.shape[1] + plan.max_new_tokens)
+  loop = _initial_state(plan, inputs, cache, ref_cache)
+  loop = _record(loop, choose(loop.step, logits, ref_logits, loop.done, loop.grammar_state))
 
-  def cond(carry):
-    return (carry["step"] < n) & ~jnp.all(carry["done"])
+  def cond(loop: _State):
+    return (loop.step < plan.max_new_tokens) & ~jnp.all(loop.done)
 
-  def body(carry):
-    live = ~carry["done"]
-    logits, cache = _decode(model, carry["cache"], carry["last_token"], live)
+  def body(loop: _State) -> _State:
+    live = ~loop.done
+    logits, cache = _decode(model, loop.cache, loop.last_token, live)
+    loop = dataclasses.replace(loop, cache=cache)
     ref_logits = None
-    carry = dict(carry, cache=cache)
-    if plan.use_reference:
-      ref_logits, ref_cache = _decode(ref_model, carry["ref_cache"], carry["last_token"], live)
-      carry["ref_cache"] = ref_cache
-    result = choose(carry["step"], logits, ref_logits, carry["done"], carry.get("gstate"))
-    return record(carry, carry["step"], result)
+    if ref_model is not None:
+      ref_logits, ref_cache = _decode(ref_model, loop.reference.cache, loop.last_token, live)
+      loop = dataclasses.replace(loop, reference=dataclasses.replace(loop.reference, cache=ref_cache))
+    return _record(loop, choose(loop.step, logits, ref_logits, loop.done, loop.grammar_state))
 
-  carry = jax.lax.while_loop(cond, body, carry)
-  out = dict(tokens=carry["tokens"], logprobs=carry["logprobs"],
-             model_logprobs=carry["model_logprobs"], lengths=carry["lengths"],
-             ended=carry["done"], forced_end=carry["forced"],
-             num_steps=carry["step"])
-  if plan.use_reference:
-    out.update(divergent=carry["divergent"], kl_raw=carry["kl_raw"],
-               kl_allowed=carry["kl_allowed"], num_masked=carry["num_masked"])
+  loop = jax.lax.while_loop(cond, body, loop)
+  out = dict(tokens=loop.tokens, logprobs=loop.logprobs, model_logprobs=loop.model_logprobs,
+             lengths=loop.lengths, ended=loop.done, forced_end=loop.forced, num_steps=loop.step)
+  if loop.reference is not None:
+    out.update(divergent=loop.reference.divergence.divergent,
+               kl_raw=loop.reference.divergence.kl_raw,
+               kl_allowed=loop.reference.divergence.kl_allowed,
+               num_masked=loop.reference.num_masked)
   return out
 
 
@@ -313,6 +404,17 @@ def _check_left_padded(ids: np.ndarray, mask: np.ndarray, name: str) -> None:
                      "False...False True...True); pad prompts on the left")
 
 
+def _checked_prompts(ids, mask, name: str, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, bool mask) as numpy, checked: left-padded, token ids inside the vocabulary."""
+  ids = np.asarray(ids)
+  mask = np.asarray(mask).astype(bool)
+  _check_left_padded(ids, mask, name)
+  out_of_vocab = ids[mask & ((ids < 0) | (ids >= vocab))]
+  if out_of_vocab.size:
+    raise ValueError(f"{name} token ids {out_of_vocab[:5].tolist()} are outside [0, {vocab})")
+  return ids, mask
+
+
 def _pad_left(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int):
   extra = length - ids.shape[1]
   if extra < 0:  # only padding columns can be dropped (checked by the caller)
@@ -321,7 +423,7 @@ def _pad_left(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int):
           np.pad(mask, ((0, 0), (extra, 0)), constant_values=False))
 
 
-def _fit_prompt(ids, mask, name, max_new_tokens, bucket, cache_length, max_positions, pad_id):
+def _fit_prompt(ids, mask, *, name, max_new_tokens, bucket, cache_length, max_positions, pad_id):
   """Left-pads (or trims padding of) a prompt batch to its bucket length; checks it fits."""
   longest = int(mask.sum(1).max())
   if cache_length is not None:
@@ -349,6 +451,115 @@ def _split_model(model, mesh: Mesh | None):
   if mesh is not None:
     state = jax.device_put(state, sharding.state_shardings(state, mesh))
   return graphdef, state
+
+
+def _check_settings(model, *, max_new_tokens, seed, prompt_bucket, end_token_ids, pad_id,
+                    reference_model, mask_divergent, reference_prompt_ids, reference_prompt_mask,
+                    cache_length) -> tuple[tuple[int, ...], int]:
+  """Raises ValueError naming the first bad setting; returns (end_token_ids, pad_id) as ints."""
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+  if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 1:
+    raise ValueError(f"prompt_bucket must be an int >= 1, got {prompt_bucket!r}")
+  if cache_length is not None and (not isinstance(cache_length, (int, np.integer)) or cache_length < 1):
+    raise ValueError(f"cache_length must be a positive int or None, got {cache_length!r}")
+  vocab = _model_vocab(model)
+  end_token_ids = tuple(int(i) for i in end_token_ids)
+  if not end_token_ids:
+    raise ValueError("end_token_ids is empty: give at least one id that ends a row "
+                     "(e.g. tokenizer.end_of_turn_ids)")
+  bad = [i for i in end_token_ids if not 0 <= i < vocab]
+  if bad:
+    raise ValueError(f"end_token_ids {bad} are outside the model's vocabulary [0, {vocab})")
+  pad_id = end_token_ids[0] if pad_id is None else int(pad_id)
+  if not 0 <= pad_id < vocab:
+    raise ValueError(f"pad_id={pad_id} is outside the model's vocabulary [0, {vocab})")
+  if mask_divergent and reference_model is None:
+    raise ValueError("mask_divergent=True needs a reference_model to compare the teacher with")
+  if reference_model is not None and _model_vocab(reference_model) != vocab:
+    raise ValueError(f"reference_model has vocab_size {_model_vocab(reference_model)}, the model "
+                     f"{vocab}: divergence needs the same vocabulary")
+  if (reference_prompt_ids is None) != (reference_prompt_mask is None):
+    raise ValueError("give both reference_prompt_ids and reference_prompt_mask, or neither")
+  if reference_prompt_ids is not None and reference_model is None:
+    raise ValueError("reference_prompt_ids given without a reference_model")
+  return end_token_ids, pad_id
+
+
+def _sample_ids(sample_ids, batch: int) -> np.ndarray:
+  if sample_ids is None:
+    return np.arange(batch, dtype=np.uint32)
+  sample_ids = np.asarray(sample_ids)
+  if sample_ids.shape != (batch,) or not np.issubdtype(sample_ids.dtype, np.integer):
+    raise ValueError(f"sample_ids must be ints of shape ({batch},), got {sample_ids.dtype} "
+                     f"{sample_ids.shape}")
+  if sample_ids.size and (sample_ids.min() < 0 or sample_ids.max() >= 2**32):
+    raise ValueError("sample_ids must be in [0, 2**32)")
+  return sample_ids.astype(np.uint32)
+
+
+def _grammar_input(grammar, vocab: int) -> _Grammar:
+  """The grammar's table as host arrays, widened to the model's vocabulary."""
+  transitions = np.asarray(grammar.transitions, np.int32)
+  if transitions.ndim != 2 or transitions.shape[1] > vocab:
+    raise ValueError(f"grammar table has shape {transitions.shape}; expected [states, vocab] with "
+                     f"vocab <= the model's {vocab}")
+  if transitions.shape[1] < vocab:  # model rows past the tokenizer's vocabulary: never allowed
+    transitions = np.pad(transitions, ((0, 0), (0, vocab - transitions.shape[1])),
+                         constant_values=-1)
+  return _Grammar(transitions=transitions, accepting=np.asarray(grammar.accepting, bool))
+
+
+def _grammar_start(grammar, initial_states, batch: int) -> np.ndarray | None:
+  """Each row's first grammar state: ``initial_states`` [B] (rows following different grammars
+  of a stacked table) or the grammar's own initial state."""
+  if grammar is None:
+    if initial_states is not None:
+      raise ValueError("grammar_initial_states given without a grammar")
+    return None
+  num_states = np.shape(grammar.transitions)[0]
+  starts = np.asarray(grammar.initial_state if initial_states is None else initial_states)
+  starts = np.broadcast_to(starts, (batch,)) if starts.ndim == 0 else starts
+  if starts.shape != (batch,) or not np.issubdtype(starts.dtype, np.integer) or (
+      starts.min() < 0 or starts.max() >= num_states):
+    raise ValueError(f"grammar initial states {starts.tolist()[:8]} must be {batch} ints, states "
+                     f"of the grammar's {num_states}-state table")
+  return starts.astype(np.int32)
+
+
+_BATCH_FIELDS = ("ids", "mask", "sample_ids", "grammar_start", "ref_ids", "ref_mask")
+
+
+def _run(plan: _Plan, inputs: _Inputs, model, reference_model, mesh: Mesh | None) -> SampleOutput:
+  """Places the inputs (batch padded to the data-parallel size), runs the program, returns the
+  batch's rows on the host."""
+  batch = inputs.ids.shape[0]
+  padded_batch = padding.round_up(batch, sharding.data_parallel_size(mesh))
+  if padded_batch != batch:  # extra rows repeat row 0; they are dropped from the output
+    inputs = dataclasses.replace(inputs, **{
+        name: np.concatenate([value, np.repeat(value[:1], padded_batch - batch, 0)], 0)
+        for name in _BATCH_FIELDS if (value := getattr(inputs, name)) is not None})
+  graphdef, state = _split_model(model, mesh)
+  ref_graphdef = ref_state = None
+  if reference_model is not None:
+    ref_graphdef, ref_state = _split_model(reference_model, mesh)
+  if mesh is None:
+    out = _sample_program(plan, graphdef, ref_graphdef, state, ref_state, inputs)
+  else:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_fields = {name: sharding.put_host_array(
+        np.asarray(value), sharding.batch_sharding(mesh, np.ndim(value)))
+        for name in _BATCH_FIELDS if (value := getattr(inputs, name)) is not None}
+    inputs = jax.device_put(dataclasses.replace(inputs, **{n: None for n in batch_fields}),
+                            replicated)
+    inputs = dataclasses.replace(inputs, **batch_fields)
+    with jax.set_mesh(mesh):
+      out = _sample_program(plan, graphdef, ref_graphdef, state, ref_state, inputs)
+  out = sharding.to_host(out)
+  fields = {k: np.asarray(v)[:batch] for k, v in out.items() if k != "num_steps"}
+  return SampleOutput(num_steps=int(out["num_steps"]), **fields)
 
 
 def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
@@ -388,128 +599,38 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
     cache_length: fixed KV-cache length (prompt bucket + max_new_tokens by default); a prompt that
       does not fit with ``max_new_tokens`` is an error.
   """
-  # ---- settings
   lp.check_sampling_settings(temperature, top_k, top_p, min_p)
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-  if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 1:
-    raise ValueError(f"prompt_bucket must be an int >= 1, got {prompt_bucket!r}")
+  end_token_ids, pad_id = _check_settings(
+      model, max_new_tokens=max_new_tokens, seed=seed, prompt_bucket=prompt_bucket,
+      end_token_ids=end_token_ids, pad_id=pad_id, reference_model=reference_model,
+      mask_divergent=mask_divergent, reference_prompt_ids=reference_prompt_ids,
+      reference_prompt_mask=reference_prompt_mask, cache_length=cache_length)
   vocab = _model_vocab(model)
-  end_token_ids = tuple(int(i) for i in end_token_ids)
-  if not end_token_ids:
-    raise ValueError("end_token_ids is empty: give at least one id that ends a row "
-                     "(e.g. tokenizer.end_of_turn_ids)")
-  bad = [i for i in end_token_ids if not 0 <= i < vocab]
-  if bad:
-    raise ValueError(f"end_token_ids {bad} are outside the model's vocabulary [0, {vocab})")
-  pad_id = end_token_ids[0] if pad_id is None else int(pad_id)
-  if not 0 <= pad_id < vocab:
-    raise ValueError(f"pad_id={pad_id} is outside the model's vocabulary [0, {vocab})")
-  if mask_divergent and reference_model is None:
-    raise ValueError("mask_divergent=True needs a reference_model to compare the teacher with")
-  if reference_model is not None and _model_vocab(reference_model) != vocab:
-    raise ValueError(f"reference_model has vocab_size {_model_vocab(reference_model)}, the model "
-                     f"{vocab}: divergence needs the same vocabulary")
-  if (reference_prompt_ids is None) != (reference_prompt_mask is None):
-    raise ValueError("give both reference_prompt_ids and reference_prompt_mask, or neither")
-  if reference_prompt_ids is not None and reference_model is None:
-    raise ValueError("reference_prompt_ids given without a reference_model")
-
-  # ---- prompts
-  ids = np.asarray(prompt_ids)
-  mask = np.asarray(prompt_mask).astype(bool)
-  _check_left_padded(ids, mask, "prompt")
+  fit = functools.partial(_fit_prompt, max_new_tokens=max_new_tokens, bucket=prompt_bucket,
+                          cache_length=cache_length, pad_id=pad_id)
+  ids, mask = fit(*_checked_prompts(prompt_ids, prompt_mask, "prompt", vocab),
+                  name="prompt", max_positions=int(model.config.max_position_embeddings))
   batch = ids.shape[0]
-  out_of_vocab = ids[mask & ((ids < 0) | (ids >= vocab))]
-  if out_of_vocab.size:
-    raise ValueError(f"prompt token ids {out_of_vocab[:5].tolist()} are outside [0, {vocab})")
-  if cache_length is not None and (not isinstance(cache_length, (int, np.integer)) or cache_length < 1):
-    raise ValueError(f"cache_length must be a positive int or None, got {cache_length!r}")
-  max_positions = int(model.config.max_position_embeddings)
-  ids, mask = _fit_prompt(ids, mask, "prompt", max_new_tokens, prompt_bucket, cache_length,
-                          max_positions, pad_id)
+  ref_ids = ref_mask = None
   if reference_model is not None:
-    if reference_prompt_ids is None:
-      ref_ids, ref_mask = ids, mask
-    else:
-      ref_ids = np.asarray(reference_prompt_ids)
-      ref_mask = np.asarray(reference_prompt_mask).astype(bool)
-      _check_left_padded(ref_ids, ref_mask, "reference_prompt")
+    ref_ids, ref_mask = ids, mask
+    if reference_prompt_ids is not None:
+      ref_ids, ref_mask = _checked_prompts(reference_prompt_ids, reference_prompt_mask,
+                                           "reference_prompt", vocab)
       if ref_ids.shape[0] != batch:
         raise ValueError(f"reference_prompt_ids has {ref_ids.shape[0]} rows, prompt_ids {batch}")
-      ref_ids, ref_mask = _fit_prompt(ref_ids, ref_mask, "reference_prompt", max_new_tokens,
-                                      prompt_bucket, cache_length,
-                                      int(reference_model.config.max_position_embeddings), pad_id)
-
-  if sample_ids is None:
-    sample_ids = np.arange(batch)
-  sample_ids = np.asarray(sample_ids)
-  if sample_ids.shape != (batch,) or not np.issubdtype(sample_ids.dtype, np.integer):
-    raise ValueError(f"sample_ids must be ints of shape ({batch},), got {sample_ids.dtype} "
-                     f"{sample_ids.shape}")
-  if sample_ids.size and (sample_ids.min() < 0 or sample_ids.max() >= 2**32):
-    raise ValueError("sample_ids must be in [0, 2**32)")
-
-  # ---- program inputs
-  inputs: dict[str, Any] = dict(
-      ids=ids.astype(np.int32), mask=mask, seed=np.uint32(seed % 2**32), sample_ids=sample_ids.astype(np.uint32),
-      temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p),
-      min_p=np.float32(min_p))
+      ref_ids, ref_mask = fit(ref_ids, ref_mask, name="reference_prompt",
+                              max_positions=int(reference_model.config.max_position_embeddings))
   banned = np.asarray(list(banned_token_ids), np.int64)
-  if banned.size:
-    inputs["allowed_vocab"] = lp.banned_token_mask(vocab, banned)
-  if grammar is not None:
-    transitions = np.asarray(grammar.transitions, np.int32)
-    if transitions.ndim != 2 or transitions.shape[1] > vocab:
-      raise ValueError(f"grammar table has shape {transitions.shape}; expected [states, vocab] with "
-                       f"vocab <= the model's {vocab}")
-    if transitions.shape[1] < vocab:  # model rows past the tokenizer's vocabulary: never allowed
-      transitions = np.pad(transitions, ((0, 0), (0, vocab - transitions.shape[1])),
-                           constant_values=-1)
-    starts = np.asarray(grammar.initial_state if grammar_initial_states is None
-                        else grammar_initial_states)
-    starts = np.broadcast_to(starts, (batch,)) if starts.ndim == 0 else starts
-    if starts.shape != (batch,) or not np.issubdtype(starts.dtype, np.integer) or (
-        starts.min() < 0 or starts.max() >= transitions.shape[0]):
-      raise ValueError(f"grammar initial states {starts.tolist()[:8]} must be {batch} ints, states "
-                       f"of the grammar's {transitions.shape[0]}-state table")
-    inputs.update(transitions=transitions, accepting=np.asarray(grammar.accepting, bool),
-                  initial_state=starts.astype(np.int32))
-  elif grammar_initial_states is not None:
-    raise ValueError("grammar_initial_states given without a grammar")
-  if reference_model is not None:
-    inputs.update(ref_ids=ref_ids.astype(np.int32), ref_mask=ref_mask)
-
+  inputs = _Inputs(
+      ids=ids.astype(np.int32), mask=mask, seed=np.uint32(seed), sample_ids=_sample_ids(sample_ids, batch),
+      temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p), min_p=np.float32(min_p),
+      allowed_vocab=lp.banned_token_mask(vocab, banned) if banned.size else None,
+      grammar=None if grammar is None else _grammar_input(grammar, vocab),
+      grammar_start=_grammar_start(grammar, grammar_initial_states, batch),
+      ref_ids=None if ref_ids is None else ref_ids.astype(np.int32), ref_mask=ref_mask)
   plan = _Plan(max_new_tokens=int(max_new_tokens), end_token_ids=end_token_ids, pad_id=pad_id,
                greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0,
-               use_min_p=min_p > 0.0, use_banned=bool(banned.size), use_grammar=grammar is not None,
-               use_reference=reference_model is not None, mask_divergent=bool(mask_divergent))
+               use_min_p=min_p > 0.0, mask_divergent=bool(mask_divergent))
+  return _run(plan, inputs, model, reference_model, mesh)
 
-  # ---- placement
-  padded_batch = batch
-  if mesh is not None:
-    padded_batch = padding.round_up(batch, sharding.data_parallel_size(mesh))
-  batch_keys = ("ids", "mask", "sample_ids", "ref_ids", "ref_mask", "initial_state")
-  if padded_batch != batch:  # extra rows repeat row 0; they are dropped from the output
-    for key in batch_keys:
-      if key in inputs:
-        value = inputs[key]
-        inputs[key] = np.concatenate([value, np.repeat(value[:1], padded_batch - batch, 0)], 0)
-  graphdef, state = _split_model(model, mesh)
-  ref_graphdef = ref_state = None
-  if reference_model is not None:
-    ref_graphdef, ref_state = _split_model(reference_model, mesh)
-  if mesh is not None:
-    replicated = NamedSharding(mesh, PartitionSpec())
-    inputs = {k: sharding.put_host_array(np.asarray(v), sharding.batch_sharding(mesh, np.ndim(v)))
-              if k in batch_keys else jax.device_put(v, replicated) for k, v in inputs.items()}
-    with jax.set_mesh(mesh):
-      out = _sample_program(plan, graphdef, ref_graphdef, state, ref_state, inputs)
-  else:
-    out = _sample_program(plan, graphdef, ref_graphdef, state, ref_state, inputs)
-  out = sharding.to_host(out)
-  rows = slice(0, batch)
-  fields = {k: np.asarray(v)[rows] for k, v in out.items() if k != "num_steps"}
-  return SampleOutput(num_steps=int(out["num_steps"]), **fields)

@@ -1,0 +1,75 @@
+"""jax's persistent compilation cache, on by default, and the time a process spends compiling.
+
+Stages, student seeds, reruns and tests compile the same programs again and again; with the cache
+each repeat is a file read instead of an XLA compile. Every command-line entry point (the main
+job, ``generate``, the benchmarks) imports this module, which defines ``--compilation_cache_dir``
+(default ``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/subliminal_jax/xla`` under
+``$XDG_CACHE_HOME`` if set; ``''`` turns the cache off), and calls :func:`enable_from_flags`.
+The tests use one fresh cache directory per session (tests/conftest.py).
+
+:func:`compile_seconds` is the wall time this process has spent in XLA compiles (and persistent
+cache reads) so far, from jax's own monitoring events; the stage runner reports it beside each
+stage's run time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import jax
+from absl import flags
+
+__all__ = ["default_dir", "enable", "enable_from_flags", "compile_seconds"]
+
+# Compiles shorter than this are not written (reading them back would cost about as much).
+_MIN_COMPILE_SECONDS = 0.5
+
+
+def default_dir() -> str:
+  """``$JAX_COMPILATION_CACHE_DIR`` if set, else ``subliminal_jax/xla`` in the user's cache dir."""
+  explicit = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if explicit is not None:
+    return explicit
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache_home, "subliminal_jax", "xla")
+
+
+_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", default_dir(),
+    "Persistent XLA compilation cache directory ('' turns it off). Stages, seeds and reruns "
+    "compile the same programs; the cache turns each repeat compile into a file read.")
+
+
+def enable(directory: str) -> None:
+  """Writes and reads compiled programs under ``directory`` ('' or None: the cache stays off)."""
+  if not directory:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
+
+
+def enable_from_flags() -> None:
+  """:func:`enable` with ``--compilation_cache_dir`` (call after absl has parsed the flags)."""
+  enable(_DIR.value)
+
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_lock = threading.Lock()
+_compile_total = 0.0
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+  global _compile_total
+  if event == _BACKEND_COMPILE_EVENT:
+    with _lock:
+      _compile_total += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent in XLA compiles (or reading them from the cache) so far."""
+  with _lock:
+    return _compile_total
