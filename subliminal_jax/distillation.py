@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import jax
@@ -334,29 +334,13 @@ def make_logit_kl_loss(kl: Any, *, teacher: nnx.Module | None = None, student: A
   settings = kl_settings(kl)
   temperature = settings.temperature
   student_vocab = _vocab_size(student) if student is not None else None
-  teacher_graphdef, aux = None, None
-  if settings.source == "on_the_fly":
-    if teacher is None:
-      raise ValueError("student.kl.source='on_the_fly' needs the teacher module")
-    teacher_vocab = _vocab_size(teacher)
-    if student_vocab is not None and teacher_vocab is not None and teacher_vocab != student_vocab:
-      raise ValueError(f"teacher and student vocabularies differ: vocab_size {teacher_vocab} "
-                       f"(teacher) vs {student_vocab} (student); logit distillation needs one "
-                       "shared vocabulary")
-    teacher_graphdef, aux = nnx.split(teacher)
-  else:
-    if dataset is None:
-      raise ValueError("student.kl.source='stored' needs the dataset, to check its stored logits")
-    check_stored_logits(dataset, settings, student_vocab)
-
+  teacher_graphdef, aux = _split_teacher(settings, teacher, student_vocab, dataset)
   allowed_table = None
   if settings.restrict == "grammar":
     if grammar is None:
       raise ValueError("student.kl.restrict='grammar' needs the TokenGrammar the dataset was built with")
     vocab = student_vocab or _vocab_size(teacher) or np.asarray(grammar.transitions).shape[1]
-    table = pairs.grammar_allowed_table(grammar, end_ids, vocab)
-    # One extra all-True row: padding positions (state -1) index it and stay finite.
-    allowed_table = np.concatenate([table, np.ones((1, vocab), np.bool_)])
+    allowed_table = _padded_allowed_table(grammar, end_ids, vocab)
 
   def loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, aux_state: Any
               ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -380,47 +364,21 @@ def make_logit_kl_loss(kl: Any, *, teacher: nnx.Module | None = None, student: A
       if "grammar_state" not in batch:
         raise ValueError("restrict='grammar' needs batches with 'grammar_state' (build the dataset "
                          "with tokenize_distillation_examples(..., grammar=...))")
-      table = jnp.asarray(allowed_table)
-      if table.shape[1] != s_logits.shape[-1]:
-        raise ValueError(f"the grammar's allowed table covers {table.shape[1]} ids but the student's "
-                         f"vocabulary has {s_logits.shape[-1]}")
-      state = batch["grammar_state"]
-      allowed = table[jnp.where(state < 0, table.shape[0] - 1, state)]
+      if allowed_table.shape[1] != s_logits.shape[-1]:
+        raise ValueError(f"the grammar's allowed table covers {allowed_table.shape[1]} ids but the "
+                         f"student's vocabulary has {s_logits.shape[-1]}")
+      allowed = _allowed_at(allowed_table, batch["grammar_state"])
 
     if settings.source == "on_the_fly":
       if aux_state is None:
         raise ValueError("source='on_the_fly' needs the teacher state as the step's aux")
       teacher_model = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(aux_state))
-      t_logits, t_targets, t_valid = completion_logits(
-          teacher_model, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-          batch["teacher_loss_mask"], num)
-      if t_logits.shape[-1] != s_logits.shape[-1]:
-        raise ValueError(f"teacher and student vocabularies differ: teacher logits have "
-                         f"{t_logits.shape[-1]} entries, the student's {s_logits.shape[-1]}")
-      t_logits = jax.lax.stop_gradient(t_logits)
-      misaligned |= batch["teacher_loss_mask"].astype(jnp.int32).sum(1) != counts
-      misaligned |= (valid & ((t_targets != s_targets) | ~t_valid)).any(1)
-      if settings.restrict == "teacher_topk":
-        ids, logprobs = topk_logprobs(t_logits, settings.top_k, temperature=temperature)
-        kl_values = kl_topk(s_logits, ids, logprobs, temperature=temperature, rest_bucket=False)
-      else:
-        kl_values = kl_full(s_logits, t_logits, temperature=temperature, allowed=allowed)
-        if allowed is not None:
-          log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-          mass = jnp.exp(jax.nn.logsumexp(jnp.where(allowed, log_p, -jnp.inf), axis=-1))
-          metrics["teacher_allowed_mass"] = jnp.where(valid, mass, 0.0).sum()
+      kl_values, teacher_misaligned = _on_the_fly_kl(
+          settings, teacher_model, batch, s_logits, s_targets, valid, allowed, metrics)
+      misaligned |= teacher_misaligned
     else:
-      ids, logprobs = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
-      if ids.shape[:2] != completion_mask.shape:
-        raise ValueError(f"teacher_topk_ids {ids.shape} must be [B, K, k] with [B, K] = "
-                         f"completion_mask's {completion_mask.shape}")
-      misaligned |= ((ids[..., 0] >= 0) != completion_mask).any(1)
-      if settings.restrict == "teacher_topk":
-        k = settings.top_k
-        kl_values = kl_topk(s_logits, ids[..., :k], logprobs[..., :k], temperature=temperature,
-                            rest_bucket=False)
-      else:
-        kl_values = kl_topk(s_logits, ids, logprobs, temperature=temperature, allowed=allowed)
+      kl_values, stored_misaligned = _stored_kl(settings, batch, s_logits, allowed)
+      misaligned |= stored_misaligned
 
     kl_sum = jnp.where(valid, kl_values, 0.0).sum()
     total = (temperature ** 2) * kl_sum
@@ -435,6 +393,85 @@ def make_logit_kl_loss(kl: Any, *, teacher: nnx.Module | None = None, student: A
     return total, valid.sum().astype(jnp.int32), metrics
 
   return loss_fn, aux
+
+
+def _split_teacher(settings: KLSettings, teacher: nnx.Module | None, student_vocab: int | None,
+                   dataset: datasets.Dataset | None) -> tuple[Any, Any]:
+  """``(graphdef, state)`` of the teacher for ``source='on_the_fly'`` (its vocabulary checked
+  against the student's); ``(None, None)`` with stored logits, after checking them."""
+  if settings.source != "on_the_fly":
+    if dataset is None:
+      raise ValueError("student.kl.source='stored' needs the dataset, to check its stored logits")
+    check_stored_logits(dataset, settings, student_vocab)
+    return None, None
+  if teacher is None:
+    raise ValueError("student.kl.source='on_the_fly' needs the teacher module")
+  teacher_vocab = _vocab_size(teacher)
+  if student_vocab is not None and teacher_vocab is not None and teacher_vocab != student_vocab:
+    raise ValueError(f"teacher and student vocabularies differ: vocab_size {teacher_vocab} "
+                     f"(teacher) vs {student_vocab} (student); logit distillation needs one "
+                     "shared vocabulary")
+  return nnx.split(teacher)
+
+
+def _padded_allowed_table(grammar, end_ids: Sequence[int], vocab: int) -> np.ndarray:
+  """The grammar's [states, vocab] allowed-token table plus one all-True row, which padding
+  positions (state -1) index so they stay finite."""
+  table = pairs.grammar_allowed_table(grammar, end_ids, vocab)
+  return np.concatenate([table, np.ones((1, table.shape[1]), np.bool_)])
+
+
+def _allowed_at(padded_table: np.ndarray, states: jax.Array) -> jax.Array:
+  """The allowed tokens at each position's grammar state ([B, K] -> [B, K, vocab])."""
+  table = jnp.asarray(padded_table)
+  return table[jnp.where(states < 0, table.shape[0] - 1, states)]
+
+
+def _on_the_fly_kl(settings: KLSettings, teacher: nnx.Module, batch: Mapping[str, jax.Array],
+                   s_logits: jax.Array, s_targets: jax.Array, valid: jax.Array,
+                   allowed: jax.Array | None, metrics: dict[str, jax.Array]
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Per-position KL(teacher || student) with the teacher run on the batch's teacher view, and
+  the rows whose teacher positions do not line up with the student's (adds
+  ``teacher_allowed_mass`` to ``metrics`` under the grammar restriction)."""
+  temperature = settings.temperature
+  num = s_logits.shape[1]
+  t_logits, t_targets, t_valid = completion_logits(
+      teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+      batch["teacher_loss_mask"], num)
+  if t_logits.shape[-1] != s_logits.shape[-1]:
+    raise ValueError(f"teacher and student vocabularies differ: teacher logits have "
+                     f"{t_logits.shape[-1]} entries, the student's {s_logits.shape[-1]}")
+  t_logits = jax.lax.stop_gradient(t_logits)
+  counts = batch["loss_mask"].astype(jnp.int32).sum(1)
+  misaligned = batch["teacher_loss_mask"].astype(jnp.int32).sum(1) != counts
+  misaligned |= (valid & ((t_targets != s_targets) | ~t_valid)).any(1)
+  if settings.restrict == "teacher_topk":
+    ids, logprobs = topk_logprobs(t_logits, settings.top_k, temperature=temperature)
+    return kl_topk(s_logits, ids, logprobs, temperature=temperature, rest_bucket=False), misaligned
+  if allowed is not None:
+    log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+    mass = jnp.exp(jax.nn.logsumexp(jnp.where(allowed, log_p, -jnp.inf), axis=-1))
+    metrics["teacher_allowed_mass"] = jnp.where(valid, mass, 0.0).sum()
+  return kl_full(s_logits, t_logits, temperature=temperature, allowed=allowed), misaligned
+
+
+def _stored_kl(settings: KLSettings, batch: Mapping[str, jax.Array], s_logits: jax.Array,
+               allowed: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Per-position KL against the stored teacher top-k, and the rows whose stored positions do
+  not match the completion mask."""
+  temperature = settings.temperature
+  completion_mask = batch["completion_mask"].astype(bool)
+  ids, logprobs = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
+  if ids.shape[:2] != completion_mask.shape:
+    raise ValueError(f"teacher_topk_ids {ids.shape} must be [B, K, k] with [B, K] = "
+                     f"completion_mask's {completion_mask.shape}")
+  misaligned = ((ids[..., 0] >= 0) != completion_mask).any(1)
+  if settings.restrict == "teacher_topk":
+    k = settings.top_k
+    return kl_topk(s_logits, ids[..., :k], logprobs[..., :k], temperature=temperature,
+                   rest_bucket=False), misaligned
+  return kl_topk(s_logits, ids, logprobs, temperature=temperature, allowed=allowed), misaligned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,8 +510,7 @@ def store_teacher_topk(teacher: nnx.Module, dataset: datasets.Dataset, kl: Any, 
   if settings.storage_restrict == "grammar":
     if grammar is None or "grammar_state" not in dataset.column_names:
       raise ValueError("restrict='grammar' needs the grammar and a dataset with grammar_state")
-    table = pairs.grammar_allowed_table(grammar, end_ids, vocab)
-    allowed_table = np.concatenate([table, np.ones((1, table.shape[1]), np.bool_)])
+    allowed_table = _padded_allowed_table(grammar, end_ids, vocab)
   k = settings.top_k
   batch_size = padding.round_up(batch_size, sharding.data_parallel_size(mesh))  # whole rows per device
   graphdef, state = nnx.split(teacher)
@@ -486,11 +522,7 @@ def store_teacher_topk(teacher: nnx.Module, dataset: datasets.Dataset, kl: Any, 
     logits, _, _ = completion_logits(model, batch["teacher_input_ids"],
                                      batch["teacher_attention_mask"], batch["teacher_loss_mask"],
                                      num)
-    allowed = None
-    if allowed_table is not None:
-      table = jnp.asarray(allowed_table)
-      s = batch["grammar_state"]
-      allowed = table[jnp.where(s < 0, table.shape[0] - 1, s)]
+    allowed = None if allowed_table is None else _allowed_at(allowed_table, batch["grammar_state"])
     return topk_logprobs(logits, k, temperature=settings.temperature, allowed=allowed)
 
   wanted = list(pairs.PAIRED_COLUMNS) + (["grammar_state"] if allowed_table is not None else [])
@@ -518,16 +550,23 @@ def store_teacher_topk(teacher: nnx.Module, dataset: datasets.Dataset, kl: Any, 
         logprobs_column.append(logprobs[i, :n].tolist())
       bar.update(len(rows["input_ids"]))
   bar.close()
-  provenance = data_lib.dataset_provenance(dataset)
-  provenance[STORED_INFO_KEY] = {
+  stored_info = {
       "k": k, "temperature": settings.temperature, "restrict": settings.storage_restrict,
       "stored_dtype": settings.stored_dtype, "vocab_size": vocab,
       "grammar_pattern": grammar.pattern if allowed_table is not None else None,
       "teacher": teacher_fingerprint}
+  return _with_topk_columns(dataset, ids_column, logprobs_column, stored_info, settings.stored_dtype)
+
+
+def _with_topk_columns(dataset: datasets.Dataset, ids_column: list, logprobs_column: list,
+                       stored_info: dict[str, Any], stored_dtype: str) -> datasets.Dataset:
+  """``dataset`` plus the teacher top-k columns, with ``stored_info`` in its provenance."""
+  provenance = data_lib.dataset_provenance(dataset)
+  provenance[STORED_INFO_KEY] = stored_info
   features = datasets.Features({
       **dataset.features,
       "teacher_topk_ids": datasets.List(datasets.List(datasets.Value("int32"))),
-      "teacher_topk_logprobs": datasets.List(datasets.List(_stored_feature(settings.stored_dtype))),
+      "teacher_topk_logprobs": datasets.List(datasets.List(_stored_feature(stored_dtype))),
   })
   data = dataset.with_format(None).to_dict()
   data["teacher_topk_ids"] = ids_column

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +188,54 @@ def _put(array: np.ndarray, mesh: Mesh | None):
   return sharding.put_host_array(array, sharding.batch_sharding(mesh, array.ndim))
 
 
+class _TeacherForcing(NamedTuple):
+  """The continuations as teacher-forcing arrays ([C, L] each, L the longest fed length)."""
+  ids: np.ndarray          # tokens fed after the prompt
+  mask: np.ndarray
+  targets: np.ndarray      # the token each fed position predicts
+  target_mask: np.ndarray
+  last: np.ndarray         # [C] the position whose next token is the boundary
+  first_tokens: np.ndarray  # [C] c[0], predicted by the prompt's last position
+  length_groups: list      # (fed length, continuation indices) for fed lengths > 0
+  num_single: int          # continuations of one token without a boundary: nothing to feed
+
+
+def _teacher_forcing_arrays(continuations: Sequence[tuple[int, ...]], with_boundary: bool
+                            ) -> _TeacherForcing:
+  # Tokens fed after the prompt: all of c with a boundary (the last position predicts it), else
+  # all but the last (c[0] is predicted by the prompt's last position, c[j] by c[j-1]).
+  fed = [c if with_boundary else c[:-1] for c in continuations]
+  cont_len = max(1, max(len(f) for f in fed))
+  num_cont = len(continuations)
+  arrays = _TeacherForcing(
+      ids=np.zeros((num_cont, cont_len), np.int32), mask=np.zeros((num_cont, cont_len), bool),
+      targets=np.zeros((num_cont, cont_len), np.int32),
+      target_mask=np.zeros((num_cont, cont_len), bool), last=np.zeros((num_cont,), np.int32),
+      first_tokens=np.array([c[0] for c in continuations]), length_groups=[], num_single=0)
+  for i, (c, f) in enumerate(zip(continuations, fed)):
+    arrays.ids[i, :len(f)] = f
+    arrays.mask[i, :len(f)] = True
+    arrays.targets[i, :len(c) - 1] = c[1:]
+    arrays.target_mask[i, :len(c) - 1] = True
+    arrays.last[i] = len(c) - 1
+  fed_lengths = np.array([len(f) for f in fed])
+  length_groups = [(int(n), np.flatnonzero(fed_lengths == n).tolist())
+                   for n in sorted(set(fed_lengths.tolist())) if n > 0]
+  num_single = int(np.count_nonzero(fed_lengths == 0))  # the prompt's forward gives all they need
+  return arrays._replace(length_groups=length_groups, num_single=num_single)
+
+
+def _continuation_row_batch(cfg, max_length: int, batch_size: int, data_parallel: int) -> int:
+  """Continuation rows per call: ``batch_size`` rounded to whole rows per device, bounded so the
+  rows' copies of their prompt's KV cache stay under ``_CONTINUATION_CACHE_BYTES`` (with number
+  sequences in the context, 64 rows of SmolLM2 would copy 3 GB per call)."""
+  row_batch = padding.round_up(max(1, batch_size), data_parallel)
+  row_bytes = (2 * cfg.num_layers * max_length * cfg.num_kv_heads * cfg.head_dim
+               * np.dtype(cfg.dtype).itemsize)
+  return min(row_batch, max(data_parallel,
+                            _CONTINUATION_CACHE_BYTES // row_bytes // data_parallel * data_parallel))
+
+
 def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]],
                           continuations: Sequence[Sequence[int]], *, pad_id: int,
                           boundary: np.ndarray | None = None, batch_size: int = 64,
@@ -215,39 +263,15 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
     if boundary.shape != (vocab,):
       raise ValueError(f"boundary mask has shape {boundary.shape}, expected ({vocab},)")
 
-  # Tokens fed after the prompt: all of c with a boundary (the last position predicts it), else
-  # all but the last (c[0] is predicted by the prompt's last position, c[j] by c[j-1]).
-  fed = [c if with_boundary else c[:-1] for c in continuations]
-  cont_len = max(1, max(len(f) for f in fed))
+  conts = _teacher_forcing_arrays(continuations, with_boundary)
+  cont_ids, cont_mask, targets, target_mask, last = (
+      conts.ids, conts.mask, conts.targets, conts.target_mask, conts.last)
   num_cont = len(continuations)
-  cont_ids = np.zeros((num_cont, cont_len), np.int32)
-  cont_mask = np.zeros((num_cont, cont_len), bool)
-  targets = np.zeros((num_cont, cont_len), np.int32)
-  target_mask = np.zeros((num_cont, cont_len), bool)
-  last = np.zeros((num_cont,), np.int32)
-  for i, (c, f) in enumerate(zip(continuations, fed)):
-    cont_ids[i, :len(f)] = f
-    cont_mask[i, :len(f)] = True
-    targets[i, :len(c) - 1] = c[1:]
-    target_mask[i, :len(c) - 1] = True
-    last[i] = len(c) - 1
-  first_tokens = np.array([c[0] for c in continuations])
-  fed_lengths = np.array([len(f) for f in fed])
-  length_groups = [(int(n), np.flatnonzero(fed_lengths == n).tolist())
-                   for n in sorted(set(fed_lengths.tolist())) if n > 0]
-  num_single = int(np.count_nonzero(fed_lengths == 0))  # the prompt's forward gives all they need
-
   dp = sharding.data_parallel_size(mesh)
   prompt_batch = padding.round_up(max(1, min(prompt_batch_size, len(prompt_ids))), dp)
   prompt_len = padding.round_up(max(len(p) for p in prompt_ids), _PROMPT_BUCKET)
-  max_length = prompt_len + cont_len
-  row_batch = padding.round_up(max(1, batch_size), dp)
-  # Each continuation row gathers its prompt's whole KV cache: with long prompts (number sequences
-  # in the context) 64 rows of SmolLM2 would copy 3 GB per call. Bound the copies.
-  cfg = model.config
-  row_bytes = (2 * cfg.num_layers * max_length * cfg.num_kv_heads * cfg.head_dim
-               * np.dtype(cfg.dtype).itemsize)
-  row_batch = min(row_batch, max(dp, _CONTINUATION_CACHE_BYTES // row_bytes // dp * dp))
+  max_length = prompt_len + cont_ids.shape[1]
+  row_batch = _continuation_row_batch(model.config, max_length, batch_size, dp)
   graphdef, state = nnx.split(model)
   boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(vocab, bool))
   out = np.empty((len(prompt_ids), num_cont), np.float64)
@@ -264,9 +288,9 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
       ids, mask = padding.pad_rows(chunk, pad_value=pad_id, side="left", width=prompt_len)
       first_lp, cache = _prefill(graphdef, state, _put(ids, mesh), _put(mask, mesh), max_length)
       first_lp = sharding.to_host(first_lp).astype(np.float64)[:n_real]
-      result = first_lp[:, first_tokens]  # [n_real, C]
+      result = first_lp[:, conts.first_tokens]  # [n_real, C]
       # Rows are grouped by how many tokens they feed, so no row pays for a longer one's padding.
-      for length, group in length_groups:
+      for length, group in conts.length_groups:
         pairs = [(q, c) for q in range(n_real) for c in group]
         for pair_start in range(0, len(pairs), row_batch):
           block = pairs[pair_start:pair_start + row_batch]
@@ -282,7 +306,7 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
           extra = (token_sum.astype(np.float64) + boundary_lp.astype(np.float64))[:len(block)]
           result[q_idx[:len(block)], c_idx[:len(block)]] += extra
           bar.update(len(block))
-      bar.update(n_real * num_single)
+      bar.update(n_real * conts.num_single)
       out[start:start + n_real] = result
   bar.close()
   return out
