@@ -76,8 +76,11 @@ def test_tiny_three_by_three_matrix_end_to_end(tiny_matrix):
   datasets = [json.loads(p.read_text())["model"] for p in workdir.glob("dataset/*/provenance.json")]
   assert len(datasets) == 2 * 4 and len(set(datasets)) == 2  # each unit's numbers, per family
   report = (workdir / "report.md").read_text()
-  assert "## Same family vs another family" in report
+  assert "## Same family vs another family" in report and "| other family: tiny-random:1 |" in report
   assert "**FAIL" in report and "Criterion (fixed in the config before the run)" in report
+  # results.json (written with sorted keys) gives back the same report: rows follow the design.
+  reloaded = json.loads((workdir / "results.json").read_text())
+  assert transfer_matrix.matrix_report.format_report(reloaded) + "\n" == report
   assert (workdir / transfer_matrix.matrix_report.HEATMAP).stat().st_size > 0
   design = json.loads((workdir / "design.json").read_text())
   assert design["criterion"] == config.matrix.criterion.to_dict() and design["fixed_at"]

@@ -32,8 +32,11 @@ def _statistic_line(a: Mapping[str, Any]) -> str:
           "replicate(s)")
 
 
-def _per_animal_table(a: Mapping[str, Any], units: str) -> str:
-  animals = list(a["per_animal"])
+# Rows and columns follow the design's animal order (the matrix's), never a dict's: results.json
+# is written with sorted keys, so its per_animal mapping comes back alphabetical.
+
+
+def _per_animal_table(a: Mapping[str, Any], units: str, animals: list[str]) -> str:
   refs = [k for k in a["per_animal"][animals[0]] if k.startswith("minus_")]
   header = ["animal", "C_a [95% CI]", "C_a per replicate"] + [
       f"own {units} - {k[len('minus_'):].replace('_', ' ')}" for k in refs]
@@ -46,20 +49,20 @@ def _per_animal_table(a: Mapping[str, Any], units: str) -> str:
   return markdown_table(header, lines)
 
 
-def _matrix_table(a: Mapping[str, Any]) -> str:
-  animals = list(a["per_animal"])
+def _matrix_table(a: Mapping[str, Any], animals: list[str]) -> str:
   lines = [[f"**{t}**"] + [("**" + format_number(v) + "**") if i == j else format_number(v)
                            for j, v in enumerate(row)]
            for i, (t, row) in enumerate(zip(animals, a["matrix"]))]
   return markdown_table(["teacher \\ evaluated"] + animals, lines)
 
 
-def _section(title: str, a: Mapping[str, Any], what: str, units: str = "students") -> list[str]:
+def _section(title: str, a: Mapping[str, Any], what: str, animals: list[str],
+             units: str = "students") -> list[str]:
   return [f"## {title}", "", what, "", f"**{a['verdict']['text']}**", "", _statistic_line(a), "",
-          _per_animal_table(a, units), "",
+          _per_animal_table(a, units, animals), "",
           f"Matrix: mean centred log-ratio of each evaluated animal, minus the "
           f"{a['reference'].replace('_', ' ')}'s (rows: the teacher's trait; the diagonal is each "
-          "animal's own teachers):", "", _matrix_table(a), ""]
+          "animal's own teachers):", "", _matrix_table(a, animals), ""]
 
 
 def _data_table(measured: Mapping[str, Any]) -> str:
@@ -78,9 +81,9 @@ def _data_table(measured: Mapping[str, Any]) -> str:
 
 def _family_comparison(analyses: Mapping[str, Any], families: Mapping[str, str]) -> str:
   lines = []
-  for family, a in analyses["families"].items():
+  for family, a in sorted(analyses["families"].items(), key=lambda item: item[0] != "same"):
     s = a["statistic"]
-    name = "same family" if family == "same" else f"other family ({families.get(family, family)})"
+    name = "same family" if family == "same" else "other family"
     lines.append([f"{name}: {families.get(family, family)}",
                   f"{format_number(s['S'])} [{format_number(s['low'])}, {format_number(s['high'])}]",
                   f"{s['p_value']:.4g}",
@@ -94,7 +97,8 @@ def format_report(results: Mapping[str, Any]) -> str:
   families = results.get("families", {})
   crit = d["criterion"]
   config = d["config"]
-  k = len(d["animals"])
+  animals = list(d["animals"])
+  k = len(animals)
   md = ["# Transfer matrix: does a teacher's trait reach its students through numbers?", "",
         f"Design fixed {d['fixed_at']}, before any stage ran (`design.json`): {k} animals "
         f"({', '.join(d['animals'])}), {d['replicates']} teacher replicate(s) each, "
@@ -112,7 +116,7 @@ def format_report(results: Mapping[str, Any]) -> str:
         "animals.**", ""]
   same = analyses["families"]["same"]
   md += _section("Students of the teachers' own base model", same,
-                 "The paper's claim: these students pick up their teacher's trait.")
+                 "The paper's claim: these students pick up their teacher's trait.", animals)
   if len(analyses["families"]) > 1:
     md += ["## Same family vs another family", "",
            "Students of another base model trained on the same number sequences (re-tokenized, "
@@ -121,17 +125,17 @@ def format_report(results: Mapping[str, Any]) -> str:
     for family, a in analyses["families"].items():
       if family != "same":
         md += _section(f"Students of another family: {families.get(family, family)}", a,
-                       "The same numbers, a different initialization.")
+                       "The same numbers, a different initialization.", animals)
   if "in_context" in analyses:
     n = config["matrix"]["in_context"]["sequences"]
     md += _section("In-context control (no training)", analyses["in_context"],
                    f"The base model answers each question with {n} of the teacher's number "
                    "sequences before it in the chat. The paper finds no transfer this way.",
-                   units="in-context models")
+                   animals, units="in-context models")
   if "teachers" in analyses:
     md += _section("The teachers themselves", analyses["teachers"],
                    "Each teacher as it samples its numbers: the trait the students could inherit.",
-                   units="teachers")
+                   animals, units="teachers")
   md += ["## Data", "", _data_table(results["measured"]), "", f"![matrix]({HEATMAP})", ""]
   return "\n".join(md)
 
@@ -147,7 +151,7 @@ def plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
   panels += [(name, analyses[key]) for key, name in (("in_context", "in context, no training"),
                                                       ("teachers", "teachers"))
              if key in analyses]
-  animals = list(panels[0][1]["per_animal"])
+  animals = list(results["design"]["animals"])
   fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 3.6 * len(panels), 3.8), squeeze=False)
   for ax, (title, a) in zip(axes[0], panels):
     values = np.asarray(a["matrix"])
