@@ -89,7 +89,9 @@ def main(argv) -> None:
   times = {case: {"prefill": [], "full": [], "eval": []} for case in cases}
   outputs = {}
   for engine, model, metrics in cases.values():  # compile both first
-    sample(engine, model, 1), sample(engine, model, FLAGS.new_tokens), evaluate(metrics, model)
+    sample(engine, model, 1)
+    sample(engine, model, FLAGS.new_tokens)
+    evaluate(metrics, model)
   for _ in range(FLAGS.rounds):
     for case, (engine, model, metrics) in cases.items():
       times[case]["prefill"].append(sample(engine, model, 1)[0])

@@ -264,13 +264,11 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
       raise ValueError(f"boundary mask has shape {boundary.shape}, expected ({vocab},)")
 
   conts = _teacher_forcing_arrays(continuations, with_boundary)
-  cont_ids, cont_mask, targets, target_mask, last = (
-      conts.ids, conts.mask, conts.targets, conts.target_mask, conts.last)
   num_cont = len(continuations)
   dp = sharding.data_parallel_size(mesh)
   prompt_batch = padding.round_up(max(1, min(prompt_batch_size, len(prompt_ids))), dp)
   prompt_len = padding.round_up(max(len(p) for p in prompt_ids), _PROMPT_BUCKET)
-  max_length = prompt_len + cont_ids.shape[1]
+  max_length = prompt_len + conts.ids.shape[1]
   row_batch = _continuation_row_batch(model.config, max_length, batch_size, dp)
   graphdef, state = nnx.split(model)
   boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(vocab, bool))
@@ -297,11 +295,11 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
           padded = block + [block[0]] * (row_batch - len(block))
           q_idx = np.array([q for q, _ in padded], np.int32)
           c_idx = np.array([c for _, c in padded], np.int32)
+          fed = [_put(a[c_idx, :length], mesh)
+                 for a in (conts.ids, conts.mask, conts.targets, conts.target_mask)]
           token_sum, boundary_lp = _continue(
-              graphdef, state, cache, _put(q_idx, mesh), _put(cont_ids[c_idx, :length], mesh),
-              _put(cont_mask[c_idx, :length], mesh), _put(targets[c_idx, :length], mesh),
-              _put(target_mask[c_idx, :length], mesh), with_boundary, boundary_dev,
-              _put(last[c_idx], mesh))
+              graphdef, state, cache, _put(q_idx, mesh), *fed, with_boundary, boundary_dev,
+              _put(conts.last[c_idx], mesh))
           token_sum, boundary_lp = sharding.to_host((token_sum, boundary_lp))
           extra = (token_sum.astype(np.float64) + boundary_lp.astype(np.float64))[:len(block)]
           result[q_idx[:len(block)], c_idx[:len(block)]] += extra
