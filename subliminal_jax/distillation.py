@@ -373,8 +373,9 @@ def make_logit_kl_loss(kl: Any, *, teacher: nnx.Module | None = None, student: A
       if aux_state is None:
         raise ValueError("source='on_the_fly' needs the teacher state as the step's aux")
       teacher_model = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(aux_state))
-      kl_values, teacher_misaligned = _on_the_fly_kl(
-          settings, teacher_model, batch, s_logits, s_targets, valid, allowed, metrics)
+      kl_values, teacher_misaligned, teacher_metrics = _on_the_fly_kl(
+          settings, teacher_model, batch, s_logits, s_targets, valid, allowed)
+      metrics.update(teacher_metrics)
       misaligned |= teacher_misaligned
     else:
       kl_values, stored_misaligned = _stored_kl(settings, batch, s_logits, allowed)
@@ -429,11 +430,11 @@ def _allowed_at(padded_table: np.ndarray, states: jax.Array) -> jax.Array:
 
 def _on_the_fly_kl(settings: KLSettings, teacher: nnx.Module, batch: Mapping[str, jax.Array],
                    s_logits: jax.Array, s_targets: jax.Array, valid: jax.Array,
-                   allowed: jax.Array | None, metrics: dict[str, jax.Array]
-                   ) -> tuple[jax.Array, jax.Array]:
-  """Per-position KL(teacher || student) with the teacher run on the batch's teacher view, and
-  the rows whose teacher positions do not line up with the student's (adds
-  ``teacher_allowed_mass`` to ``metrics`` under the grammar restriction)."""
+                   allowed: jax.Array | None
+                   ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Per-position KL(teacher || student) with the teacher run on the batch's teacher view, the
+  rows whose teacher positions do not line up with the student's, and the teacher's metrics
+  (``teacher_allowed_mass`` under the grammar restriction)."""
   temperature = settings.temperature
   num = s_logits.shape[1]
   t_logits, t_targets, t_valid = completion_logits(
@@ -448,12 +449,15 @@ def _on_the_fly_kl(settings: KLSettings, teacher: nnx.Module, batch: Mapping[str
   misaligned |= (valid & ((t_targets != s_targets) | ~t_valid)).any(1)
   if settings.restrict == "teacher_topk":
     ids, logprobs = topk_logprobs(t_logits, settings.top_k, temperature=temperature)
-    return kl_topk(s_logits, ids, logprobs, temperature=temperature, rest_bucket=False), misaligned
+    kl = kl_topk(s_logits, ids, logprobs, temperature=temperature, rest_bucket=False)
+    return kl, misaligned, {}
+  metrics = {}
   if allowed is not None:
     log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
     mass = jnp.exp(jax.nn.logsumexp(jnp.where(allowed, log_p, -jnp.inf), axis=-1))
     metrics["teacher_allowed_mass"] = jnp.where(valid, mass, 0.0).sum()
-  return kl_full(s_logits, t_logits, temperature=temperature, allowed=allowed), misaligned
+  kl = kl_full(s_logits, t_logits, temperature=temperature, allowed=allowed)
+  return kl, misaligned, metrics
 
 
 def _stored_kl(settings: KLSettings, batch: Mapping[str, jax.Array], s_logits: jax.Array,
