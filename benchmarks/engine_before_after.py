@@ -35,9 +35,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("before_tree", None, "An older checkout of this repository (git worktree).")
 flags.DEFINE_integer("layers", 30, "Decoder layers of the SmolLM2 shape (30 = SmolLM2-135M).")
 flags.DEFINE_integer("rounds", 3, "Alternating old/new rounds; the best of each counts.")
-flags.DEFINE_integer("batch", 64, "Sampling rows.")
-flags.DEFINE_integer("prompt_tokens", 88, "Prompt length of the sampling workload.")
-flags.DEFINE_integer("new_tokens", 40, "New tokens at most.")
+engines.define_sampling_flags(sample_batch=64)
 flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 
 
@@ -66,7 +64,7 @@ def main(argv) -> None:
   new_model = engines.random_model(config)
   old_model = old_transformer.Transformer(config, rngs=nnx.Rngs(0))
   nnx.update(old_model, nnx.state(new_model))  # the same weights
-  work = engines.SamplingWorkload(new_model, FLAGS.batch, FLAGS.prompt_tokens)
+  work = engines.SamplingWorkload(new_model, FLAGS.sample_batch, FLAGS.prompt_tokens)
   cache_length = work.prompt_length + FLAGS.new_tokens
   mask = np.ones_like(work.ids, bool)
   evaluation = engines.EvaluationWorkload(new_model, 16, FLAGS.prompt_tokens, 48)
@@ -101,14 +99,14 @@ def main(argv) -> None:
   if not np.array_equal(outputs["before"].tokens, outputs["after"].tokens):
     raise AssertionError("the two samplers drew different tokens from the same weights and seed")
 
-  result = {"benchmark": "engine_before_after", "layers": FLAGS.layers, "batch": FLAGS.batch,
+  result = {"benchmark": "engine_before_after", "layers": FLAGS.layers, "batch": FLAGS.sample_batch,
             "load_average": os.getloadavg()[0], "decode_steps": outputs["after"].num_steps - 1}
   for case in cases:
     prefill, full, seconds = (min(times[case][k]) for k in ("prefill", "full", "eval"))
     steps = outputs[case].num_steps - 1
     result[case] = {
         "prefill_s": prefill, "decode_step_s": (full - prefill) / steps, "eval_s": seconds,
-        "decode_flops_per_s": flops_lib.forward_flops(config, FLAGS.batch) * steps / (full - prefill),
+        "decode_flops_per_s": flops_lib.forward_flops(config, FLAGS.sample_batch) * steps / (full - prefill),
         "eval_flops_per_s": evaluation.flops / seconds}
   result["decode_speedup"] = result["before"]["decode_step_s"] / result["after"]["decode_step_s"]
   result["eval_speedup"] = result["before"]["eval_s"] / result["after"]["eval_s"]

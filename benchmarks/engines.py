@@ -34,6 +34,12 @@ def define_workload_flags(*, train_batch: int, train_steps: int, sample_batch: i
   flags.DEFINE_integer("train_batch", train_batch, "Training sequences per step.")
   flags.DEFINE_integer("train_length", 128, "Tokens per training sequence.")
   flags.DEFINE_integer("train_steps", train_steps, "Timed training steps per engine (after warm-up).")
+  define_sampling_flags(sample_batch=sample_batch)
+
+
+def define_sampling_flags(*, sample_batch: int) -> None:
+  """The sampling workload's sizes (rows, prompt and new tokens), with its defaults."""
+  from absl import flags
   flags.DEFINE_integer("sample_batch", sample_batch, "Rows sampled at once.")
   flags.DEFINE_integer("prompt_tokens", 88, "Prompt tokens per row.")
   flags.DEFINE_integer("new_tokens", 40, "max_new_tokens.")
