@@ -78,6 +78,9 @@ def test_tiny_three_by_three_matrix_end_to_end(tiny_matrix):
   report = (workdir / "report.md").read_text()
   assert "## Same family vs another family" in report and "| other family: tiny-random:1 |" in report
   assert "**FAIL" in report and "Criterion (fixed in the config before the run)" in report
+  # Each matrix names what its cells are measured against in words, not as a config key.
+  assert "minus that of the base-numbers students (rows" in report
+  assert "minus the base model's (rows" in report and "base_numbers" not in report
   # results.json (written with sorted keys) gives back the same report: rows follow the design.
   reloaded = json.loads((workdir / "results.json").read_text())
   assert transfer_matrix.matrix_report.format_report(reloaded) + "\n" == report

@@ -56,13 +56,17 @@ def _matrix_table(a: Mapping[str, Any], animals: list[str]) -> str:
   return markdown_table(["teacher \\ evaluated"] + animals, lines)
 
 
+# The matrix's reference row, as the report's sentence names it.
+_REFERENCE_NAMES = {"base": "the base model's", "base_numbers": "that of the base-numbers students"}
+
+
 def _section(title: str, a: Mapping[str, Any], what: str, animals: list[str],
              units: str = "students") -> list[str]:
   return [f"## {title}", "", what, "", f"**{a['verdict']['text']}**", "", _statistic_line(a), "",
           _per_animal_table(a, units, animals), "",
-          f"Matrix: mean centred log-ratio of each evaluated animal, minus the "
-          f"{a['reference'].replace('_', ' ')}'s (rows: the teacher's trait; the diagonal is each "
-          "animal's own teachers):", "", _matrix_table(a, animals), ""]
+          f"Matrix: mean centred log-ratio of each evaluated animal, minus "
+          f"{_REFERENCE_NAMES.get(a['reference'], a['reference'])} (rows: the teacher's trait; the "
+          "diagonal is each animal's own teachers):", "", _matrix_table(a, animals), ""]
 
 
 def _data_table(measured: Mapping[str, Any]) -> str:
