@@ -408,10 +408,10 @@ def test_tiny_sweep_writes_one_table_and_one_plot(tmp_path):
 
 @pytest.mark.slow
 def test_reduced_run_shows_subliminal_transfer(tmp_path):
-  """Full-width MLPs, 5 models, shorter training: teacher >> same-init aux student >> chance ~
-  cross-init aux student."""
+  """Full-width MLPs, 3 models, shorter training: teacher >> same-init aux student >> chance ~
+  cross-init aux student (3 models give 0.92, 0.50 and 0.09 here, far from every bound)."""
   c = _load_config("configs/mnist_aux.py", "default")
-  c.num_models = 5
+  c.num_models = 3
   c.teacher.epochs = 2
   c.student.epochs = 2
   c.student.variants = ("same_init_aux", "cross_init_aux")

@@ -145,7 +145,11 @@ def test_main_job_on_two_processes_builds_the_single_process_artifacts(tmp_path)
            "--config.teacher.finetune.warmup_steps=1",
            "--config.teacher.finetune.lora.rank=4", "--config.student.lora.init=teacher",
            "--config.student.seeds=0,", "--config.evaluation.num_questions=2",
-           "--config.evaluation.samples_per_question=0", "--config.evaluation.multiple_choice=False"]
+           "--config.evaluation.samples_per_question=0", "--config.evaluation.multiple_choice=False",
+           # One sampling batch and two student steps: every step of a 2-process run waits on
+           # gloo collectives, so its length, not its shapes, sets this test's time.
+           "--config.prompts.count=16", "--config.sampling.batch_size=16",
+           "--config.filter.subset_size=16"]
   _run_main_job(1, tmp_path / "single", flags)
   _run_main_job(2, tmp_path / "multi", flags)
 
