@@ -22,8 +22,10 @@ from absl import flags
 
 __all__ = ["default_dir", "enable", "enable_from_flags", "compile_seconds"]
 
-# Compiles shorter than this are not written (reading them back would cost about as much).
+# Compiles shorter than this are not written (reading them back would cost about as much), unless
+# $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise (jax reads and checks it at import).
 _MIN_COMPILE_SECONDS = 0.5
+_MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def default_dir() -> str:
@@ -46,7 +48,8 @@ def enable(directory: str) -> None:
   if not directory:
     return
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
+  if _MIN_COMPILE_ENV not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
 
 
 def enable_from_flags() -> None:

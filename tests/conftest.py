@@ -20,7 +20,9 @@ _SESSION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix="subliminal_jax_test_xla_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Every compile is kept, even the ~0.1 s ones (about 80 per main-job process, which each test
+# subprocess would repeat): a cache read costs milliseconds.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Tests on tiny models spend most of their time in XLA compiles, which light optimisation (no
 # expensive LLVM passes) makes about twice as fast; subprocess jobs inherit it. Tests on a real
 # model (the `smollm2` fixture, tests/test_real_*.py), whose run time dominates, compile with full
