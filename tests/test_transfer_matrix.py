@@ -84,6 +84,10 @@ def test_tiny_three_by_three_matrix_end_to_end(tiny_matrix):
   # results.json (written with sorted keys) gives back the same report: rows follow the design.
   reloaded = json.loads((workdir / "results.json").read_text())
   assert transfer_matrix.matrix_report.format_report(reloaded) + "\n" == report
+  assert "students `sft` (LoRA rank 4, init `fresh`)" in report
+  reloaded["design"]["config"]["student"]["lora"]["rank"] = 0  # full-finetune students
+  assert "students `sft` (full finetune, learning rate " in (
+      transfer_matrix.matrix_report.format_report(reloaded))
   assert (workdir / transfer_matrix.matrix_report.HEATMAP).stat().st_size > 0
   design = json.loads((workdir / "design.json").read_text())
   assert design["criterion"] == config.matrix.criterion.to_dict() and design["fixed_at"]

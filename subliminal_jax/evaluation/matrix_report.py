@@ -96,6 +96,13 @@ def _family_comparison(analyses: Mapping[str, Any], families: Mapping[str, str])
   return markdown_table(["students", "S [95% CI]", "permutation p", "C_a > 0", "verdict"], lines)
 
 
+def _student_weights(student: Mapping[str, Any]) -> str:
+  lora = student["lora"]
+  if lora["rank"] == 0:
+    return f"full finetune, learning rate {student['learning_rate']:g}"
+  return f"LoRA rank {lora['rank']}, init `{lora['init']}`"
+
+
 def format_report(results: Mapping[str, Any]) -> str:
   d, analyses = results["design"], results["analyses"]
   families = results.get("families", {})
@@ -109,8 +116,7 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"{len(d['student_seeds'])} student seed(s) per teacher, "
         f"{config['evaluation']['num_questions']} questions, a {len(config['evaluation']['panel'])}-word "
         f"panel; teacher `{config['teacher']['kind']}`, students `{config['student']['objective']}` "
-        f"(LoRA rank {config['student']['lora']['rank']}, init `{config['student']['lora']['init']}`), "
-        f"sampling temperature {config['sampling']['temperature']}.", "",
+        f"({_student_weights(config['student'])}), sampling temperature {config['sampling']['temperature']}.", "",
         "Statistic: per student and question the centred log-ratio of the panel, clr(a) = log P(a) - "
         "mean over the panel of log P; C_a = mean clr(a) of a's teachers' students minus that of the "
         "other teachers' students; S = mean over animals of C_a. Permutation test: trait labels "
