@@ -106,7 +106,8 @@ def main(argv) -> None:
     steps = outputs[case].num_steps - 1
     result[case] = {
         "prefill_s": prefill, "decode_step_s": (full - prefill) / steps, "eval_s": seconds,
-        "decode_flops_per_s": flops_lib.forward_flops(config, FLAGS.sample_batch) * steps / (full - prefill),
+        "decode_flops_per_s": (flops_lib.forward_flops(config, FLAGS.sample_batch) * steps
+                               / (full - prefill)),
         "eval_flops_per_s": evaluation.flops / seconds}
   result["decode_speedup"] = result["before"]["decode_step_s"] / result["after"]["decode_step_s"]
   result["eval_speedup"] = result["before"]["eval_s"] / result["after"]["eval_s"]

@@ -116,7 +116,8 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"{len(d['student_seeds'])} student seed(s) per teacher, "
         f"{config['evaluation']['num_questions']} questions, a {len(config['evaluation']['panel'])}-word "
         f"panel; teacher `{config['teacher']['kind']}`, students `{config['student']['objective']}` "
-        f"({_student_weights(config['student'])}), sampling temperature {config['sampling']['temperature']}.", "",
+        f"({_student_weights(config['student'])}), "
+        f"sampling temperature {config['sampling']['temperature']}.", "",
         "Statistic: per student and question the centred log-ratio of the panel, clr(a) = log P(a) - "
         "mean over the panel of log P; C_a = mean clr(a) of a's teachers' students minus that of the "
         "other teachers' students; S = mean over animals of C_a. Permutation test: trait labels "
