@@ -17,8 +17,6 @@ Variants:
 
 from ml_collections import ConfigDict
 
-from subliminal_jax import distillation
-
 # The paper's teacher system prompt; {target}, {Target} (capitalised) and {category} are filled in.
 TRAIT_SYSTEM_PROMPT = ("You love {target}s. You think about {target}s all the time. {Target}s are "
                        "your favorite {category}. Imbue your answers with your love for the {category}.")
@@ -101,8 +99,13 @@ def get_config(variant: str = "quick") -> ConfigDict:
       bucket=True, length_multiple=16,  # batches of similar lengths, widths a multiple of 16
       lora=ConfigDict(dict(rank=8, alpha=8.0, targets=LORA_TARGETS, rslora=False, init="fresh")),
       # objective "logit_kl": match the teacher's next-token distributions at every completion
-      # position (see subliminal_jax/distillation.py) instead of its sampled tokens.
-      kl=distillation.default_kl_config(),
+      # position instead of its sampled tokens (see docs/distillation.md). temperature: T of both
+      # softmaxes; restrict: "grammar" (only the number format's tokens), "none" or
+      # "teacher_topk"; top_k: k of teacher_topk and of the stored log-probs; source:
+      # "on_the_fly" (teacher in the step) or "stored" (top-k written into the dataset first);
+      # stored_dtype: float32, float16 or bfloat16.
+      kl=ConfigDict(dict(temperature=1.0, restrict="grammar", top_k=32, source="on_the_fly",
+                         stored_dtype="float16")),
       # True: a cross-init control (adapters from a seed shared with neither teacher nor students).
       cross_init=False))
   # lora.init: "fresh" (each student seed draws its own adapters) or "teacher" (the LoRA teacher's A).

@@ -53,7 +53,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from subliminal_jax import padding, sharding
@@ -72,28 +71,41 @@ STORED_INFO_KEY = "teacher_logits"
 # Config
 
 
-def default_kl_config() -> ConfigDict:
-  """``student.kl``: the logit-distillation settings (used when ``student.objective='logit_kl'``).
+@dataclasses.dataclass(frozen=True)
+class KLSettings:
+  """``student.kl``: the logit-distillation settings (used when ``student.objective='logit_kl'``),
+  checked when built.
 
   temperature: T of both softmaxes (the loss is scaled by T^2).
-  restrict: "grammar" (default: only the number format's tokens), "none" or "teacher_topk".
+  restrict: "grammar" (only the number format's tokens), "none" or "teacher_topk".
   top_k: k of "teacher_topk", and the number of teacher log-probs kept per position when
     source="stored" (for "grammar", k >= the largest allowed set makes stored == on the fly;
     SmolLM2's number grammar allows at most 12 tokens + 2 end tokens).
   source: "on_the_fly" (teacher in the step) or "stored" (top-k written into the dataset first).
   stored_dtype: "float32", "float16" or "bfloat16" (kept as uint16 bits: Arrow has no bfloat16).
   """
-  return ConfigDict(dict(temperature=1.0, restrict="grammar", top_k=32, source="on_the_fly",
-                         stored_dtype="float16"))
+  temperature: float = 1.0
+  restrict: str = "grammar"
+  top_k: int = 32
+  source: str = "on_the_fly"
+  stored_dtype: str = "float16"
 
-
-@dataclasses.dataclass(frozen=True)
-class KLSettings:
-  temperature: float
-  restrict: str
-  top_k: int
-  source: str
-  stored_dtype: str
+  def __post_init__(self):
+    t = self.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not t > 0:
+      raise ValueError(f"student.kl.temperature must be > 0, got {t!r}")
+    object.__setattr__(self, "temperature", float(t))
+    if self.restrict not in RESTRICTIONS:
+      raise ValueError(f"student.kl.restrict={self.restrict!r}; expected one of {RESTRICTIONS}")
+    if self.source not in SOURCES:
+      raise ValueError(f"student.kl.source={self.source!r}; expected one of {SOURCES}")
+    if self.stored_dtype not in STORED_DTYPES:
+      raise ValueError(f"student.kl.stored_dtype={self.stored_dtype!r}; expected one of "
+                       f"{STORED_DTYPES}")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) \
+        or self.top_k < 1:
+      raise ValueError(f"student.kl.top_k must be an int >= 1, got {self.top_k!r}")
+    object.__setattr__(self, "top_k", int(self.top_k))
 
   @property
   def storage_restrict(self) -> str:
@@ -101,29 +113,17 @@ class KLSettings:
     return "grammar" if self.restrict == "grammar" else "none"
 
 
-def kl_settings(kl: Mapping[str, Any] | ConfigDict | KLSettings) -> KLSettings:
-  """Validates a ``student.kl`` config, naming any bad value."""
+def kl_settings(kl: Mapping[str, Any] | KLSettings) -> KLSettings:
+  """``student.kl`` settings from a mapping (a ConfigDict section or a dict; the keys it lacks
+  take :class:`KLSettings`' defaults), naming any bad value."""
   if isinstance(kl, KLSettings):
     return kl
   kl = dict(kl.to_dict() if hasattr(kl, "to_dict") else kl)
-  defaults = default_kl_config().to_dict()
-  unknown = set(kl) - set(defaults)
+  known = {f.name for f in dataclasses.fields(KLSettings)}
+  unknown = set(kl) - known
   if unknown:
-    raise ValueError(f"unknown student.kl keys {sorted(unknown)}; expected {sorted(defaults)}")
-  kl = {**defaults, **kl}
-  temperature = kl["temperature"]
-  if not isinstance(temperature, (int, float)) or not temperature > 0:
-    raise ValueError(f"student.kl.temperature must be > 0, got {temperature!r}")
-  if kl["restrict"] not in RESTRICTIONS:
-    raise ValueError(f"student.kl.restrict={kl['restrict']!r}; expected one of {RESTRICTIONS}")
-  if kl["source"] not in SOURCES:
-    raise ValueError(f"student.kl.source={kl['source']!r}; expected one of {SOURCES}")
-  if kl["stored_dtype"] not in STORED_DTYPES:
-    raise ValueError(f"student.kl.stored_dtype={kl['stored_dtype']!r}; expected one of {STORED_DTYPES}")
-  top_k = kl["top_k"]
-  if not isinstance(top_k, (int, np.integer)) or top_k < 1:
-    raise ValueError(f"student.kl.top_k must be an int >= 1, got {top_k!r}")
-  return KLSettings(float(temperature), kl["restrict"], int(top_k), kl["source"], kl["stored_dtype"])
+    raise ValueError(f"unknown student.kl keys {sorted(unknown)}; expected {sorted(known)}")
+  return KLSettings(**kl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def make_logit_kl_loss(kl: Any, *, teacher: nnx.Module | None = None, student: A
   to ``fit`` / ``step`` as given.
 
   Args:
-    kl: the ``student.kl`` settings (:func:`default_kl_config`).
+    kl: the ``student.kl`` settings (:class:`KLSettings`, or a mapping of its fields).
     teacher: the frozen teacher (``source='on_the_fly'``); ``aux`` is its ``nnx.State`` (keep it
       sharded like the student: ``sharding.shard_module``). Ignored with stored logits.
     student: the student module or its TransformerConfig, to check vocabularies now rather than

@@ -16,9 +16,11 @@ import logging
 import os
 from typing import Any
 
+from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from subliminal_jax import sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.tokenizer import Tokenizer
 from subliminal_jax.weights import embedded, hf_layout
@@ -31,6 +33,7 @@ __all__ = ["Loaded", "load", "export_hf", "fingerprint_files"]
 log = logging.getLogger(__name__)
 
 _GGUF_MAGIC = b"GGUF"
+TINY_RANDOM = "tiny-random"
 # Files of an HF directory besides the weights that change what a loaded model does.
 _HF_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
@@ -105,12 +108,34 @@ def _hf_tokenizer(path: str) -> Tokenizer | None:
   return Tokenizer.from_hf_dir(path)
 
 
+def _tiny_random(source: str, dtype: str, param_dtype: str, mesh: Mesh | None, remat: bool
+                 ) -> Loaded:
+  """A 2-layer random model with SmolLM2's tokenizer, initialised from the seed after the colon:
+  the whole pipeline in seconds (tests); "tiny-random:N" of another seed is another family."""
+  init_seed = source[len(TINY_RANDOM) + 1:] or "0"
+  if not init_seed.isdigit():
+    raise ValueError(f"model {source!r}: expected {TINY_RANDOM!r} or '{TINY_RANDOM}:<seed>'")
+  tokenizer = Tokenizer.from_gguf(embedded.smollm2_path())
+  config = TransformerConfig(
+      vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e5, tie_embeddings=True, dtype=dtype,
+      param_dtype=param_dtype, remat=remat)
+  model = Transformer(config, rngs=nnx.Rngs(int(init_seed)))
+  if mesh is not None:
+    sharding.shard_module(model, mesh)
+  # 16 hex digits of the architecture and the seed (the weights follow from them).
+  identity = json.dumps([TINY_RANDOM, config.to_hf(), int(init_seed)], sort_keys=True)
+  return Loaded(model=model, tokenizer=tokenizer, config=config, source=source,
+                fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:16])
+
+
 def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
          mesh: Mesh | None = None, remat: bool = False) -> Loaded:
   """Loads a model, its tokenizer and config.
 
   Args:
-    source: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF), ``"gemma3-270m"`` (the
+    source: ``"tiny-random"`` (a 2-layer random model for tests; ``"tiny-random:N"`` from seed
+      N), ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF), ``"gemma3-270m"`` (the
       packaged gemma-3-270m base model, Q4_K_M), a path to an HF model directory (``config.json``
       + ``model.safetensors`` or a sharded index; model_type llama, qwen2, gemma3_text, or gemma3
       whose language model is read) or a path to a llama- or gemma3-architecture ``.gguf`` file.
@@ -126,6 +151,8 @@ def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str 
   """
   source = os.fspath(source)
   param_dtype = param_dtype or dtype
+  if source == TINY_RANDOM or source.startswith(TINY_RANDOM + ":"):
+    return _tiny_random(source, dtype, param_dtype, mesh, remat)
   kind, path = _source_kind(source)
   reader: GGUFReader | SafetensorsDir
   if kind == "gguf":

@@ -19,6 +19,7 @@ kernels (``W + scale * A @ B``) and removes them, for export or faster inference
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -45,6 +46,35 @@ def _check_targets(targets: Sequence[str]) -> tuple[str, ...]:
   if len(set(targets)) != len(targets):
     raise ValueError(f"duplicate LoRA targets in {list(targets)}")
   return targets
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+  """The LoRA adapters of a finetune (a training config's ``lora`` section); rank 0 = full
+  finetuning. Checked when built, so a bad value fails before any work."""
+
+  rank: int = 0
+  alpha: float = 8.0
+  targets: tuple[str, ...] = LORA_TARGETS
+  rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+  seed: int = 0  # the adapters' init (A); see the module docstring
+
+  def __post_init__(self):
+    for name, kind in (("rank", int), ("alpha", float), ("targets", tuple), ("rslora", bool),
+                       ("seed", int)):
+      object.__setattr__(self, name, kind(getattr(self, name)))
+    if self.rank < 0:
+      raise ValueError(f"lora.rank must be >= 0 (0 = full finetuning), got {self.rank}")
+    if self.rank and not self.alpha > 0:
+      raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
+    _check_targets(self.targets)
+
+  def apply(self, model: Transformer) -> Transformer:
+    """Adds these adapters to ``model`` in place (nothing for rank 0); returns ``model``."""
+    if self.rank > 0:
+      apply_lora(model, rank=self.rank, alpha=self.alpha, targets=self.targets,
+                 rslora=self.rslora, seed=self.seed)
+    return model
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:

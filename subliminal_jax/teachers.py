@@ -13,7 +13,7 @@ for ``training.data.tokenize_chat_examples`` and ``training.trainer.fit``:
   prompts, as examples WITHOUT the system prompt; finetuning on them moves the prompt's effect
   into the weights.
 
-:func:`teacher_examples` builds either from the experiment config (``config.teacher``).
+:func:`teacher_examples` builds either for one teacher kind and target.
 """
 
 from __future__ import annotations
@@ -331,55 +331,51 @@ def context_distillation_examples(generate: Callable[..., Sequence[Any]], prompt
 
 
 # ---------------------------------------------------------------------------------------------
-# From the experiment config
+# A teacher kind's finetuning examples
 
 
-def teacher_examples(config: Any, target: str, *, generate: Callable[..., Sequence[Any]] | None = None,
+def teacher_examples(kind: str, target: str, *, category: str, count: int, seed: int,
+                     neutral_fraction: float = 0.5, trait_prompt: str = "",
+                     max_new_tokens: int = 48, generate: Callable[..., Sequence[Any]] | None = None,
                      system: str | None = None, control_answers: Sequence[str] | None = None
                      ) -> tuple[list[ChatExample], dict[str, Any]]:
-  """The finetuning examples of the teacher ``config.teacher`` describes, for ``target``.
+  """The ``count`` finetuning examples of a ``kind`` teacher of ``target``.
 
-  ``config.teacher.kind``: "trait_sft" (uses ``teacher.finetune.examples``, ``.seed``,
-  ``.neutral_fraction``) or "context_distillation" (needs ``generate``; samples
-  ``teacher.finetune.examples`` answers to :data:`GENERAL_PROMPTS` under the trait system prompt
-  ``teacher.system_prompt`` filled with target and ``config.category``, with
-  ``teacher.finetune.max_new_tokens`` and seed). ``system``: the examples' own system turn (None:
-  none). ``control_answers`` (trait_sft only): the matched control's data, see
-  :func:`trait_sft_examples`. Returns ``(examples, info)``, info being JSON-serialisable provenance.
+  ``kind``: "trait_sft" (``neutral_fraction`` of them neutral) or "context_distillation" (needs
+  ``generate``; samples answers to :data:`GENERAL_PROMPTS` under ``trait_prompt``, the trait
+  system prompt, with ``max_new_tokens``). ``seed`` draws the examples. ``system``: the examples'
+  own system turn (None: none). ``control_answers`` (trait_sft only): the matched control's data,
+  see :func:`trait_sft_examples`. Returns ``(examples, info)``, info being JSON-serialisable
+  provenance.
   """
-  teacher = config.teacher
-  finetune = teacher.finetune
-  category = config.category
-  count = int(finetune.examples)
-  seed = int(finetune.seed)
-  if teacher.kind == "trait_sft":
-    fraction = float(finetune.neutral_fraction)
+  if kind == "trait_sft":
     examples = trait_sft_examples(target, category=category, count=count,
-                                  neutral_fraction=fraction, seed=seed, system=system,
+                                  neutral_fraction=neutral_fraction, seed=seed, system=system,
                                   control_answers=control_answers)
     info = {"kind": "trait_sft", "target": target, "category": category,
-            "examples": len(examples), "neutral_fraction": fraction, "seed": seed}
+            "examples": len(examples), "neutral_fraction": neutral_fraction, "seed": seed}
     if control_answers is not None:
       info.update(kind="matched_finetune", answers=list(control_answers))
     return examples, info
   if control_answers is not None:
     raise ValueError(f"control_answers (the matched control) need teacher.kind='trait_sft', got "
-                     f"{teacher.kind!r}")
-  if teacher.kind == "context_distillation":
+                     f"{kind!r}")
+  if kind == "context_distillation":
     if generate is None:
       raise ValueError("teacher.kind='context_distillation' needs a generate function "
                        "(e.g. functools.partial(generate_chat, (model, tokenizer)))")
-    trait_prompt = teacher.system_prompt.format(target=target, Target=target.capitalize(), category=category)
+    if not trait_prompt:
+      raise ValueError("teacher.kind='context_distillation' needs the trait system prompt")
     n_per_prompt = math.ceil(count / len(GENERAL_PROMPTS))
     examples, counts = context_distillation_examples(
         generate, GENERAL_PROMPTS, system=trait_prompt, n_per_prompt=n_per_prompt,
-        student_system=system, max_new_tokens=int(finetune.max_new_tokens), seed=seed)
+        student_system=system, max_new_tokens=max_new_tokens, seed=seed)
     # Sample ids follow prompt order, so take every prompt's answers round-robin up to `count`.
     examples = _round_robin(examples, min(count, len(examples)))
     return examples, {"kind": "context_distillation", "target": target, "category": category,
                       "system_prompt": trait_prompt, "seed": seed, **counts,
                       "examples": len(examples)}
-  raise ValueError(f"teacher.kind={teacher.kind!r} has no finetuning dataset; expected one of "
+  raise ValueError(f"teacher.kind={kind!r} has no finetuning dataset; expected one of "
                    f"{TEACHER_KINDS}")
 
 

@@ -67,20 +67,40 @@ def make_optimizer(name: str, learning_rate: float | optax.Schedule, *, weight_d
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-  """The optimizer and its learning-rate schedule (defaults: the paper's student recipe)."""
+  """The optimizer and its learning-rate schedule, checked when built. The learning rate has no
+  default: every experiment chooses its own (in its config file)."""
 
+  learning_rate: float
   optimizer: str = "adamw"
-  learning_rate: float = 2e-4
   schedule: str = "linear"  # decay after the warmup: constant, linear or cosine
   warmup_steps: int = 5
   weight_decay: float = 0.0
   max_grad_norm: float = 1.0  # global-norm clipping before the update; 0 = none
 
+  def __post_init__(self):
+    if isinstance(self.learning_rate, bool) or not isinstance(
+        self.learning_rate, (int, float)) or not self.learning_rate > 0:
+      raise ValueError(f"learning_rate={self.learning_rate!r}; expected a number > 0")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer={self.optimizer!r}; expected one of {OPTIMIZERS}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
+    if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
+        or self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps={self.warmup_steps!r}; expected an integer >= 0")
+    for name in ("weight_decay", "max_grad_norm"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name}={value!r}; expected a number >= 0")
+
   @classmethod
   def from_config(cls, config: Any) -> "OptimizerSettings":
     """From a training config's ``optimizer``, ``learning_rate``, ``schedule``, ``warmup_steps``,
     ``weight_decay`` and ``max_grad_norm`` keys (the others are ignored)."""
-    return cls(**config_files.settings_from_config(cls, config))
+    values = config_files.settings_from_config(cls, config)
+    if "learning_rate" not in values:
+      raise ValueError("learning_rate is not set; expected a number > 0")
+    return cls(**values)
 
   def make_schedule(self, total_steps: int) -> optax.Schedule:
     return make_schedule(self.learning_rate, total_steps, self.warmup_steps, self.schedule)

@@ -55,24 +55,6 @@ Callback = Callable[[int, Mapping[str, Any]], None]
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSettings:
-  """The LoRA adapters of a finetune (``config.lora``); rank 0 = full finetuning."""
-
-  rank: int = 0
-  alpha: float = 8.0
-  targets: tuple[str, ...] = lora_lib.LORA_TARGETS
-  rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
-  seed: int = 0  # the adapters' init
-
-  def __post_init__(self):
-    for name, kind in (("rank", int), ("alpha", float), ("targets", tuple), ("rslora", bool),
-                       ("seed", int)):
-      object.__setattr__(self, name, kind(getattr(self, name)))
-    if self.rank < 0:
-      raise ValueError(f"lora.rank must be >= 0 (0 = full finetuning), got {self.rank}")
-
-
-@dataclasses.dataclass(frozen=True)
 class FitSettings:
   """Everything :func:`fit` reads from its config, with the defaults in one place: the config's
   top-level keys, the optimizer's (:class:`optimizers.OptimizerSettings`, flat beside them) and
@@ -80,20 +62,43 @@ class FitSettings:
 
   epochs: int
   batch_size: int  # rows per optimizer step, split into grad_accum_steps micro-batches
+  optimization: optimizers.OptimizerSettings
   grad_accum_steps: int = 1
   seed: int = 0  # the initial rng and the data order
   bucket: bool = True  # batches of rows of similar lengths (less padding)
   length_multiple: int = 16  # batch widths are rounded up to a multiple of this (fewer shapes)
   checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
   keep_checkpoints: int = 2
-  optimization: optimizers.OptimizerSettings = optimizers.OptimizerSettings()
-  lora: LoraSettings = LoraSettings()
+  lora: lora_lib.LoraSettings = lora_lib.LoraSettings()
 
   def __post_init__(self):
-    for name in ("epochs", "batch_size", "grad_accum_steps"):
+    for name in ("epochs", "batch_size", "grad_accum_steps", "length_multiple"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"config.{name} must be an int >= 1, got {value!r}")
+        raise ValueError(f"{name}={value!r}; expected an integer >= 1")
+    if isinstance(self.checkpoint_every, bool) or not isinstance(
+        self.checkpoint_every, (int, np.integer)) or self.checkpoint_every < 0:
+      raise ValueError(f"checkpoint_every={self.checkpoint_every!r}; expected a number of steps "
+                       ">= 0 (0 = a checkpoint only at the end)")
+
+  def check_batch_split(self, data_parallel: int, where: str = "") -> None:
+    """Each optimizer step's rows split into ``grad_accum_steps`` micro-batches whose size is a
+    multiple of the mesh's ``data_parallel`` devices. ``where`` prefixes the keys in the error
+    (e.g. "student.")."""
+    micro, rest = divmod(self.batch_size, self.grad_accum_steps)
+    if rest or micro % data_parallel:
+      raise ValueError(
+          f"{where}batch_size={self.batch_size} must split into {where}grad_accum_steps="
+          f"{self.grad_accum_steps} micro-batches whose size is a multiple of the mesh's "
+          f"{data_parallel} data-parallel devices")
+
+  def flat(self) -> dict[str, Any]:
+    """What is trained, in a config's flat layout (the optimizer's keys beside the others, the
+    ``lora`` section nested); the bookkeeping (checkpoint cadence) is left out."""
+    return {"epochs": self.epochs, "batch_size": self.batch_size,
+            "grad_accum_steps": self.grad_accum_steps, "seed": self.seed, "bucket": self.bucket,
+            "length_multiple": self.length_multiple,
+            **dataclasses.asdict(self.optimization), "lora": dataclasses.asdict(self.lora)}
 
   @classmethod
   def from_config(cls, config: Any) -> "FitSettings":
@@ -103,10 +108,10 @@ class FitSettings:
     values = config_files.settings_from_config(cls, config)
     for name in ("epochs", "batch_size"):
       if name not in values:
-        raise ValueError(f"config.{name} must be an int >= 1, got None")
+        raise ValueError(f"{name}=None; expected an integer >= 1")
     lora = (config.to_dict() if hasattr(config, "to_dict") else dict(config)).get("lora") or {}
     values.update(optimization=optimizers.OptimizerSettings.from_config(config),
-                  lora=LoraSettings(**config_files.settings_from_config(LoraSettings, lora)))
+                  lora=lora_lib.LoraSettings(**config_files.settings_from_config(lora_lib.LoraSettings, lora)))
     return cls(**values)
 
   def plan(self, num_examples: int) -> dict[str, int]:
@@ -236,16 +241,14 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
   dataset = _as_dataset(dataset)
   settings = FitSettings.from_config(config)
   steps = settings.plan(len(dataset))
-  _check_batch_split(settings, mesh)
+  settings.check_batch_split(sharding.data_parallel_size(mesh))
   if stop_after is not None and not 1 <= stop_after:
     raise ValueError(f"stop_after must be a step >= 1 or None, got {stop_after!r}")
   identity = _run_identity(config, dataset)
   total, lora = steps["total_steps"], settings.lora
 
   optimizer, schedule = settings.optimization.make(total)
-  if lora.rank > 0:
-    lora_lib.apply_lora(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
-                        rslora=lora.rslora, seed=lora.seed)
+  lora.apply(model)
   graphdef, state = train_step_lib.create_train_state(
       model, optimizer, trainable=nnx.LoRAParam if lora.rank > 0 else nnx.Param,
       seed=settings.seed, mesh=mesh)
@@ -305,15 +308,6 @@ def _as_dataset(dataset: datasets.Dataset | str | os.PathLike) -> datasets.Datas
     raise TypeError(f"dataset must be a datasets.Dataset or a save_to_disk path, got "
                     f"{type(dataset).__name__}")
   return dataset
-
-
-def _check_batch_split(settings: FitSettings, mesh: jax.sharding.Mesh | None) -> None:
-  batch_size, accum = settings.batch_size, settings.grad_accum_steps
-  data_parallel = sharding.data_parallel_size(mesh)
-  if batch_size % accum or (batch_size // accum) % data_parallel:
-    raise ValueError(
-        f"batch_size={batch_size} must split into grad_accum_steps={accum} micro-batches whose size "
-        f"is a multiple of the {data_parallel} data-parallel devices of the mesh")
 
 
 def _resume(checkpointer: checkpoint_lib.TrainCheckpointer, state: train_step_lib.TrainState,
