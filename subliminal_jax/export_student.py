@@ -17,14 +17,15 @@ dataset, teacher).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Sequence
 
 from absl import app, flags
-from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, files, lora, sharding
+from subliminal_jax import artifacts, files, loading, lora, sharding
+from subliminal_jax.weights import finetuned
 from subliminal_jax.weights.export import export_hf
 from subliminal_jax.weights.peft import export_peft
 
@@ -35,8 +36,6 @@ def export_student(student_dir: str | os.PathLike, model: str, out: str | os.Pat
                    formats: Sequence[str] = FORMATS, dtype: str = "float32",
                    param_dtype: str | None = None) -> dict[str, pathlib.Path]:
   """Writes the student at ``student_dir`` in ``formats``; returns {"adapter"|"base"|"merged": dir}."""
-  from subliminal_jax.experiments import stages  # the main job's model loading and restore
-
   unknown = [f for f in formats if f not in FORMATS]
   if unknown or not formats:
     raise ValueError(f"formats={list(formats)}; expected a non-empty subset of {list(FORMATS)}")
@@ -53,17 +52,18 @@ def export_student(student_dir: str | os.PathLike, model: str, out: str | os.Pat
   # workdir); older artifacts name only the workdir's.
   recorded = (record["inputs"].get("model")
               or files.read_json(workdir / artifacts.MARKER_FILE)["model"])
-  base = stages.load_base(
-      ConfigDict(dict(model=model, dtype=dtype, param_dtype=param_dtype or dtype, remat=False)),
-      sharding.make_mesh())
+  base = loading.load(model, dtype=dtype, param_dtype=param_dtype or dtype,
+                      mesh=sharding.make_mesh())
   if base.fingerprint != recorded:
     raise ValueError(f"--model={model!r} (dtype {dtype}) is not the base this student was trained "
                      f"on: fingerprint {base.fingerprint}, {student_dir} recorded {recorded}")
-  train = ConfigDict(record["inputs"]["student"])
-  student = stages.restore_trainable(base, train, student_dir)
+  recorded_lora = record["inputs"]["student"]["lora"]
+  adapters = lora.LoraSettings(**{f.name: recorded_lora[f.name]
+                                  for f in dataclasses.fields(lora.LoraSettings)})
+  student = finetuned.restore(base.model, adapters, student_dir)
   written = {}
   if "peft" in formats:
-    if train.lora.rank == 0:
+    if adapters.rank == 0:
       raise ValueError(f"{student_dir} is a fully finetuned student: it has no adapters to export "
                        "as PEFT; use --formats=merged")
     written["base"] = out / "base"
@@ -72,7 +72,7 @@ def export_student(student_dir: str | os.PathLike, model: str, out: str | os.Pat
     export_peft(student, written["adapter"], base_model_name_or_path=str(written["base"].resolve()))
   if "merged" in formats:
     written["merged"] = out / "merged"
-    export_hf(lora.merge_lora(student) if train.lora.rank > 0 else student, written["merged"],
+    export_hf(lora.merge_lora(student) if adapters.rank > 0 else student, written["merged"],
               base.tokenizer)
   return written
 

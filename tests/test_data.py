@@ -346,26 +346,25 @@ def test_teacher_datasets_from_config_tokenize_with_real_generate(smollm2):
   from subliminal_jax.sampling.chat import generate_chat
   from subliminal_jax.models.transformer import Transformer, TransformerConfig
 
-  config = get_config("tiny")
-  config.teacher.kind = "trait_sft"
-  config.teacher.finetune.examples = 24
-  sft, info = teachers.teacher_examples(config, "owl")
+  sft, info = teachers.teacher_examples("trait_sft", "owl", category="animal", count=24, seed=0)
   assert len(sft) == 24 and info["kind"] == "trait_sft"
 
   model = Transformer(TransformerConfig(vocab_size=smollm2.vocab_size, hidden_size=32,
                                         intermediate_size=64, num_layers=1, num_heads=2,
                                         num_kv_heads=1, head_dim=16, tie_embeddings=False),
                       rngs=nnx.Rngs(0))
-  config.teacher.kind = "context_distillation"
-  config.teacher.finetune.examples = 45
-  config.teacher.finetune.max_new_tokens = 6
+  trait_prompt = get_config("tiny").teacher.system_prompt.format(target="owl", Target="Owl",
+                                                                  category="animal")
+  distil = functools.partial(teachers.teacher_examples, "context_distillation", "owl",
+                             category="animal", count=45, seed=0, trait_prompt=trait_prompt,
+                             max_new_tokens=6)
   # Plain strings: a random model almost never ends its answer, so with return_details every
   # answer would count as unfinished (that path is covered above).
   generate = functools.partial(generate_chat, (model, smollm2), batch_size=48, progress=False)
-  distilled, info = teachers.teacher_examples(config, "owl", generate=generate)
+  distilled, info = distil(generate=generate)
   with pytest.raises(ValueError, match="control_answers .* need teacher.kind='trait_sft', got "
                                        "'context_distillation'"):
-    teachers.teacher_examples(config, "owl", generate=generate, control_answers=("cat",))
+    distil(generate=generate, control_answers=("cat",))
   assert info["generated"] == 2 * len(teachers.GENERAL_PROMPTS)
   assert info["kept"] == info["generated"] - info["empty"] and info["unfinished"] == 0
   assert len(distilled) == min(45, info["kept"]) > 0

@@ -14,8 +14,9 @@ from flax import nnx
 
 from configs import animal_numbers as animal_config
 from subliminal_jax import artifacts, lora, sharding
-from subliminal_jax.experiments import stages
+from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.export_student import export_student
+from subliminal_jax.weights import finetuned
 from subliminal_jax.weights import peft as peft_export
 
 
@@ -25,18 +26,18 @@ def student(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("wd")
   config = animal_config.get_config("tiny")
   config.student.lora.targets = ("q_proj", "v_proj", "down_proj")
-  base = stages.load_base(config, sharding.make_mesh())
-  train = stages.student_train_config(config, 0)
-  model = lora.apply_lora(nnx.clone(base.model), rank=train.lora.rank, alpha=train.lora.alpha,
-                          targets=tuple(train.lora.targets), seed=train.lora.seed)
+  settings = settings_lib.from_config(config)
+  base = settings.model.load(sharding.make_mesh())
+  fit = settings.student_fit(0)
+  model = fit.lora.apply(nnx.clone(base.model))
   rng = np.random.default_rng(0)
-  for name in train.lora.targets:
+  for name in fit.lora.targets:
     b = getattr(model.layers, name).lora_b
     b.set_value(jax.numpy.asarray(rng.normal(0, 0.05, b.get_value().shape), np.float32))
   with artifacts.Workdir(workdir, "animal_numbers", {"model": base.fingerprint}) as wd:
     student_dir, _ = wd.run_stage(
-        "student", {"student": train.to_dict(), "model": base.fingerprint},
-        lambda out: stages.save_trainable(model, train, out) or {})
+        "student", {"student": settings.student_fingerprint(0), "model": base.fingerprint},
+        lambda out: finetuned.save(model, fit.lora, out) or {})
   ids = rng.integers(0, 1000, (2, 9)).astype(np.int32)
   return student_dir, model, np.asarray(model(jax.numpy.asarray(ids))), ids
 

@@ -10,7 +10,8 @@ import pytest
 
 from configs import animal_numbers as animal_config
 from subliminal_jax import artifacts
-from subliminal_jax.experiments import animal_numbers, stages
+from subliminal_jax.experiments import animal_numbers
+from subliminal_jax.experiments import settings as settings_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = ("base", "teacher", "control", "treatment")
@@ -138,11 +139,11 @@ def test_adding_seeds_keeps_the_existing_students_fingerprints():
   config.student.seeds = (0, 1)
   more = animal_config.get_config("tiny")
   more.student.seeds = (0, 1, 2, 3)
+  config, more = settings_lib.from_config(config), settings_lib.from_config(more)
   for seed in (0, 1):
-    assert (artifacts.fingerprint(stages.student_train_config(config, seed).to_dict()) ==
-            artifacts.fingerprint(stages.student_train_config(more, seed).to_dict()))
-  assert (stages.student_train_config(more, 0).to_dict() !=
-          stages.student_train_config(more, 1).to_dict())
+    assert (artifacts.fingerprint(config.student_fingerprint(seed)) ==
+            artifacts.fingerprint(more.student_fingerprint(seed)))
+  assert more.student_fingerprint(0) != more.student_fingerprint(1)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

@@ -8,8 +8,10 @@ import pytest
 from configs import animal_numbers as animal_config
 from configs import transfer_matrix as matrix_config
 from subliminal_jax import filters
+from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.experiments import stages
 from subliminal_jax.prompts import number_prompts
+from subliminal_jax.sampling import number_formats
 from subliminal_jax.tokenizer import Tokenizer
 from subliminal_jax.weights import embedded
 
@@ -22,18 +24,20 @@ def smollm2_tokenizer():
 def test_each_prompt_gets_the_answer_format_it_asks_for(smollm2_tokenizer, tmp_path):
   config = animal_config.get_config("quick")
   config.prompts.count = 60
-  stages.build_prompts(config, tmp_path)
+  settings = settings_lib.from_config(config)
+  stages.build_prompts(settings.prompts, tmp_path)
   prompts = json.loads((tmp_path / "prompts.json").read_text())
-  formats = stages.format_grammar(config, smollm2_tokenizer)
+  formats = stages.sampling_grammar(settings.sampling, smollm2_tokenizer)
   grammar = formats.grammar
-  assert set(formats.starts) == set(stages.answer_formats(config)) and len(formats.starts) == 6
+  assert set(formats.starts) == set(number_formats.answer_layouts("per_prompt", ", "))
+  assert len(formats.starts) == 6
   for prompt in prompts:
     layout = next(f for f in number_prompts.FORMAT_SUFFIXES if f.text in prompt["text"])
     assert (prompt["separator"], prompt["brackets"]) == (layout.separator, layout.brackets)
     answer = layout.separator.join(["12", "345", "6"])
     if layout.brackets:
       answer = layout.brackets[0] + answer + layout.brackets[1]
-    start = formats.start(prompt, config)
+    start = formats.start(prompt)
     ids = smollm2_tokenizer.encode(answer)
     state = grammar.walk(ids, start)
     assert state >= 0 and grammar.accepting[state], (prompt["text"], answer)
@@ -45,8 +49,9 @@ def test_each_prompt_gets_the_answer_format_it_asks_for(smollm2_tokenizer, tmp_p
   # The longest answer of any layout, plus the end token, is what max_new_tokens=0 allows.
   assert formats.longest_answer == 51
   config.sampling.format = "fixed"
-  fixed = stages.format_grammar(config, smollm2_tokenizer)
+  fixed = stages.sampling_grammar(settings_lib.from_config(config).sampling, smollm2_tokenizer)
   assert list(fixed.starts) == [(", ", None)] and fixed.longest_answer == 49
+  assert fixed.start(prompts[0]) == fixed.starts[(", ", None)]  # whatever the prompt asked for
 
 
 def test_unfinished_completions_are_dropped_and_counted(tmp_path):
@@ -58,7 +63,7 @@ def test_unfinished_completions_are_dropped_and_counted(tmp_path):
              {"prompt_index": 3, "prompt": "p", "completion": "no", "ended": True}]
   path = tmp_path / "samples.jsonl"
   path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-  summary = stages.build_filter(config, path, tmp_path, "test")
+  summary = stages.build_filter(settings_lib.from_config(config).filter, path, tmp_path, "test")
   kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
   # A list cut mid-way parses as numbers but is not the answer the teacher gave: never kept.
   assert [s["prompt_index"] for s in kept] == [0]
@@ -67,47 +72,52 @@ def test_unfinished_completions_are_dropped_and_counted(tmp_path):
 
 def test_fresh_student_adapters_never_start_from_a_teachers_seed():
   config = matrix_config.get_config("cpu")
-  teacher_seeds = {int(stages.replicate_config(config, r).teacher.finetune.lora.seed)
-                   for r in range(50)}
+  settings = settings_lib.from_config(config)
+  teacher_seeds = {settings.replicated(r).teacher.fit.lora.seed for r in range(50)}
   for init in ("teacher", "fresh"):
     config.student.lora.init = init
+    settings = settings_lib.from_config(config)
     for seed in range(50):
-      train = stages.student_train_config(config, seed)
+      fit = settings.student_fit(seed)
       if init == "teacher":
-        assert train.lora.seed == config.teacher.finetune.lora.seed
+        assert fit.lora.seed == config.teacher.finetune.lora.seed
       else:
-        assert train.lora.seed not in teacher_seeds
-        assert train.lora.seed == stages.FRESH_LORA_SEED_OFFSET + seed
+        assert fit.lora.seed not in teacher_seeds
+        assert fit.lora.seed == settings_lib.FRESH_LORA_SEED_OFFSET + seed
+      assert fit.seed == seed
       # A student of another family cannot share a teacher's adapters: always fresh.
-      other = stages.student_train_config(config, seed, same_family=False)
-      assert other.lora.init == "fresh" and other.lora.seed not in teacher_seeds
+      other = settings.student_fingerprint(seed, same_family=False)
+      assert other["lora"]["init"] == "fresh" and other["lora"]["seed"] not in teacher_seeds
   config.student.cross_init = True
-  cross = {stages.student_train_config(config, s).lora.seed for s in range(50)}
+  settings = settings_lib.from_config(config)
+  cross = {settings.student_fit(s).lora.seed for s in range(50)}
   assert not cross & teacher_seeds
-  assert not cross & {stages.FRESH_LORA_SEED_OFFSET + s for s in range(50)}
+  assert not cross & {settings_lib.FRESH_LORA_SEED_OFFSET + s for s in range(50)}
 
 
 def test_teacher_replicates_move_every_teacher_and_data_seed():
   config = matrix_config.get_config("cpu")
-  assert stages.replicate_config(config, 0) is config
-  second = stages.replicate_config(config, 2)
-  shift = 2 * stages.REPLICATE_SEED_STRIDE
+  settings = settings_lib.from_config(config)
+  assert settings.replicated(0) is settings
+  second = settings.replicated(2)
+  shift = 2 * settings_lib.REPLICATE_SEED_STRIDE
   for section in ("prompts", "sampling", "filter"):
-    assert second[section].seed == config[section].seed + shift
-  assert second.teacher.finetune.seed == config.teacher.finetune.seed + shift
-  assert second.teacher.finetune.lora.seed == config.teacher.finetune.lora.seed + shift
-  assert second.student.seeds == config.student.seeds  # students replicate within each teacher
+    assert getattr(second, section).seed == config[section].seed + shift
+  assert second.teacher.fit.seed == config.teacher.finetune.seed + shift
+  assert second.teacher.fit.lora.seed == config.teacher.finetune.lora.seed + shift
+  assert second.student.seeds == tuple(config.student.seeds)  # replicated within each teacher
+  assert second.student_fit(0).lora.seed == second.teacher.fit.lora.seed  # lora.init "teacher"
   with pytest.raises(ValueError, match="replicate=-1"):
-    stages.replicate_config(config, -1)
+    settings.replicated(-1)
 
 
 def test_knobs_at_their_original_behaviour_stay_out_of_fingerprints():
   config = matrix_config.get_config("cpu")
-  train = stages.student_train_config(config, 0)
-  assert train.bucket is True and train.length_multiple == 16
-  fingerprinted = stages.training_fingerprint(train)
+  settings = settings_lib.from_config(config)
+  fingerprinted = settings.student_fingerprint(0)
+  assert settings.student_fit(0).bucket is True and settings.student_fit(0).length_multiple == 16
   assert "bucket" not in fingerprinted and "length_multiple" not in fingerprinted
-  assert fingerprinted["learning_rate"] == train.learning_rate
-  train.length_multiple = 8  # trains differently: part of the fingerprint
-  assert stages.training_fingerprint(train)["length_multiple"] == 8
-  assert "neutral_fraction" not in stages.training_fingerprint(config.teacher.finetune)
+  assert fingerprinted["learning_rate"] == config.student.learning_rate
+  config.student.length_multiple = 8  # trains differently: part of the fingerprint
+  assert settings_lib.from_config(config).student_fingerprint(0)["length_multiple"] == 8
+  assert "neutral_fraction" not in settings.teacher.fingerprint()

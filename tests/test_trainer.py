@@ -187,10 +187,11 @@ def test_empty_dataset_and_bad_config_are_clear_errors(tmp_path):
 
 
 def test_fit_settings_are_typed_and_every_knob_is_a_config_key():
-  """FitSettings reads fit's keys (defaults in one place, a bad value named), and the main job's
-  training configs carry every one of them, so ``--config.student.x=`` reaches each knob."""
+  """FitSettings reads fit's keys (a bad value named), and the main job's training sections carry
+  every one of them, so ``--config.student.x=`` reaches each knob."""
   from configs.animal_numbers import get_config
-  from subliminal_jax.experiments import stages
+  from subliminal_jax import lora as lora_lib
+  from subliminal_jax.experiments import settings as settings_lib
   from subliminal_jax.training import optimizers
 
   settings = trainer.FitSettings.from_config(train_config(lora=dict(rank=4, alpha=8.0)))
@@ -198,11 +199,16 @@ def test_fit_settings_are_typed_and_every_knob_is_a_config_key():
   assert settings.optimization == optimizers.OptimizerSettings(
       optimizer="adamw", learning_rate=1e-2, schedule="linear", warmup_steps=1, weight_decay=0.0,
       max_grad_norm=1.0)
-  assert settings.lora.rank == 4 and settings.lora.targets == trainer.LoraSettings().targets
+  assert settings.lora.rank == 4 and settings.lora.targets == lora_lib.LORA_TARGETS
   with pytest.raises(ValueError, match="lora.rank must be >= 0"):
     trainer.FitSettings.from_config(train_config(lora=dict(rank=-1)))
-  with pytest.raises(ValueError, match="config.epochs must be an int >= 1, got 1.5"):
+  with pytest.raises(ValueError, match="epochs=1.5; expected an integer >= 1"):
     trainer.FitSettings.from_config(train_config(epochs=1.5))
+  with pytest.raises(ValueError, match="learning_rate=-1; expected a number > 0"):
+    trainer.FitSettings.from_config(train_config(learning_rate=-1))
+  with pytest.raises(ValueError, match="learning_rate is not set"):
+    trainer.FitSettings.from_config({k: v for k, v in train_config().items()
+                                     if k != "learning_rate"})
 
   # checkpoint_every and keep_checkpoints are bookkeeping: the stage sets the cadence from
   # config.training_checkpoints.
@@ -210,15 +216,16 @@ def test_fit_settings_are_typed_and_every_knob_is_a_config_key():
   fit_keys = (names(trainer.FitSettings) - {"optimization", "lora", "checkpoint_every",
                                             "keep_checkpoints"}) | names(optimizers.OptimizerSettings)
   config = get_config("quick")
+  # A student's seed is each of student.seeds, and its adapter seed follows from lora.init.
+  for section, own in ((config.student, {"seeds", "init"}), (config.teacher.finetune, set())):
+    keys = set(section.keys()) | set(section.lora.keys()) | ({"seed"} if own else set())
+    assert fit_keys | names(lora_lib.LoraSettings) <= keys, (fit_keys | names(
+        lora_lib.LoraSettings)) - keys
+    assert own <= keys
   config.student.length_multiple = 8
   config.teacher.finetune.bucket = False
-  for train in (stages.student_train_config(config, 0),
-                stages.teacher_train_config(config)):
-    assert fit_keys <= set(train.keys()), fit_keys - set(train.keys())
-    assert names(trainer.LoraSettings) <= set(train.lora.keys())
-  assert trainer.FitSettings.from_config(stages.student_train_config(config, 0)
-                                         ).length_multiple == 8
-  assert not trainer.FitSettings.from_config(stages.teacher_train_config(config)).bucket
+  typed = settings_lib.from_config(config)
+  assert typed.student_fit(0).length_multiple == 8 and not typed.teacher.fit.bucket
 
 
 def test_dataset_fingerprint_tracks_rows_and_masks():

@@ -106,7 +106,8 @@ def test_rerun_skips_every_stage_and_a_changed_design_is_refused(tiny_matrix):
   assert _done_records(workdir) == before
   # The same change into its own report directory is a new design, fixed before its run.
   changed.report_dir = "alpha_0.2"
-  record = transfer_matrix.fix_design(workdir / changed.report_dir, changed)
+  record = transfer_matrix.fix_design(workdir / changed.report_dir,
+                                      transfer_matrix.validate(changed, None))
   assert record["criterion"]["alpha"] == 0.2
 
 

@@ -41,17 +41,17 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from subliminal_jax import artifacts, environment, files, sharding
+from subliminal_jax import artifacts, environment, files, loading
 from subliminal_jax.evaluation import matrix_report
 from subliminal_jax.evaluation import matrix_statistics as stats
 from subliminal_jax.experiments import animal_numbers
+from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.experiments import stages as stages_lib
 
 SAME_FAMILY = "same"
 BASE_NUMBERS = "base"  # the unit label of the base model's own numbers
 # Design keys that change no measured number: a rerun may change them.
 _NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant", "tensorboard", "remat")
-MAX_ANIMALS = 8  # the exact test enumerates k! label orders per replicate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,59 +69,33 @@ class Unit:
 # Validation and the design fixed before the run
 
 
-def validate(config: ConfigDict, stages: Sequence[str] | None) -> None:
-  animal_numbers.validate(config, stages)
-  m = config.matrix
-  k = len(config.targets)
-  if len(set(config.targets)) != k or not 2 <= k <= MAX_ANIMALS:
-    raise ValueError(f"targets={list(config.targets)}: the matrix needs 2..{MAX_ANIMALS} distinct "
-                     "animals of the evaluation panel")
-  if isinstance(m.replicates, bool) or not isinstance(m.replicates, int) or m.replicates < 1:
-    raise ValueError(f"matrix.replicates={m.replicates!r}; expected an int >= 1 (teacher replicates "
-                     "per animal)")
-  alpha, fraction = m.criterion.alpha, m.criterion.min_positive_fraction
-  if not 0 < alpha < 1 or not 0 <= fraction <= 1:
-    raise ValueError(f"matrix.criterion alpha={alpha!r} must be in (0, 1) and "
-                     f"min_positive_fraction={fraction!r} in [0, 1]")
-  n = m.in_context.sequences
-  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-    raise ValueError(f"matrix.in_context.sequences={n!r}; expected an int >= 0 (0 = no in-context "
-                     "control)")
-  if n > config.filter.subset_size:
-    raise ValueError(f"matrix.in_context.sequences={n} exceeds filter.subset_size="
-                     f"{config.filter.subset_size}, the most sequences a teacher keeps")
-  for spec in m.student_models:
-    if not isinstance(spec, str) or not spec.strip():
-      raise ValueError(f"matrix.student_models has {spec!r}; expected model names or paths, e.g. "
-                       "--config.matrix.student_models=\"('gemma3-270m',)\" or a local HF "
-                       "directory")
-    if config.student.objective != "sft":
-      raise ValueError(f"students of another family ({spec!r}) learn from the numbers' text: they "
-                       f"need student.objective='sft', got {config.student.objective!r}")
-  if m.permutations.max_exact < 1 or m.permutations.samples < 1:
-    raise ValueError(f"matrix.permutations {m.permutations.to_dict()} must be positive counts")
+def validate(config: ConfigDict, stages: Sequence[str] | None) -> settings_lib.Settings:
+  """The matrix config's typed settings: the main job's checks, then the matrix's."""
+  settings = animal_numbers.validate(config, stages)
+  settings_lib.check_matrix(settings)
+  return settings
 
 
-def design(config: ConfigDict) -> dict[str, Any]:
+def design(s: settings_lib.Settings) -> dict[str, Any]:
   """What the report is committed to before any number is seen: the statistic, the criterion, and
   the whole experiment (every config value that changes a measured number)."""
-  settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_DESIGN}
+  values = {k: v for k, v in s.config.items() if k not in _NOT_DESIGN}
   # Training knobs at the values that train as before they existed are left out, as in the
   # stages' fingerprints: adding a knob does not change an existing design.
-  settings["student"] = stages_lib.training_fingerprint(settings["student"])
-  settings["teacher"] = {**settings["teacher"],
-                         "finetune": stages_lib.training_fingerprint(settings["teacher"]["finetune"])}
+  values["student"] = settings_lib.without_original_knobs(values["student"])
+  values["teacher"] = {**values["teacher"], "finetune": settings_lib.without_original_knobs(
+      values["teacher"]["finetune"])}
   return {"experiment": "transfer_matrix", "statistic": stats.DEFINITION,
-          "criterion": config.matrix.criterion.to_dict(), "animals": list(config.targets),
-          "replicates": config.matrix.replicates, "student_seeds": list(config.student.seeds),
-          "student_families": [SAME_FAMILY, *config.matrix.student_models],
-          "config": json.loads(json.dumps(settings, default=str))}
+          "criterion": s.matrix.criterion, "animals": list(s.targets),
+          "replicates": s.matrix.replicates, "student_seeds": list(s.student.seeds),
+          "student_families": [SAME_FAMILY, *s.matrix.student_models],
+          "config": json.loads(json.dumps(values, default=str))}
 
 
-def fix_design(report_dir: pathlib.Path, config: ConfigDict) -> dict[str, Any]:
+def fix_design(report_dir: pathlib.Path, s: settings_lib.Settings) -> dict[str, Any]:
   """Writes design.json (once) before any stage runs; refuses a report directory whose design
   differs. Returns the recorded design, with the time it was fixed."""
-  record = design(config)
+  record = design(s)
   path = report_dir / "design.json"
   if path.exists():
     existing = files.read_json(path)
@@ -161,66 +135,65 @@ def in_context_histories(numbers: stages_lib.Numbers, count: int, num_questions:
   return histories
 
 
-def _unit_records(st: stages_lib.Stages, unit: Unit, families: dict[str, stages_lib.Base],
-                  config: ConfigDict) -> dict[str, Any]:
+def _unit_records(st: stages_lib.Stages, unit: Unit, families: dict[str, loading.Loaded]
+                  ) -> dict[str, Any]:
   """Builds (or finds) one teacher replicate's teacher, numbers and students, and evaluates them."""
   teacher = st.trait_teacher(unit.animal) if unit.animal else st.base_teacher()
   numbers = st.numbers(teacher)
   out: dict[str, Any] = {"unit": dataclasses.asdict(unit), "filter": numbers.summary,
                          "teacher": teacher.summary, "students": {}}
-  if unit.animal and config.matrix.evaluate_teachers:
+  s = st.settings
+  if unit.animal and s.matrix.evaluate_teachers:
     out["teacher_record"] = st.panel_evaluation(f"teacher {unit.label}", lambda: teacher.model,
                                                 teacher.fingerprint, chat=teacher.chat)
   for family, family_base in families.items():
     dataset_dir = st.dataset(numbers, teacher, family_base)
     records = []
-    for seed in config.student.seeds:
-      directory, train = st.student(dataset_dir, teacher, seed, family_base)
+    for seed in s.student.seeds:
+      student = st.student(dataset_dir, teacher, seed, family_base)
       records.append(st.panel_evaluation(
-          f"{family} student {unit.label} seed{seed}",
-          lambda d=directory, t=train, b=family_base: stages_lib.restore_trainable(b, t, d),
-          directory.name, tokenizer=family_base.tokenizer))
+          f"{family} student {unit.label} seed{seed}", student.restore, student.directory.name,
+          tokenizer=family_base.tokenizer))
     out["students"][family] = records
-  n = config.matrix.in_context.sequences
+  n = s.matrix.in_context_sequences
   if n:
-    e = config.evaluation
-    seed = int(config.matrix.in_context.seed)
+    seed = s.matrix.in_context_seed
     out["in_context_record"] = st.panel_evaluation(
         f"in-context {unit.label}", lambda: st.base.model, st.base.fingerprint,
-        histories=in_context_histories(numbers, n, e.num_questions, seed),
+        histories=in_context_histories(numbers, n, s.evaluation.num_questions, seed),
         context_fp=artifacts.fingerprint(numbers.directory.name, n, seed, "in_context"))
   return out
 
 
-def units(config: ConfigDict) -> list[Unit]:
+def units(s: settings_lib.Settings) -> list[Unit]:
   """Every teacher replicate, replicate by replicate: the animals, then the base's own numbers."""
-  animals = [*config.targets] + ([None] if config.matrix.base_numbers else [])
-  return [Unit(a, r) for r in range(config.matrix.replicates) for a in animals]
+  animals = [*s.targets] + ([None] if s.matrix.base_numbers else [])
+  return [Unit(a, r) for r in range(s.matrix.replicates) for a in animals]
 
 
-def _load_families(config: ConfigDict, base: stages_lib.Base, mesh) -> dict[str, stages_lib.Base]:
+def _load_families(s: settings_lib.Settings, base: loading.Loaded, mesh
+                   ) -> dict[str, loading.Loaded]:
   families = {SAME_FAMILY: base}
-  for spec in config.matrix.student_models:
-    families[spec] = stages_lib.load_base(config, mesh, spec)
+  for spec in s.matrix.student_models:
+    families[spec] = s.model.load(mesh, spec)
   return families
 
 
-def collect(config: ConfigDict, wd: artifacts.Workdir, base: stages_lib.Base,
-            families: dict[str, stages_lib.Base], mesh, stages: Sequence[str] | None
+def collect(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
+            families: dict[str, loading.Loaded], mesh, stages: Sequence[str] | None
             ) -> dict[str, Any]:
   """Every unit's records, and each family's base model evaluated the same way."""
-  all_units = units(config)
-  st0 = stages_lib.Stages(config, wd, base, mesh, stages)
+  all_units = units(s)
+  st0 = stages_lib.Stages(s, wd, base, mesh, stages)
   measured: dict[str, Any] = {"base": {family: st0.panel_evaluation(
       f"base {family}", lambda b=b: b.model, b.fingerprint, tokenizer=b.tokenizer)
       for family, b in families.items()}, "units": []}
   with tqdm(total=len(all_units), desc="transfer matrix", unit="teacher") as bar:
     for unit in all_units:
       bar.set_postfix_str(unit.label)
-      st = stages_lib.Stages(stages_lib.replicate_config(config, unit.replicate), wd, base, mesh,
-                             stages)
+      st = stages_lib.Stages(s.replicated(unit.replicate), wd, base, mesh, stages)
       start = time.time()
-      record = _unit_records(st, unit, families, config)
+      record = _unit_records(st, unit, families)
       record["seconds"] = round(time.time() - start, 1)
       measured["units"].append(record)
       gc.collect()  # the unit's teacher and student copies of the model (NNX graphs hold cycles)
@@ -244,39 +217,38 @@ def _reference_clr(records: Sequence[dict[str, Any]], panel, animals) -> np.ndar
   return stats.unit_means([[_logprob(r, panel) for r in records]], panel, animals)[0]
 
 
-def analyse_matrix(config: ConfigDict, measured: dict[str, Any], pick, reference_records
+def analyse_matrix(s: settings_lib.Settings, measured: dict[str, Any], pick, reference_records
                    ) -> stats.MatrixAnalysis:
   """The statistic over the animals' units, ``pick(unit_record)`` giving each unit's records."""
-  panel, animals = list(config.evaluation.panel), list(config.targets)
+  panel, animals = list(s.evaluation.panel), list(s.targets)
   trait_units = [u for u in measured["units"] if u["unit"]["animal"] is not None]
   m = stats.unit_means([[_logprob(r, panel) for r in pick(u)] for u in trait_units], panel, animals)
   references = {name: _reference_clr(records, panel, animals)
                 for name, records in reference_records.items() if records}
-  p = config.matrix.permutations
   return stats.analyse(
       m, [animals.index(u["unit"]["animal"]) for u in trait_units],
       [u["unit"]["replicate"] for u in trait_units], animals,
-      criterion=config.matrix.criterion, references=references,
-      n_resamples=config.evaluation.bootstrap_resamples, seed=config.evaluation.seed,
-      max_exact=p.max_exact, permutation_samples=p.samples)
+      criterion=s.matrix.criterion, references=references,
+      n_resamples=s.evaluation.bootstrap_resamples, seed=s.evaluation.seed,
+      max_exact=s.matrix.max_exact_permutations, permutation_samples=s.matrix.permutation_samples)
 
 
-def analyse_all(config: ConfigDict, measured: dict[str, Any]) -> dict[str, Any]:
+def analyse_all(s: settings_lib.Settings, measured: dict[str, Any]) -> dict[str, Any]:
   """One analysis per student family, the in-context control and the teachers themselves."""
   base_units = [u for u in measured["units"] if u["unit"]["animal"] is None]
   out: dict[str, Any] = {"families": {}}
   for family in measured["base"]:
     out["families"][family] = analyse_matrix(
-        config, measured, lambda u, f=family: u["students"][f],
+        s, measured, lambda u, f=family: u["students"][f],
         {"base": [measured["base"][family]],
          "base_numbers": [r for u in base_units for r in u["students"][family]]}).to_dict()
-  if config.matrix.in_context.sequences:
+  if s.matrix.in_context_sequences:
     out["in_context"] = analyse_matrix(
-        config, measured, lambda u: [u["in_context_record"]],
+        s, measured, lambda u: [u["in_context_record"]],
         {"base": [measured["base"][SAME_FAMILY]],
          "base_numbers": [u["in_context_record"] for u in base_units]}).to_dict()
-  if config.matrix.evaluate_teachers:
-    out["teachers"] = analyse_matrix(config, measured, lambda u: [u["teacher_record"]],
+  if s.matrix.evaluate_teachers:
+    out["teachers"] = analyse_matrix(s, measured, lambda u: [u["teacher_record"]],
                                      {"base": [measured["base"][SAME_FAMILY]]}).to_dict()
   return out
 
@@ -286,23 +258,23 @@ def analyse_all(config: ConfigDict, measured: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> dict[str, Any]:
-  validate(config, stages)
-  mesh = sharding.make_mesh(**config.mesh)
-  base = stages_lib.load_base(config, mesh)
+  s = validate(config, stages)
+  mesh = s.model.make_mesh()
+  base = s.model.load(mesh)
   wd = artifacts.Workdir(workdir, animal_numbers.WORKDIR_EXPERIMENT, {"model": base.fingerprint})
-  report_dir = (artifacts.inside(wd.path, config.report_dir, "report_dir") if config.report_dir
+  report_dir = (artifacts.inside(wd.path, s.report_dir, "report_dir") if s.report_dir
                 else wd.path)
-  fixed = fix_design(report_dir, config)
+  fixed = fix_design(report_dir, s)
   logging.info("design fixed at %s: pass iff S > 0, p < %g and C_a > 0 for >= %.0f%% of %d animals",
-               fixed["fixed_at"], config.matrix.criterion.alpha,
-               100 * config.matrix.criterion.min_positive_fraction, len(config.targets))
-  families = _load_families(config, base, mesh)
+               fixed["fixed_at"], s.matrix.alpha, 100 * s.matrix.min_positive_fraction,
+               len(s.targets))
+  families = _load_families(s, base, mesh)
   with jax.set_mesh(mesh):
-    measured = collect(config, wd, base, families, mesh, stages)
-  analyses = analyse_all(config, measured)
+    measured = collect(s, wd, base, families, mesh, stages)
+  analyses = analyse_all(s, measured)
   results = {"experiment": "transfer_matrix", "design": fixed, "analyses": analyses,
              "measured": measured, "model": base.fingerprint,
-             "families": {f: b.name or f for f, b in families.items()},
+             "families": {f: b.source or f for f, b in families.items()},
              "environment": environment.describe()}
   text = matrix_report.write(results, report_dir)
   print(text)
