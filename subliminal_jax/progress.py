@@ -3,8 +3,8 @@
 While an experiment stage runs (:func:`in_stage`, entered by ``artifacts.Workdir.run_stage``),
 :func:`describe` prefixes every bar's description with the stage and its place in the pipeline
 (``sampling_owl (stage 3 of 8): sampling``), so a long run says where it is. Training, sampling,
-evaluation and distillation name their bars here; the stage is set by the artifacts layer above
-them, so this module imports nothing of the package.
+evaluation and distillation name their bars here and ``artifacts`` sets the stage, so this module
+sits at the bottom of the package's layers and imports none of it.
 """
 
 from __future__ import annotations
