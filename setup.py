@@ -34,8 +34,9 @@ setup(
         # Only to convert an HF tokenizer directory without tokenizer.json.
         "transformers": ["transformers>=4.50"],
         # torch and transformers are reference implementations for parity tests and benchmarks
-        # only; peft checks the exported adapters.
+        # only; peft checks the exported adapters; import-linter checks the package's layers
+        # (.importlinter; 2.14 for broken_contract_guidance).
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "torch==2.13.0", "accelerate>=1.0",
-                 "transformers>=4.50", "peft>=0.21"],
+                 "transformers>=4.50", "peft>=0.21", "import-linter>=2.14"],
     },
 )

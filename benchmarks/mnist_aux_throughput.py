@@ -20,8 +20,8 @@ import numpy as np
 from absl import app, flags
 
 from subliminal_jax import compilation_cache
+from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.models import mlp
-from subliminal_jax.training import mnist_ensemble as ensemble
 from subliminal_jax.training.optimizers import make_optimizer
 
 FLAGS = flags.FLAGS

@@ -35,8 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from absl import logging
 
-from subliminal_jax import compilation_cache, files, jsonable
-from subliminal_jax.training import progress
+from subliminal_jax import compilation_cache, files, jsonable, progress
 
 DONE_FILE = "DONE.json"
 LOCK_FILE = ".lock"

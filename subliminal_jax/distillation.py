@@ -56,9 +56,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from subliminal_jax import padding, sharding
+from subliminal_jax import progress as progress_lib
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation_data as pairs
-from subliminal_jax.training import progress as progress_lib
 
 OBJECTIVES = ("sft", "logit_kl")
 RESTRICTIONS = ("none", "grammar", "teacher_topk")

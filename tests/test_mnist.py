@@ -15,9 +15,9 @@ from ml_collections import ConfigDict
 
 from subliminal_jax.data import mnist
 from subliminal_jax.experiments import mnist_aux
+from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.mechanism import imitation
 from subliminal_jax.models import mlp
-from subliminal_jax.training import mnist_ensemble as ensemble
 from subliminal_jax.training.optimizers import make_optimizer
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from subliminal_jax import sharding
+from subliminal_jax import progress, sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
-from subliminal_jax.training import progress, trainer
+from subliminal_jax.training import metrics, trainer
 
 TINY = TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=True)
@@ -86,7 +86,7 @@ def test_resume_after_stop_and_after_crash_matches_uninterrupted_run(tmp_path):
 
   with pytest.raises(Crash):
     trainer.fit(tiny_model(), data, config, workdir, callbacks=[crash_after_5], progress=False)
-  assert [r["step"] for r in progress.read_metrics(workdir / progress.METRICS_FILE)] == [1, 2, 3, 4, 5]
+  assert [r["step"] for r in metrics.read_metrics(workdir / metrics.METRICS_FILE)] == [1, 2, 3, 4, 5]
   assert sorted(os.listdir(workdir / trainer.CHECKPOINT_DIR)) == ["3", "4"]  # keep_checkpoints=2
   model_b, history_b = trainer.fit(tiny_model(), data, config, workdir, progress=False)
 
@@ -95,7 +95,7 @@ def test_resume_after_stop_and_after_crash_matches_uninterrupted_run(tmp_path):
   assert [r["loss"] for r in history_b] == [r["loss"] for r in history_a]
   assert [r["tokens"] for r in history_b] == [r["tokens"] for r in history_a]
   # The metrics file has each step once (step 5, redone after the crash, replaced).
-  assert progress.read_metrics(workdir / progress.METRICS_FILE) == history_b
+  assert metrics.read_metrics(workdir / metrics.METRICS_FILE) == history_b
   assert sorted(os.listdir(workdir / trainer.CHECKPOINT_DIR)) == ["4", "6"]
   # A finished run called again trains nothing and returns the same model and history.
   model_again, history_again = trainer.fit(tiny_model(), data, config, workdir, progress=False)
@@ -127,10 +127,12 @@ def test_lora_on_mesh_with_grad_accum_resumes_exactly(tmp_path):
   base = tiny_model()
   np.testing.assert_array_equal(np.asarray(model_a.layers.q_proj.kernel[...]),
                                 np.asarray(base.layers.q_proj.kernel[...]))
-  assert model_a.layers.q_proj.lora_a is not None
-  assert np.abs(np.asarray(model_a.layers.q_proj.lora_b[...])).max() > 0
-  lora_a = np.asarray(model_a.layers.q_proj.lora_b[...])
-  np.testing.assert_array_equal(lora_a, np.asarray(model_b.layers.q_proj.lora_b[...]))
+  # B starts at zero, so a nonzero B after training shows the adapters really trained.
+  lora_b = np.asarray(model_a.layers.q_proj.lora_b[...])
+  assert np.abs(lora_b).max() > 0
+  np.testing.assert_array_equal(lora_b, np.asarray(model_b.layers.q_proj.lora_b[...]))
+  np.testing.assert_array_equal(np.asarray(model_a.layers.q_proj.lora_a[...]),
+                                np.asarray(model_b.layers.q_proj.lora_a[...]))
   assert_same_params(model_a, model_b)
   spec = model_b.layers.q_proj.lora_a[...].sharding.spec
   assert "fsdp" in jax.tree.leaves(tuple(spec))  # adapters restored into their shardings
@@ -149,7 +151,7 @@ def test_metrics_file_summary_and_steps(tmp_path):
   _, history = trainer.fit(tiny_model(), data, config, tmp_path, progress=False,
                            tensorboard=True)
   assert len(history) == 3 * 3
-  lines = (tmp_path / progress.METRICS_FILE).read_text().splitlines()
+  lines = (tmp_path / metrics.METRICS_FILE).read_text().splitlines()
   assert len(lines) == 9
   records = [json.loads(line) for line in lines]
   assert records == history
@@ -171,7 +173,7 @@ def test_metrics_file_summary_and_steps(tmp_path):
   # Resuming this workdir with another config is refused (nothing is trained or overwritten).
   with pytest.raises(ValueError, match="another run"):
     trainer.fit(tiny_model(), data, {**config, "learning_rate": 5e-3}, tmp_path, progress=False)
-  assert (tmp_path / progress.METRICS_FILE).read_text().splitlines() == lines
+  assert (tmp_path / metrics.METRICS_FILE).read_text().splitlines() == lines
 
 
 def test_empty_dataset_and_bad_config_are_clear_errors(tmp_path):
@@ -240,24 +242,24 @@ def test_dataset_fingerprint_tracks_rows_and_masks():
   assert trainer.dataset_fingerprint(changed) != trainer.dataset_fingerprint(data)
 
 
-# --- progress.py: metrics log and TensorBoard events -------------------------------------------------
+# --- training/metrics.py: metrics log and TensorBoard events --------------------------------------
 
 def test_metrics_writer_resume_drops_steps_after_the_checkpoint(tmp_path):
-  with progress.MetricsWriter(tmp_path) as writer:
+  with metrics.MetricsWriter(tmp_path) as writer:
     for step in range(1, 6):
       writer.write({"step": step, "loss": np.float32(1.0 / step), "nan": float("nan")})
-  records = progress.read_metrics(tmp_path / progress.METRICS_FILE)
+  records = metrics.read_metrics(tmp_path / metrics.METRICS_FILE)
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
   assert records[1]["loss"] == pytest.approx(0.5) and records[0]["nan"] == "nan"
-  with progress.MetricsWriter(tmp_path, resume_step=3) as writer:
+  with metrics.MetricsWriter(tmp_path, resume_step=3) as writer:
     assert [r["step"] for r in writer.records] == [1, 2, 3]
     writer.write({"step": 4, "loss": 9.0})
-  assert [(r["step"], r["loss"]) for r in progress.read_metrics(tmp_path / progress.METRICS_FILE)][2:] \
+  assert [(r["step"], r["loss"]) for r in metrics.read_metrics(tmp_path / metrics.METRICS_FILE)][2:] \
       == [(3, pytest.approx(1 / 3)), (4, 9.0)]
-  with progress.MetricsWriter(tmp_path) as writer:  # a fresh run starts the file anew
+  with metrics.MetricsWriter(tmp_path) as writer:  # a fresh run starts the file anew
     assert writer.records == []
   with pytest.raises(ValueError, match="step"):
-    progress.MetricsWriter(tmp_path).write({"loss": 1.0})
+    metrics.MetricsWriter(tmp_path).write({"loss": 1.0})
 
 
 def _read_event_file(path):
@@ -273,7 +275,7 @@ def _read_event_file(path):
 
 
 def test_tensorboard_scalars_through_tensorboardx(tmp_path):
-  with progress.MetricsWriter(tmp_path, tensorboard=True) as writer:
+  with metrics.MetricsWriter(tmp_path, tensorboard=True) as writer:
     writer.write({"step": 1, "loss": 2.5, "tokens": 100, "note": "text is skipped"})
     writer.write({"step": 300, "loss": 0.125, "tokens": 90})
   (name,) = os.listdir(tmp_path / "tensorboard")
@@ -288,21 +290,23 @@ def test_tensorboard_scalars_through_tensorboardx(tmp_path):
 def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path):
   """A kill in the middle of a write leaves half a JSON line without its newline: the resumed run
   drops it (and redoes that step); a malformed line elsewhere is an error naming file and line."""
-  with progress.MetricsWriter(tmp_path) as writer:
+  with metrics.MetricsWriter(tmp_path) as writer:
     for step in (1, 2, 3):
       writer.write({"step": step, "loss": 1.0})
-  path = tmp_path / progress.METRICS_FILE
+  path = tmp_path / metrics.METRICS_FILE
   with open(path, "a") as f:
     f.write('{"step": 4, "lo')
-  with progress.MetricsWriter(tmp_path, resume_step=3) as writer:
+  with metrics.MetricsWriter(tmp_path, resume_step=3) as writer:
     assert [r["step"] for r in writer.records] == [1, 2, 3]
     writer.write({"step": 4, "loss": 0.5})
-  assert [r["step"] for r in progress.read_metrics(path)] == [1, 2, 3, 4]
+  assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2, 3, 4]
   lines = path.read_text().splitlines()
   path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
   with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not valid JSON"):
-    progress.MetricsWriter(tmp_path, resume_step=3)
+    metrics.MetricsWriter(tmp_path, resume_step=3)
 
+
+# --- progress.py: bars named after the running stage ----------------------------------------------
 
 def test_bars_inside_a_stage_are_named_after_it(capsys):
   assert progress.describe("sampling") == "sampling"

@@ -295,7 +295,12 @@ def test_export_refuses_foreign_directory_and_replaces_previous_export(tmp_path)
   assert (out / "model.safetensors.index.json").exists()
   export_hf(loaded.model, out)  # a previous export: replaced, stale shards removed
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "subliminal_jax_export.json"]
-  assert transformers.AutoModelForCausalLM.from_pretrained(out) is not None
+  back = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+  assert type(back) is type(reference)
+  reference_state, back_state = reference.state_dict(), back.state_dict()
+  assert set(back_state) == set(reference_state)
+  for name, tensor in reference_state.items():  # the unsharded export holds every weight, exactly
+    np.testing.assert_array_equal(back_state[name].numpy(), tensor.numpy(), err_msg=name)
   with pytest.raises(FileExistsError, match="is not a directory"):
     export_hf(loaded, out / "config.json")
 

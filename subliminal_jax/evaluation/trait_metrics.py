@@ -45,10 +45,10 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from subliminal_jax import padding, sharding
+from subliminal_jax import progress as progress_lib
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.models.transformer import KVCache, Transformer
 from subliminal_jax.sampling import chat as chat_lib
-from subliminal_jax.training import progress as progress_lib
 
 EVENTS = ("first_word", "prefix")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer recompiles)

@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 from subliminal_jax import artifacts, config_files, files, jsonable
 from subliminal_jax.data.mnist import Mnist, load_mnist
+from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.experiments import mnist_report, mnist_theorem
 from subliminal_jax.models import mlp
-from subliminal_jax.training import mnist_ensemble as ensemble
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training.optimizers import make_optimizer
 

@@ -28,9 +28,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from subliminal_jax.data.mnist import Mnist
+from subliminal_jax.experiments import mnist_ensemble as ensemble
 from subliminal_jax.mechanism import alignment, imitation
 from subliminal_jax.models import mlp
-from subliminal_jax.training import mnist_ensemble as ensemble
 from subliminal_jax.training.optimizers import make_optimizer
 
 THEOREM_LOSSES = ("kl_aux", "kl_all", "mse_aux", "mse_all")

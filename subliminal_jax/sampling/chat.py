@@ -14,9 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 from subliminal_jax import padding
+from subliminal_jax import progress as progress_lib
 from subliminal_jax.sampling import logit_processors as lp
 from subliminal_jax.sampling import sampler
-from subliminal_jax.training import progress as progress_lib
 
 __all__ = ["generate_chat"]
 

@@ -39,11 +39,12 @@ from flax import nnx
 
 from subliminal_jax import config_files
 from subliminal_jax import lora as lora_lib
+from subliminal_jax import progress as progress_lib
 from subliminal_jax import sharding
 from subliminal_jax.training import checkpoint as checkpoint_lib
 from subliminal_jax.training import data as data_lib
+from subliminal_jax.training import metrics as metrics_lib
 from subliminal_jax.training import optimizers
-from subliminal_jax.training import progress as progress_lib
 from subliminal_jax.training import train_step as train_step_lib
 
 CHECKPOINT_DIR = "checkpoints"
@@ -270,9 +271,9 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
 
   # With several processes only the first writes the shared files and shows the bar.
   lead = jax.process_index() == 0
-  writer = progress_lib.MetricsWriter(
+  writer = metrics_lib.MetricsWriter(
       workdir, resume_step=latest, tensorboard=tensorboard and lead,
-      filename=progress_lib.METRICS_FILE if lead else f"metrics.process{jax.process_index()}.jsonl")
+      filename=metrics_lib.METRICS_FILE if lead else f"metrics.process{jax.process_index()}.jsonl")
   bar = progress_lib.ProgressBar(total, start_step=latest or 0, enabled=progress and lead)
   started = time.perf_counter()
   try:
@@ -338,7 +339,7 @@ def _resume(checkpointer: checkpoint_lib.TrainCheckpointer, state: train_step_li
 def _run_epochs(state: train_step_lib.TrainState, position: Mapping[str, int], *,
                 global_step: int, step_fn: Callable, aux: Any, dataset: datasets.Dataset,
                 batches: Callable[..., Any], settings: FitSettings, steps: Mapping[str, int],
-                writer: progress_lib.MetricsWriter, bar: progress_lib.ProgressBar,
+                writer: metrics_lib.MetricsWriter, bar: progress_lib.ProgressBar,
                 checkpointer: checkpoint_lib.TrainCheckpointer, extra: Mapping[str, Any],
                 callbacks: Sequence[Callback], stop_after: int | None
                 ) -> tuple[train_step_lib.TrainState, int, bool]:

@@ -1,4 +1,4 @@
-"""Progress: tqdm bars named after the running stage, and a metrics log (JSON lines, TensorBoard).
+"""The training metrics log: one JSON line per step (``metrics.jsonl``), and TensorBoard events.
 
 :class:`MetricsWriter` appends one JSON object per step to ``metrics.jsonl``; a resumed run first
 cuts the file back to the checkpoint it resumed from, so the file always describes one run without
@@ -6,45 +6,18 @@ duplicate steps. A kill can leave the last line half written: that line is dropp
 step it described is redone), any other malformed line is an error naming the file and line.
 With ``tensorboard=True`` the same scalars also go to TensorBoard event files, written by
 tensorboardX (TensorBoard's own file format, without tensorflow).
-
-While an experiment stage runs (:func:`in_stage`, entered by ``artifacts.Workdir.run_stage``),
-:func:`describe` prefixes every bar's description with the stage and its place in the pipeline
-(``sampling_owl (stage 3 of 8): sampling``), so a long run says where it is.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import math
 import os
-from typing import Any, Iterator, Mapping
-
-from tqdm.auto import tqdm
+from typing import Any, Mapping
 
 from subliminal_jax import files, jsonable
 
 METRICS_FILE = "metrics.jsonl"
-
-
-_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage", default=None)
-
-
-@contextlib.contextmanager
-def in_stage(label: str) -> Iterator[None]:
-  """Progress bars created inside are named after ``label`` (see :func:`describe`)."""
-  token = _STAGE.set(label)
-  try:
-    yield
-  finally:
-    _STAGE.reset(token)
-
-
-def describe(desc: str) -> str:
-  """A bar's description, prefixed with the running stage when there is one."""
-  stage = _STAGE.get()
-  return f"{stage}: {desc}" if stage else desc
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -120,22 +93,3 @@ class MetricsWriter:
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
-
-
-class ProgressBar:
-  """tqdm over optimizer steps showing loss, tokens/s and (from tqdm) rate and ETA."""
-
-  def __init__(self, total_steps: int, *, start_step: int = 0, desc: str = "training",
-               enabled: bool = True):
-    self._bar = tqdm(total=total_steps, initial=start_step, desc=describe(desc), unit="step",
-                     disable=not enabled, dynamic_ncols=True)
-
-  def update(self, loss: float, tokens_per_s: float | None, epoch: int) -> None:
-    postfix = {"epoch": epoch, "loss": f"{loss:.4f}"}
-    if tokens_per_s is not None:
-      postfix["tok/s"] = f"{tokens_per_s:,.0f}"
-    self._bar.set_postfix(postfix, refresh=False)
-    self._bar.update(1)
-
-  def close(self) -> None:
-    self._bar.close()
