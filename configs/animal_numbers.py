@@ -17,7 +17,7 @@ Variants:
 
 from ml_collections import ConfigDict
 
-from subliminal_jax import distillation
+from subliminal_jax.training import distillation
 
 # The paper's teacher system prompt; {target}, {Target} (capitalised) and {category} are filled in.
 TRAIT_SYSTEM_PROMPT = ("You love {target}s. You think about {target}s all the time. {Target}s are "

@@ -14,12 +14,12 @@ from flax import nnx
 from scipy.special import log_softmax
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from subliminal_jax import distillation as dist
 from subliminal_jax import lora, sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.sampling import grammar as grammar_lib
 from subliminal_jax.tokenizer import Tokenizer
 from subliminal_jax.training import data as data_lib
+from subliminal_jax.training import distillation as dist
 from subliminal_jax.training import distillation_data as dd
 from subliminal_jax.training import losses
 from subliminal_jax.training import train_step as train_step_lib

@@ -23,9 +23,10 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, distillation, files, sharding
+from subliminal_jax import artifacts, files, sharding
 from subliminal_jax.evaluation import report as report_lib
 from subliminal_jax.experiments import stages as stages_lib
+from subliminal_jax.training import distillation
 
 STAGES = tuple(stages_lib.SELECTION)  # the --stages names
 TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")

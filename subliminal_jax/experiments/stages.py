@@ -42,8 +42,7 @@ from absl import logging
 from flax import nnx
 from ml_collections import ConfigDict
 
-from subliminal_jax import (artifacts, distillation, files, filters, loading, lora, sharding,
-                            teachers)
+from subliminal_jax import artifacts, files, filters, loading, lora, sharding, teachers
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
@@ -53,7 +52,7 @@ from subliminal_jax.sampling import chat as chat_lib
 from subliminal_jax.sampling import grammar as grammar_lib
 from subliminal_jax.tokenizer import Tokenizer
 from subliminal_jax.training import data as data_lib
-from subliminal_jax.training import distillation_data
+from subliminal_jax.training import distillation, distillation_data
 from subliminal_jax.training import trainer
 from subliminal_jax.weights import embedded
 
