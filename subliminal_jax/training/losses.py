@@ -15,7 +15,8 @@ position t - 1 (so t = 0 is never a target).
 Objectives live here together so that others (logit distillation from a teacher passed as ``aux``)
 sit next to next-token cross-entropy and share its target alignment. So does the one masked KL
 divergence (:func:`masked_kl`) that logit distillation, the MNIST imitation losses and the
-sampler's reference-divergence filter all use, with its one masking convention (:func:`mask_logits`).
+sampler's reference-divergence filter all use, with its one masking convention
+(:func:`mask_logits`).
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def mask_logits(logits: jax.Array, allowed: jax.Array | None = None) -> jax.Arra
   but log-probabilities stay finite, so a masked entry's ``log p - log q`` is a finite number
   instead of -inf - (-inf) = NaN, and no NaN reaches a gradient (not even through the branch a
   ``jnp.where`` discards). Why not a constant such as -1e9: this value is below every finite logit
-  by construction, a constant only by assumption. A row with nothing allowed comes out uniform rather than NaN. ``allowed``: bool,
-  broadcast against ``logits``; None keeps every finite entry. Masked entries get gradient 0.
+  by construction, a constant only by assumption. A row with nothing allowed comes out uniform
+  rather than NaN. ``allowed``: bool, broadcast against ``logits``; None keeps every finite entry.
+  Masked entries get gradient 0.
   """
   logits = _at_least_float32(logits)
   keep = ~jnp.isneginf(logits)
