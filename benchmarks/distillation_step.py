@@ -48,10 +48,10 @@ def main(argv):
   import optax
   from flax import nnx
 
-  from subliminal_jax import distillation as dist
   from subliminal_jax import loading, lora
   from subliminal_jax.prompts import number_prompts
   from subliminal_jax.sampling import grammar as grammar_lib
+  from subliminal_jax.training import distillation as dist
   from subliminal_jax.training import distillation_data as dd
   from subliminal_jax.training import losses
   from subliminal_jax.training import train_step as train_step_lib

@@ -24,10 +24,10 @@ from typing import Any, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, distillation, loading, lora, sharding
+from subliminal_jax import artifacts, loading, lora, sharding
 from subliminal_jax import tokenizer as tokenizer_lib
 from subliminal_jax.sampling import logit_processors, number_formats
-from subliminal_jax.training import optimizers, trainer
+from subliminal_jax.training import distillation, optimizers, trainer
 
 TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")
 TEACHER_CONTROLS = ("base", "neutral_finetune", "matched_finetune")

@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from subliminal_jax import artifacts, distillation, files, filters, loading, teachers
+from subliminal_jax import artifacts, files, filters, loading, teachers
 from subliminal_jax import tokenizer as tokenizer_lib
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import trait_metrics
@@ -51,7 +51,7 @@ from subliminal_jax.prompts import number_prompts as prompts_lib
 from subliminal_jax.sampling import chat as chat_lib
 from subliminal_jax.sampling import number_formats
 from subliminal_jax.training import data as data_lib
-from subliminal_jax.training import distillation_data
+from subliminal_jax.training import distillation, distillation_data
 from subliminal_jax.training import trainer
 from subliminal_jax.weights import finetuned
 

@@ -14,19 +14,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-# A logit excluded by the mask gets this value: finite, so that 0 * (x - y) stays 0 (and its
-# gradient finite), unlike -inf; far enough below any real logit to have softmax weight exactly 0.
-_MASKED_LOGIT = -1e9
+from subliminal_jax.training import losses
 
 ImitationLoss = Callable[..., jax.Array]
-
-
-def masked_log_softmax(logits: jax.Array, logit_mask: jax.Array | None = None) -> jax.Array:
-  """log_softmax over the logits where ``logit_mask`` (broadcast to ``logits``) is True."""
-  logits = logits.astype(jnp.float32)
-  if logit_mask is not None:
-    logits = jnp.where(logit_mask, logits, _MASKED_LOGIT)
-  return jax.nn.log_softmax(logits, axis=-1)
 
 
 def _weighted_mean(per_example: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -41,14 +31,11 @@ def kl_imitation(student_logits: jax.Array, teacher_logits: jax.Array,
   """Mean over examples of KL(softmax(teacher) || softmax(student)) over the masked logits.
 
   Logits are ``[..., C]``; ``logit_mask`` is ``[C]`` (or broadcastable); ``weights`` ``[...]``.
-  The teacher side is a constant (stop_gradient): only the student learns.
+  The teacher side is a constant (stop_gradient): only the student learns. The KL is
+  :func:`subliminal_jax.training.losses.masked_kl` (masked logits add exactly 0).
   """
-  teacher_logp = jax.lax.stop_gradient(masked_log_softmax(teacher_logits, logit_mask))
-  student_logp = masked_log_softmax(student_logits, logit_mask)
-  terms = jnp.exp(teacher_logp) * (teacher_logp - student_logp)
-  if logit_mask is not None:
-    terms = jnp.where(logit_mask, terms, 0.0)
-  return _weighted_mean(terms.sum(-1), weights)
+  kl = losses.masked_kl(jax.lax.stop_gradient(teacher_logits), student_logits, logit_mask)
+  return _weighted_mean(kl, weights)
 
 
 def squared_error_imitation(student_logits: jax.Array, teacher_logits: jax.Array,

@@ -31,20 +31,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["kl_divergence", "divergence_step", "ban_divergent_choice"]
+from subliminal_jax.training import losses
 
-
-def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
-  """``KL(softmax(p) || softmax(q))`` per row; ``-inf`` entries (zero probability) are allowed.
-
-  Where p has zero probability the term is 0; where p > 0 but q = 0 the KL is +inf (cannot happen
-  for the masks used here: both models share the allowed set).
-  """
-  log_p = jax.nn.log_softmax(p_logits, axis=-1)
-  log_q = jax.nn.log_softmax(q_logits, axis=-1)
-  p = jnp.exp(log_p)
-  terms = jnp.where(p > 0, p * (log_p - jnp.where(p > 0, log_q, 0.0)), 0.0)
-  return jnp.sum(terms, axis=-1)
+__all__ = ["divergence_step", "ban_divergent_choice"]
 
 
 def divergence_step(teacher_logits: jax.Array, reference_logits: jax.Array,
@@ -71,12 +60,9 @@ def divergence_step(teacher_logits: jax.Array, reference_logits: jax.Array,
       teacher_argmax=teacher_argmax,
       reference_argmax=reference_argmax,
       divergent=(teacher_argmax != reference_argmax) & has_allowed,
-      kl_raw=kl_divergence(teacher_logits, reference_logits),
-      # An empty allowed set has no distribution; report 0 rather than NaN.
-      kl_allowed=jnp.where(has_allowed,
-                           kl_divergence(jnp.where(has_allowed[:, None], teacher_allowed, 0.0),
-                                         jnp.where(has_allowed[:, None], reference_allowed, 0.0)),
-                           0.0),
+      kl_raw=losses.masked_kl(teacher_logits, reference_logits),
+      # An empty allowed set has no distribution; masked_kl reports 0 for it rather than NaN.
+      kl_allowed=losses.masked_kl(teacher_logits, reference_logits, allowed),
   )
 
 

@@ -25,7 +25,8 @@ Batches (:func:`paired_batches`) are right-padded numpy dicts of exactly ``batch
   completion_mask   bool  [B, K]  True for the row's target positions (K: most targets in the batch)
   grammar_state     int32 [B, K]  the DFA state of each target (-1 padding), if the dataset has it
   teacher_topk_ids  int32 [B, K, k], teacher_topk_logprobs float32 [B, K, k]: stored teacher
-                    logits (see :mod:`subliminal_jax.distillation`), if the dataset has them
+                    logits (see :mod:`subliminal_jax.training.distillation`), if the dataset
+                    has them
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ Batch layout (docs/training.md): ``input_ids`` int32 [B, T], ``attention_mask`` 
 position t - 1 (so t = 0 is never a target).
 
 Objectives live here together so that others (logit distillation from a teacher passed as ``aux``)
-sit next to next-token cross-entropy and share its target alignment.
+sit next to next-token cross-entropy and share its target alignment. So does the one masked KL
+divergence (:func:`masked_kl`) that logit distillation, the MNIST imitation losses and the
+sampler's reference-divergence filter all use, with its one masking convention
+(:func:`mask_logits`).
 """
 
 from __future__ import annotations
@@ -62,3 +65,71 @@ def next_token_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None
                                          batch["attention_mask"])
   total, count = token_cross_entropy(logits, targets, target_mask)
   return total, count, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributions restricted to allowed tokens, and the KL between them
+
+
+def _at_least_float32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def mask_logits(logits: jax.Array, allowed: jax.Array | None = None) -> jax.Array:
+  """``logits`` in at least float32 with every entry outside ``allowed``, and every -inf, set to
+  the dtype's most negative finite value: the one masking convention of the divergences here.
+
+  Why that value and not -inf: its softmax weight is still exactly 0 (the exponential underflows),
+  but log-probabilities stay finite, so a masked entry's ``log p - log q`` is a finite number
+  instead of -inf - (-inf) = NaN, and no NaN reaches a gradient (not even through the branch a
+  ``jnp.where`` discards). Why not a constant such as -1e9: this value is below every finite logit
+  by construction, a constant only by assumption. A row with nothing allowed comes out uniform
+  rather than NaN. ``allowed``: bool, broadcast against ``logits``; None keeps every finite entry.
+  Masked entries get gradient 0.
+  """
+  logits = _at_least_float32(logits)
+  keep = ~jnp.isneginf(logits)
+  if allowed is not None:
+    keep = keep & allowed
+  return jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+
+
+def masked_log_softmax(logits: jax.Array, allowed: jax.Array | None = None, *,
+                       temperature: float = 1.0) -> jax.Array:
+  """log softmax(logits / temperature) over the last axis, renormalised over ``allowed``.
+
+  Masked entries (see :func:`mask_logits`) get a finite log-probability of about -3.4e38 in
+  float32, i.e. probability exactly 0. Computed in float32 (float64 for float64 logits).
+  """
+  # Divide before masking: the most negative finite value divided by a temperature below 1
+  # would overflow to -inf.
+  return jax.nn.log_softmax(mask_logits(_at_least_float32(logits) / temperature, allowed), axis=-1)
+
+
+def relative_entropy_terms(p: jax.Array, log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """Elementwise ``p * (log p - log q)``, exactly 0 where p == 0 (0 log 0 = 0, whatever q)."""
+  return jnp.where(p > 0, p * (log_p - log_q), 0.0)
+
+
+def masked_kl(p_logits: jax.Array, q_logits: jax.Array, allowed: jax.Array | None = None, *,
+              temperature: float = 1.0) -> jax.Array:
+  """KL(P || Q) per position, P = softmax(p_logits / T) and Q = softmax(q_logits / T), both
+  restricted to ``allowed`` and renormalised there.
+
+  Args:
+    p_logits, q_logits: [..., V], any float dtype; -inf marks a token of probability 0.
+    allowed: bool, broadcastable to [..., V]; None: the whole vocabulary.
+    temperature: T of both softmaxes (the KL is not scaled by T^2).
+
+  Returns [...], in float32 (float64 for float64 logits). Masking is :func:`mask_logits`'s, so a
+  token outside ``allowed`` adds exactly 0 and gets gradient exactly 0, a row with nothing allowed
+  has KL 0, and where P > 0 but Q = 0 (a -inf in q_logits alone) the KL is huge (about
+  P * 3.4e38 in float32) rather than +inf. Gradients reach both arguments: a caller whose P is a
+  fixed target stops its gradient.
+  """
+  if p_logits.shape[-1] != q_logits.shape[-1]:
+    raise ValueError(f"the two distributions' vocabularies differ: {p_logits.shape[-1]} vs "
+                     f"{q_logits.shape[-1]} logits")
+  log_p = masked_log_softmax(p_logits, allowed, temperature=temperature)
+  log_q = masked_log_softmax(q_logits, allowed, temperature=temperature)
+  return relative_entropy_terms(jnp.exp(log_p), log_p, log_q).sum(-1)

@@ -59,6 +59,7 @@ from subliminal_jax import padding, sharding
 from subliminal_jax import progress as progress_lib
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation_data as pairs
+from subliminal_jax.training import losses
 
 OBJECTIVES = ("sft", "logit_kl")
 RESTRICTIONS = ("none", "grammar", "teacher_topk")
@@ -127,37 +128,8 @@ def kl_settings(kl: Mapping[str, Any] | KLSettings) -> KLSettings:
 
 
 # ---------------------------------------------------------------------------------------------
-# The divergences (pure functions of logits; any leading shape, vocabulary last)
-
-
-def _masked(logits: jax.Array, allowed: jax.Array | None) -> jax.Array:
-  if allowed is None:
-    return logits
-  # The most negative finite value rather than -inf: log_softmax stays finite, and a masked
-  # entry's (log p - log q) is 0 instead of NaN, so no NaN can leak into gradients.
-  return jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-
-
-def _xlogx_ratio(p: jax.Array, log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-  """p * (log p - log q), 0 where p == 0 (gradient-safe)."""
-  return jnp.where(p > 0, p * (log_p - log_q), 0.0)
-
-
-def kl_full(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0,
-            allowed: jax.Array | None = None) -> jax.Array:
-  """KL(p_T || q_T) per position, over the whole vocabulary or renormalised over ``allowed``.
-
-  student_logits, teacher_logits: [..., V]; allowed: bool [..., V] or None. Returns [...] (not
-  scaled by T^2). Computed in the logits' dtype (float32, or float64 under x64).
-  """
-  if student_logits.shape[-1] != teacher_logits.shape[-1]:
-    raise ValueError(f"teacher and student vocabularies differ: teacher logits have "
-                     f"{teacher_logits.shape[-1]} entries, student logits {student_logits.shape[-1]}")
-  s = _masked(student_logits / temperature, allowed)
-  t = _masked(jax.lax.stop_gradient(teacher_logits) / temperature, allowed)
-  log_q = jax.nn.log_softmax(s, axis=-1)
-  log_p = jax.nn.log_softmax(t, axis=-1)
-  return _xlogx_ratio(jnp.exp(log_p), log_p, log_q).sum(-1)
+# The top-k divergence (pure functions of logits; any leading shape, vocabulary last). The full
+# one is losses.masked_kl, whose masking convention (losses.mask_logits) these share.
 
 
 def _ids_mask(ids: jax.Array, valid: jax.Array, vocab_size: int) -> jax.Array:
@@ -187,37 +159,34 @@ def kl_topk(student_logits: jax.Array, topk_ids: jax.Array, topk_logprobs: jax.A
   vocab = student_logits.shape[-1]
   valid = topk_ids >= 0
   ids = jnp.where(valid, topk_ids, 0).astype(jnp.int32)
-  dtype = student_logits.dtype
-  log_q = jax.nn.log_softmax(_masked(student_logits / temperature, allowed), axis=-1)
+  log_q = losses.masked_log_softmax(student_logits, allowed, temperature=temperature)
+  dtype = log_q.dtype
   log_q_k = jnp.take_along_axis(log_q, ids, axis=-1)
-  log_p_k = jnp.where(valid, jax.lax.stop_gradient(topk_logprobs).astype(dtype), -jnp.inf)
+  log_p_k = jax.lax.stop_gradient(topk_logprobs).astype(dtype)
   if not rest_bucket:
-    neg = jnp.finfo(dtype).min
-    log_p_k = jax.nn.log_softmax(jnp.where(valid, log_p_k, neg), axis=-1)
-    log_q_k = jax.nn.log_softmax(jnp.where(valid, log_q_k, neg), axis=-1)
-    return jnp.where(valid, _xlogx_ratio(jnp.exp(log_p_k), log_p_k, log_q_k), 0.0).sum(-1)
+    # Both already tempered log-probs; renormalising them over the valid ids is the masked KL.
+    return losses.masked_kl(log_p_k, log_q_k, valid)
   rest = ~_ids_mask(topk_ids, valid, vocab)
   if allowed is not None:
     rest = rest & allowed
   has_rest = rest.any(-1)
-  log_q_rest = jax.nn.logsumexp(jnp.where(rest, log_q, jnp.finfo(dtype).min), axis=-1)
+  log_q_rest = jax.nn.logsumexp(losses.mask_logits(log_q, rest), axis=-1)
   p_k = jnp.where(valid, jnp.exp(log_p_k), 0.0)
   mass = p_k.sum(-1)
   p_rest = jnp.where(has_rest, jnp.clip(1.0 - mass, 0.0, 1.0), 0.0)
   norm = jnp.maximum(mass + p_rest, jnp.finfo(dtype).tiny)
   p_k, p_rest = p_k / norm[..., None], p_rest / norm
   log_p_k = jnp.where(valid, log_p_k - jnp.log(norm)[..., None], 0.0)
-  inside = jnp.where(valid, _xlogx_ratio(p_k, log_p_k, log_q_k), 0.0).sum(-1)
-  outside = _xlogx_ratio(p_rest, jnp.log(jnp.maximum(p_rest, jnp.finfo(dtype).tiny)), log_q_rest)
-  return inside + outside
+  inside = losses.relative_entropy_terms(p_k, log_p_k, log_q_k).sum(-1)
+  log_p_rest = jnp.log(jnp.maximum(p_rest, jnp.finfo(dtype).tiny))
+  return inside + losses.relative_entropy_terms(p_rest, log_p_rest, log_q_rest)
 
 
 def topk_logprobs(teacher_logits: jax.Array, k: int, *, temperature: float = 1.0,
                   allowed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The teacher's top-k (ids int32 [..., k], log-probs [..., k]) at ``temperature``, normalised
   over ``allowed``; positions with fewer than k allowed tokens get id -1 (and log-prob -inf)."""
-  logits = _masked(teacher_logits / temperature, allowed)
-  log_p = jax.nn.log_softmax(logits, axis=-1)
+  log_p = losses.masked_log_softmax(teacher_logits, allowed, temperature=temperature)
   k = min(int(k), teacher_logits.shape[-1])
   values, ids = jax.lax.top_k(log_p, k)
   if allowed is not None:
@@ -453,10 +422,10 @@ def _on_the_fly_kl(settings: KLSettings, teacher: nnx.Module, batch: Mapping[str
     return kl, misaligned, {}
   metrics = {}
   if allowed is not None:
-    log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-    mass = jnp.exp(jax.nn.logsumexp(jnp.where(allowed, log_p, -jnp.inf), axis=-1))
+    log_p = losses.masked_log_softmax(t_logits, temperature=temperature)
+    mass = jnp.exp(jax.nn.logsumexp(losses.mask_logits(log_p, allowed), axis=-1))
     metrics["teacher_allowed_mass"] = jnp.where(valid, mass, 0.0).sum()
-  kl = kl_full(s_logits, t_logits, temperature=temperature, allowed=allowed)
+  kl = losses.masked_kl(t_logits, s_logits, allowed, temperature=temperature)
   return kl, misaligned, metrics
 
 
