@@ -187,6 +187,35 @@ def test_exact_metric_equals_numpy_forward(tiny_model, tokenizer):
     np.testing.assert_allclose(share[:, 0], 1 / (1 + np.exp(got.logprob[:, 1] - got.logprob[:, 0])))
 
 
+def test_prefilled_prompts_equal_one_full_forward_per_pair_with_histories(tiny_model, tokenizer):
+  # Each prompt is prefilled once (the sampler's prefill) and its cache shared by every
+  # continuation; the reference runs prompt + continuation through one full forward per pair.
+  questions = ["Name your favorite animal using only one word.", "Favorite animal? One word."]
+  histories = [[{"role": "user", "content": "Continue: 412, 587, 903"},
+                {"role": "assistant", "content": "118, 276, 640, 355"}],
+               []]  # one long and one bare prompt: the bare one is left-padded by the history
+  prompts = tm.chat_prompt_ids(tokenizer, questions, histories=histories)
+  assert len(prompts[0]) > len(tm.chat_prompt_ids(tokenizer, questions[:1])[0]) + 20
+  boundary = tm.word_boundary_mask(tokenizer, tiny_model.config.vocab_size)
+  # One, two and three tokens: the prefill alone, and fed rows of different lengths.
+  continuations = [tuple(tokenizer.encode(v)) for v in ("owl", "Owl", "Owls", "cat")]
+  for mask in (boundary, None):
+    got = tm.continuation_logprobs(tiny_model, prompts, continuations, pad_id=tokenizer.pad_id,
+                                   boundary=mask, batch_size=3, prompt_batch_size=2)
+    expected = [[_reference_event_logprob(tiny_model, p, c, mask) for c in continuations]
+                for p in prompts]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+  panel = ("owl", "cat")
+  preference = tm.exact_preference(tiny_model, tokenizer, questions, panel, histories=histories,
+                                   batch_size=4)
+  for q, prompt in enumerate(prompts):
+    for a, word in enumerate(panel):
+      variants = [tokenizer.encode(v) for v in ql.spelling_variants(word)]
+      expected = np.logaddexp.reduce(
+          [_reference_event_logprob(tiny_model, prompt, v, boundary) for v in variants])
+      assert preference.logprob[q, a] == pytest.approx(expected, abs=1e-4), (q, word)
+
+
 def test_chat_prompt_has_no_system_turn_unless_asked(tokenizer):
   plain = tokenizer.decode(tm.chat_prompt_ids(tokenizer, ["Hi"])[0], skip_special_tokens=False)
   default = tokenizer.decode(tm.chat_prompt_ids(tokenizer, ["Hi"], template_default=True)[0],

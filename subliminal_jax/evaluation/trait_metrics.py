@@ -49,6 +49,7 @@ from subliminal_jax import progress as progress_lib
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.models.transformer import KVCache, Transformer
 from subliminal_jax.sampling import chat as chat_lib
+from subliminal_jax.sampling import sampler
 
 EVENTS = ("first_word", "prefix")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer recompiles)
@@ -148,14 +149,9 @@ def disjoint_sequences(sequences: Sequence[Sequence[int]], *, event: str,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _prefill(graphdef, state, ids, mask, max_length):
-  """Fills a cache with left-padded prompts; log-softmax of the next token after each prompt."""
-  model = nnx.merge(graphdef, state)
-  cache = model.init_cache(ids.shape[0], max_length)
-  hidden, cache = model.hidden_states(ids, mask, cache=cache)
-  # Left padding puts every prompt's last token in the last column: only it is projected to the
-  # vocabulary (all positions would add a fifth to the prefill's FLOPs, for logits never read).
-  logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
+def _prompt_logprobs(graphdef, state, ids, mask, max_length):
+  """The sampler's prefill of left-padded prompts; log-softmax of the next token after each."""
+  logits, cache = sampler.prefill(nnx.merge(graphdef, state), ids, mask, max_length)
   return jax.nn.log_softmax(logits, axis=-1), cache
 
 
@@ -284,7 +280,8 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
       chunk += [chunk[0]] * (prompt_batch - n_real)  # fixed shapes: pad with copies
       # Left padding: the prompt ends at the last column.
       ids, mask = padding.pad_rows(chunk, pad_value=pad_id, side="left", width=prompt_len)
-      first_lp, cache = _prefill(graphdef, state, _put(ids, mesh), _put(mask, mesh), max_length)
+      first_lp, cache = _prompt_logprobs(graphdef, state, _put(ids, mesh), _put(mask, mesh),
+                                         max_length)
       first_lp = sharding.to_host(first_lp).astype(np.float64)[:n_real]
       result = first_lp[:, conts.first_tokens]  # [n_real, C]
       # Rows are grouped by how many tokens they feed, so no row pays for a longer one's padding.

@@ -46,7 +46,7 @@ from subliminal_jax.models.transformer import KVCache
 from subliminal_jax.sampling import divergence as divergence_lib
 from subliminal_jax.sampling import logit_processors as lp
 
-__all__ = ["SampleOutput", "sample", "prompt_bucket_length", "DEFAULT_PROMPT_BUCKET"]
+__all__ = ["SampleOutput", "sample", "prefill", "prompt_bucket_length", "DEFAULT_PROMPT_BUCKET"]
 
 # Prompt lengths are padded up to a multiple of this, so varying prompts reuse one compilation.
 DEFAULT_PROMPT_BUCKET = 32
@@ -189,10 +189,18 @@ def _constrain_cache(cache: KVCache) -> KVCache:
       key_mask=sharding.constrain(cache.key_mask, ("batch", "seq")))
 
 
-def _prefill(model, ids, mask, cache_length):
+def prefill(model, ids: jax.Array, mask: jax.Array, cache_length: int
+            ) -> tuple[jax.Array, KVCache]:
+  """Fills a new KV cache of ``cache_length`` slots with left-padded prompts (one forward).
+
+  Returns the raw float32 next-token logits after each prompt ``[B, V]`` and the cache, its arrays
+  constrained to the batch's sharding under a mesh. Traced code: call it inside ``jax.jit`` (the
+  sampler's program, teacher-forced evaluation).
+  """
   cache = _constrain_cache(model.init_cache(ids.shape[0], cache_length))
   hidden, cache = model.hidden_states(ids, mask, cache=cache)
-  # Left padding puts every row's last prompt token in the last column: project only that one.
+  # Left padding puts every row's last prompt token in the last column: only it is projected to
+  # the vocabulary (all positions would add a fifth to the prefill's FLOPs, for logits never read).
   return model.logits_from_hidden(hidden[:, -1:])[:, 0], cache
 
 
@@ -351,11 +359,11 @@ def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, input
                                                      inputs.sample_ids)
   choose = functools.partial(_choose, plan, inputs, row_keys)
   cache_length = inputs.ids.shape[1] + plan.max_new_tokens
-  logits, cache = _prefill(model, inputs.ids, inputs.mask, cache_length)
+  logits, cache = prefill(model, inputs.ids, inputs.mask, cache_length)
   ref_logits = ref_cache = None
   if ref_model is not None:
-    ref_logits, ref_cache = _prefill(ref_model, inputs.ref_ids, inputs.ref_mask,
-                                     inputs.ref_ids.shape[1] + plan.max_new_tokens)
+    ref_logits, ref_cache = prefill(ref_model, inputs.ref_ids, inputs.ref_mask,
+                                    inputs.ref_ids.shape[1] + plan.max_new_tokens)
   loop = _initial_state(plan, inputs, cache, ref_cache)
   loop = _record(loop, choose(loop.step, logits, ref_logits, loop.done, loop.grammar_state))
 
