@@ -11,7 +11,7 @@ from subliminal_jax import filters
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.experiments import stages
 from subliminal_jax.prompts import number_prompts
-from subliminal_jax.sampling import number_formats
+from subliminal_jax.prompts import number_formats
 from subliminal_jax.tokenizer import Tokenizer
 from subliminal_jax.weights import embedded
 

@@ -25,7 +25,6 @@ from subliminal_jax import artifacts, files
 from subliminal_jax.evaluation import report as report_lib
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.experiments import stages as stages_lib
-from subliminal_jax.training import distillation
 
 STAGES = tuple(stages_lib.SELECTION)  # the --stages names
 # The workdir's experiment identity: the main job, its regime grid and the transfer matrix share

@@ -26,7 +26,8 @@ from ml_collections import ConfigDict
 
 from subliminal_jax import artifacts, loading, lora, sharding
 from subliminal_jax import tokenizer as tokenizer_lib
-from subliminal_jax.sampling import logit_processors, number_formats
+from subliminal_jax.prompts import number_formats
+from subliminal_jax.sampling import logit_processors
 from subliminal_jax.training import distillation, optimizers, trainer
 
 TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")

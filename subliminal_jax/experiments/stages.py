@@ -49,7 +49,7 @@ from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.prompts import number_prompts as prompts_lib
 from subliminal_jax.sampling import chat as chat_lib
-from subliminal_jax.sampling import number_formats
+from subliminal_jax.prompts import number_formats
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation, distillation_data
 from subliminal_jax.training import trainer

@@ -1,4 +1,4 @@
-"""The number grammar of every answer layout the prompts ask for, as one token table.
+"""The answer layouts the number prompts ask for, and one grammar token table for all of them.
 
 The number prompts (:mod:`subliminal_jax.prompts.number_prompts`) each ask for a layout (comma,
 space, semicolon, one per line, brackets); grammar-constrained sampling holds each answer to its
