@@ -171,6 +171,9 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     animal_numbers.run(config, str(tmp_path / "wd5"))
   config.teacher.kind = "trait_sft"
   config.evaluation.panel = ("owl",)
+  with pytest.raises(ValueError, match=r"evaluation.multiple_choice needs a panel of at least 5"):
+    animal_numbers.run(config, str(tmp_path / "wd6"))
+  config.evaluation.multiple_choice = False
   with pytest.raises(ValueError, match=r"evaluation.panel \['owl'\] to name at least one animal that is not a target"):
     animal_numbers.run(config, str(tmp_path / "wd6"))
   config = animal_config.get_config("tiny")
