@@ -112,9 +112,9 @@ def load_base(config: ConfigDict, mesh, model_spec: str | None = None) -> Base:
   return Base(loaded.model, loaded.tokenizer, loaded.fingerprint, spec)
 
 
-def chat_kwargs(system_spec: str) -> dict[str, Any]:
-  """``config.chat_system`` -> render_chat arguments: "none", "template_default" or literal text."""
-  return tokenizer_lib.system_turn(system_spec)
+def chat_kwargs(system_spec: str) -> tokenizer_lib.SystemTurn:
+  """``config.chat_system`` -> the system turn: "none", "template_default" or literal text."""
+  return tokenizer_lib.SystemTurn.parse(system_spec)
 
 
 def trait_system_prompt(config: ConfigDict, target: str) -> str:
@@ -312,7 +312,7 @@ def build_prompts(config: ConfigDict, out: pathlib.Path) -> dict[str, Any]:
       f"{r['separator']!r}{r['brackets'] or ''}" for r in records))}
 
 
-def build_samples(config: ConfigDict, tokenizer, model, chat: dict[str, Any],
+def build_samples(config: ConfigDict, tokenizer, model, chat: tokenizer_lib.SystemTurn,
                   prompts: list[dict[str, Any]], out: pathlib.Path, mesh) -> dict[str, Any]:
   s = config.sampling
   extra: dict[str, Any] = {}
@@ -326,7 +326,7 @@ def build_samples(config: ConfigDict, tokenizer, model, chat: dict[str, Any],
   answers = chat_lib.generate_chat(
       (model, tokenizer), [p["text"] for p in prompts], n_per_prompt=1, batch_size=s.batch_size,
       max_new_tokens=max_new_tokens, seed=s.seed, temperature=s.temperature, top_k=s.top_k,
-      top_p=s.top_p, min_p=s.min_p, mesh=mesh, return_details=True, **extra, **chat)
+      top_p=s.top_p, min_p=s.min_p, mesh=mesh, return_details=True, system=chat, **extra)
   with open(out / "samples.jsonl", "w") as f:
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
       f.write(json.dumps({"prompt_index": i, "prompt": prompt["text"], "completion": answer["text"],
@@ -394,10 +394,9 @@ def build_dataset(config: ConfigDict, tokenizer, kept_path: pathlib.Path, teache
           end_ids=tokenizer.end_of_turn_ids, batch_size=config.sampling.batch_size, mesh=mesh,
           teacher_fingerprint=teacher.fingerprint)
   else:
-    examples = [{"system": student_chat["system"], "user": s["prompt"], "assistant": s["completion"]}
-                for s in samples]
+    examples = [{"user": s["prompt"], "assistant": s["completion"]} for s in samples]
     dataset = data_lib.tokenize_chat_examples(
-        examples, tokenizer, template_default=student_chat["template_default"],
+        examples, tokenizer, system=student_chat,
         max_length=config.student.max_length, provenance=provenance)
   data_lib.save_dataset(dataset, out / "dataset")
   summary = {"examples": len(dataset), "objective": config.student.objective,
@@ -413,7 +412,7 @@ def teacher_strength(base: Base, model, config: ConfigDict, target: str, mesh) -
   questions = questions_lib.preference_questions(config.category, split="held_out")
   exact = trait_metrics.exact_preference(
       model, base.tokenizer, questions, (target,), batch_size=config.evaluation.batch_size,
-      mesh=mesh, desc=None, **chat_kwargs(config.chat_system))
+      mesh=mesh, desc=None, system=chat_kwargs(config.chat_system))
   return float(np.mean(exact.target_logprob(target)))
 
 
@@ -431,19 +430,18 @@ def build_finetuned_teacher(config: ConfigDict, base: Base, target: str | None, 
     finetune = config.teacher.finetune
     target = config.targets[0]  # strength is still measured, on the first target
     if config.teacher.control == "matched_finetune":
-      examples, info = teachers.teacher_examples(config, target, system=chat["system"],
+      examples, info = teachers.teacher_examples(config, target, system=chat.text,
                                                  control_answers=matched_control_answers(config))
     else:
       examples = teachers.neutral_examples(int(finetune.examples), seed=int(finetune.seed),
-                                           system=chat["system"])
+                                           system=chat.text)
       info = {"kind": "neutral_finetune", "examples": len(examples)}
   else:
     generate = lambda prompts, **kw: chat_lib.generate_chat((base.model, base.tokenizer), prompts,
                                                             mesh=mesh, **kw)
     examples, info = teachers.teacher_examples(config, target, generate=generate,
-                                               system=chat["system"])
-  dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer,
-                                            template_default=chat["template_default"])
+                                               system=chat.text)
+  dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer, system=chat)
   model, history = fit_in_stage(config, nnx.clone(base.model), dataset, teacher_train_config(config),
                                 out, mesh)
   before = teacher_strength(base, base.model, config, target, mesh)
@@ -468,28 +466,29 @@ def build_student(config: ConfigDict, base: Base, dataset_dir: pathlib.Path, tra
   return {"objective": config.student.objective, **_loss_summary(history)}
 
 
-def build_evaluation(config: ConfigDict, base: Base, model, target: str, system_kwargs: dict[str, Any],
-                     seed: int, mesh, out: pathlib.Path, label: str) -> dict[str, Any]:
+def build_evaluation(config: ConfigDict, base: Base, model, target: str,
+                     system: tokenizer_lib.SystemTurn, seed: int, mesh, out: pathlib.Path,
+                     label: str) -> dict[str, Any]:
   e = config.evaluation
   questions = questions_lib.preference_questions(config.category)[:e.num_questions]
   result = trait_metrics.evaluate_trait(
       model, base.tokenizer, target=target, category=config.category, questions=questions,
       panel=tuple(e.panel), samples_per_question=e.samples_per_question,
       multiple_choice=e.multiple_choice, seed=e.seed, batch_size=e.batch_size,
-      max_new_tokens=e.max_new_tokens, mesh=mesh, **system_kwargs)
+      max_new_tokens=e.max_new_tokens, mesh=mesh, system=system)
   record = {"seed": seed, "label": label, **result.to_record()}
   (out / "record.json").write_text(json.dumps(record, indent=1))
   return {"label": label, "logprob_mean": float(np.mean(result.metrics["logprob"]))}
 
 
-def build_panel_evaluation(config: ConfigDict, tokenizer, model, chat: dict[str, Any], mesh,
-                           out: pathlib.Path, label: str,
+def build_panel_evaluation(config: ConfigDict, tokenizer, model, chat: tokenizer_lib.SystemTurn,
+                           mesh, out: pathlib.Path, label: str,
                            histories: Sequence[Sequence[dict[str, str]]] | None) -> dict[str, Any]:
   e = config.evaluation
   questions = questions_lib.preference_questions(config.category)[:e.num_questions]
   exact = trait_metrics.exact_preference(
       model, tokenizer, questions, tuple(e.panel), batch_size=e.batch_size, mesh=mesh,
-      desc=f"panel {label}", histories=histories, **chat)
+      desc=f"panel {label}", histories=histories, system=chat)
   record = {"label": label, "questions": list(questions), "panel": list(e.panel),
             "logprob": exact.logprob.tolist()}
   (out / "record.json").write_text(json.dumps(record, indent=1))
@@ -505,7 +504,7 @@ class Teacher:
   """A model whose numbers students learn from, with the chat it samples under."""
   label: str
   model: Any
-  chat: dict[str, Any]
+  chat: tokenizer_lib.SystemTurn
   fingerprint: str
   summary: dict[str, Any]
 
@@ -568,7 +567,7 @@ class Stages:
     system = trait_system_prompt(c, target)
     if c.teacher.kind == "system_prompt":
       fp = artifacts.fingerprint(self.base.fingerprint, "system_prompt", system)
-      return Teacher(target, self.base.model, dict(system=system, template_default=False), fp,
+      return Teacher(target, self.base.model, tokenizer_lib.SystemTurn(system), fp,
                      {"kind": "system_prompt", "system_prompt": system})
     inputs = {"model": self.base.fingerprint, "kind": c.teacher.kind, "system": system,
               "finetune": training_fingerprint(c.teacher.finetune), "chat_system": c.chat_system,
@@ -619,7 +618,7 @@ class Stages:
     student_base = student_base or self.base
     inputs = {"filtered": numbers.directory.name, "model": student_base.fingerprint,
               "chat_system": c.chat_system, "max_length": c.student.max_length,
-              "objective": c.student.objective, "teacher_chat": teacher.chat,
+              "objective": c.student.objective, "teacher_chat": teacher.chat.to_dict(),
               "kl": c.student.kl.to_dict() if c.student.objective == "logit_kl" else None}
     provenance = {"teacher_label": teacher.label, "teacher": teacher.fingerprint,
                   "model": student_base.fingerprint, "config": c.to_dict(),
@@ -642,18 +641,18 @@ class Stages:
 
   # -- evaluations
 
-  def evaluation(self, target: str, label: str, model_fn: Callable[[], Any], chat: dict[str, Any],
-                 seed: int, fp: str) -> dict[str, Any]:
+  def evaluation(self, target: str, label: str, model_fn: Callable[[], Any],
+                 chat: tokenizer_lib.SystemTurn, seed: int, fp: str) -> dict[str, Any]:
     """The main job's trait metrics of one model for ``target``: its record."""
     c = self.config
     inputs = {"evaluation": c.evaluation.to_dict(), "target": target, "category": c.category,
-              "chat": chat, "model": fp}
+              "chat": chat.to_dict(), "model": fp}
     directory, _ = self._run("evaluation", inputs, lambda out: build_evaluation(
         c, self.base, model_fn(), target, chat, seed, self.mesh, out, label))
     return json.loads((directory / "record.json").read_text())
 
   def panel_evaluation(self, label: str, model_fn: Callable[[], Any], fp: str, *,
-                       tokenizer=None, chat: dict[str, Any] | None = None,
+                       tokenizer=None, chat: tokenizer_lib.SystemTurn | None = None,
                        histories: Sequence[Sequence[dict[str, str]]] | None = None,
                        context_fp: str | None = None) -> dict[str, Any]:
     """Exact log P(each panel word | question) of one model: its record. ``histories``: per
@@ -662,7 +661,7 @@ class Stages:
     chat = self.eval_chat if chat is None else chat
     e = c.evaluation
     inputs = {"model": fp, "category": c.category, "num_questions": e.num_questions,
-              "panel": list(e.panel), "chat": chat, "context": context_fp}
+              "panel": list(e.panel), "chat": chat.to_dict(), "context": context_fp}
     directory, _ = self._run("panel_evaluation", inputs, lambda out: build_panel_evaluation(
         c, tokenizer or self.base.tokenizer, model_fn(), chat, self.mesh, out, label, histories))
     return json.loads((directory / "record.json").read_text())
