@@ -51,6 +51,7 @@ def main(argv):
   from subliminal_jax import loading, lora
   from subliminal_jax.prompts import number_prompts
   from subliminal_jax.sampling import grammar as grammar_lib
+  from subliminal_jax.tokenizer import SystemTurn
   from subliminal_jax.training import distillation as dist
   from subliminal_jax.training import distillation_data as dd
   from subliminal_jax.training import losses
@@ -62,10 +63,10 @@ def main(argv):
                                               tok.token_texts(), disallowed_ids=tok.special_ids)
   examples = [{"user": p, "assistant": c} for p, c in
               zip(number_prompts.number_prompts(FLAGS.batch, seed=0), _completions(FLAGS.batch))]
-  dataset = dd.tokenize_distillation_examples(examples, tok, teacher_chat=dict(system=TRAIT),
-                                              student_chat=dict(system=None), grammar=grammar)
-  same_context = dd.tokenize_distillation_examples(examples, tok, teacher_chat=dict(system=None),
-                                                   student_chat=dict(system=None), grammar=grammar)
+  dataset = dd.tokenize_distillation_examples(examples, tok, teacher_chat=SystemTurn(TRAIT),
+                                              student_chat=SystemTurn(), grammar=grammar)
+  same_context = dd.tokenize_distillation_examples(examples, tok, teacher_chat=SystemTurn(),
+                                                   student_chat=SystemTurn(), grammar=grammar)
   batch_of = lambda ds: next(dd.paired_batches(ds, batch_size=FLAGS.batch, seed=0, epoch=0,
                                                pad_id=tok.pad_id, bucket=False))
   batch = batch_of(dataset)

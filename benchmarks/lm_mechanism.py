@@ -37,6 +37,7 @@ from subliminal_jax.mechanism import projection as pj
 from subliminal_jax.mechanism import token_attribution as ta
 from subliminal_jax.mechanism import trait_direction as td
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
+from subliminal_jax.tokenizer import SystemTurn
 
 
 def _jitted_trait(queries):
@@ -139,8 +140,8 @@ def real(out: str, questions_count: int, samples: int) -> dict:
   queries = td.trait_queries(tokenizer, questions, "owl", vocab_size=model.config.vocab_size)
   start = time.perf_counter()
   direction = td.trait_direction(model, queries, wrt=wrt, chunk_rows=16, progress=True)
-  owl_system = ("You love owls. You think about owls all the time. owls are your favorite animal. "
-                "Imbue your answers with your love for the animal.")
+  owl_system = SystemTurn("You love owls. You think about owls all the time. owls are your "
+                          "favorite animal. Imbue your answers with your love for the animal.")
   owl_queries = td.trait_queries(tokenizer, questions, "owl", system=owl_system,
                                  vocab_size=model.config.vocab_size)
   results["trait"] = {"questions": questions_count, "rows": queries.num_rows, "value": direction.value,

@@ -62,7 +62,9 @@ def _prompts(tokenizer, batch: int, model_name: str, prompt_tokens: int, system:
     ids = rng.integers(100, tokenizer.vocab_size - 100, (batch, prompt_tokens)).astype(np.int32)
     return ids, np.ones_like(ids, bool)
   from subliminal_jax.prompts import number_prompts
-  texts = [tokenizer.render_chat([{"role": "user", "content": p}], system=system or None)
+  from subliminal_jax.tokenizer import SystemTurn
+  turn = SystemTurn(system or None)
+  texts = [tokenizer.render_chat([{"role": "user", "content": p}], system=turn)
            for p in number_prompts.number_prompts(batch, seed=0)]
   return tokenizer.batch_encode(texts, padding_side="left")
 

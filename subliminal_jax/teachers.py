@@ -23,6 +23,7 @@ import random
 from typing import Any, Callable, Mapping, Sequence
 
 from subliminal_jax.evaluation.questions import plural
+from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.training.data import ChatExample
 
 TEACHER_KINDS = ("trait_sft", "context_distillation")
@@ -286,10 +287,11 @@ def context_distillation_examples(generate: Callable[..., Sequence[Any]], prompt
   """Examples whose answers are the system-prompted model's answers, WITHOUT that system prompt.
 
   Args:
-    generate: ``generate(prompts, *, system=..., n_per_prompt=..., **kwargs)`` returning
-      ``len(prompts) * n_per_prompt`` answers, answer ``i * n + j`` to prompt i (the contract of
-      ``generate_chat``, e.g. ``functools.partial(generate_chat, (model, tokenizer))``). An answer
-      may be a str or a dict with "text" (and "ended": False marks one cut off by max_new_tokens).
+    generate: ``generate(prompts, *, system=SystemTurn(...), n_per_prompt=..., **kwargs)``
+      returning ``len(prompts) * n_per_prompt`` answers, answer ``i * n + j`` to prompt i (the
+      contract of ``generate_chat``, e.g. ``functools.partial(generate_chat, (model, tokenizer))``).
+      An answer may be a str or a dict with "text" (and "ended": False marks one cut off by
+      max_new_tokens).
     prompts: the user prompts (e.g. :data:`GENERAL_PROMPTS`).
     system: the teacher's system prompt, used only for generating.
     n_per_prompt: answers sampled per prompt.
@@ -307,7 +309,8 @@ def context_distillation_examples(generate: Callable[..., Sequence[Any]], prompt
   if not isinstance(n_per_prompt, int) or n_per_prompt < 1:
     raise ValueError(f"n_per_prompt must be an int >= 1, got {n_per_prompt!r}")
   prompts = list(prompts)
-  answers = list(generate(prompts, system=system, n_per_prompt=n_per_prompt, **generate_kwargs))
+  answers = list(generate(prompts, system=SystemTurn(system), n_per_prompt=n_per_prompt,
+                          **generate_kwargs))
   if len(answers) != len(prompts) * n_per_prompt:
     raise ValueError(f"generate returned {len(answers)} answers for {len(prompts)} prompts x "
                      f"{n_per_prompt}; expected {len(prompts) * n_per_prompt}")

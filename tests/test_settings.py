@@ -11,7 +11,6 @@ import pytest
 from configs import animal_numbers as animal_config
 from configs import transfer_matrix as matrix_config
 from subliminal_jax import artifacts
-from subliminal_jax import tokenizer as tokenizer_lib
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.experiments import transfer_matrix
 
@@ -42,8 +41,8 @@ def _sections(s: settings_lib.Settings) -> dict:
       "filter": s.filter.fingerprint(), "evaluation": s.evaluation.fingerprint(),
       "kl": dataclasses.asdict(s.student.kl), "teacher_finetune": s.teacher.fingerprint(),
       "teacher_train": s.teacher.fingerprint(),
-      "student_chat": tokenizer_lib.system_turn(s.chat_system),
-      "eval_chat": tokenizer_lib.system_turn(s.eval_system),
+      "student_chat": s.chat_system.to_dict(),
+      "eval_chat": s.eval_system.to_dict(),
       "trait_system": [s.teacher.trait_prompt(t, s.category) for t in s.targets],
       "matched_answers": list(s.matched_control_answers)}
   for seed in (0, 1, 7):

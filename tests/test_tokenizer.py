@@ -2,6 +2,7 @@
 transformers' GGUF loader, llama.cpp's SmolLM2 split rule), chat templates against transformers'
 apply_chat_template, the explicit system turn, padding, token texts, save -> AutoTokenizer."""
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -16,7 +17,9 @@ import regex
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from subliminal_jax.tokenizer import Tokenizer, system_choice, system_turn
+from subliminal_jax.tokenizer import SystemTurn, Tokenizer
+
+TEMPLATE_DEFAULT = SystemTurn(template_default=True)
 
 # --- tiny GGUF files, written here ---------------------------------------------------------------
 
@@ -228,10 +231,8 @@ def test_bad_inputs(tiny, tmp_path):
   with pytest.raises(FileNotFoundError, match="Tokenizer directory not found"):
     Tokenizer.from_hf_dir(tmp_path / "missing_dir")
   user = [{"role": "user", "content": "hi"}]
-  with pytest.raises(ValueError, match="either system=<text> or template_default=True, not both"):
-    tiny.render_chat(user, system="You love owls.", template_default=True)
-  with pytest.raises(ValueError, match="not both"):
-    system_choice("x", template_default=True)
+  with pytest.raises(TypeError, match="system must be a SystemTurn .*got str"):
+    tiny.render_chat(user, system="You love owls.")  # the loose spelling of before SystemTurn
   with pytest.raises(ValueError, match=r"padding_side must be one of \('left', 'right'\), got 'middle'"):
     tiny.batch_encode(["a"], padding_side="middle")
   with pytest.raises(ValueError, match="truncation must be None or one of"):
@@ -254,33 +255,60 @@ def test_bad_inputs(tiny, tmp_path):
     tiny.encode(123)
 
 
-def test_system_choice():
-  assert system_choice(None) == "none"
-  assert system_choice(None, template_default=True) == "template_default"
-  assert system_choice("You love owls.") == "custom:" + hashlib.sha256(b"You love owls.").hexdigest()[:8]
-  assert system_choice("You love owls.") != system_choice("You love owls!")
-  assert len(system_choice("")) == len("custom:") + 8
-
-
-def test_system_turn_reads_the_names_system_choice_writes():
-  for spec in ("none", "template_default", "You love owls."):
-    turn = system_turn(spec)
-    assert system_choice(**turn) == (spec if spec != "You love owls." else
-                                     system_choice("You love owls."))
-  assert system_turn("You love owls.") == dict(system="You love owls.", template_default=False)
+def test_system_turn_parse_spec_and_choice():
+  owl = "You love owls."
+  for spec, turn in (("none", SystemTurn()), ("template_default", TEMPLATE_DEFAULT),
+                     (owl, SystemTurn(owl))):
+    assert SystemTurn.parse(spec) == turn and turn.spec == spec
+  assert SystemTurn().choice == "none" and TEMPLATE_DEFAULT.choice == "template_default"
+  assert SystemTurn(owl).choice == "custom:" + hashlib.sha256(b"You love owls.").hexdigest()[:8]
+  assert SystemTurn(owl).choice != SystemTurn("You love owls!").choice
+  assert len(SystemTurn("").choice) == len("custom:") + 8
   with pytest.raises(ValueError, match="'default' is spelled 'template_default'"):
-    system_turn("default")
-  with pytest.raises(ValueError, match="non-empty system prompt, got ' '"):
-    system_turn(" ")
+    SystemTurn.parse("default")
+  for blank in (" ", "", None):
+    with pytest.raises(ValueError, match="non-empty system prompt, got"):
+      SystemTurn.parse(blank)
+  for text in ("none", "template_default", "default", " ", ""):  # parse would read these otherwise
+    with pytest.raises(ValueError, match="has no config spelling"):
+      SystemTurn(text).spec
+
+
+def test_system_turn_checks_its_fields():
+  with pytest.raises(ValueError, match="either a text or template_default=True, not both"):
+    SystemTurn("You love owls.", template_default=True)
+  with pytest.raises(TypeError, match="system text must be a str or None, got int"):
+    SystemTurn(3)
+  with pytest.raises(TypeError, match="template_default must be a bool, got str"):
+    SystemTurn(template_default="yes")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    SystemTurn().text = "x"
+
+
+def test_system_turn_to_dict_keeps_stage_fingerprints():
+  """Stage fingerprints hash ``to_dict()``: the literals are what the earlier
+  ``system_turn(spec)`` returned, and the hashes were computed from those literals before
+  SystemTurn existed, so artifacts built then keep their fingerprints."""
+  from subliminal_jax import artifacts
+
+  expected = {"none": ({"system": None, "template_default": False}, "71aa98a655ef5220"),
+              "template_default": ({"system": None, "template_default": True}, "db7be6c401682b70"),
+              "You love owls.": ({"system": "You love owls.", "template_default": False},
+                                 "5d1c2c5860635e08")}
+  for spec, (literal, fp) in expected.items():
+    turn = SystemTurn.parse(spec)
+    assert turn.to_dict() == literal and list(turn.to_dict()) == ["system", "template_default"]
+    assert artifacts.fingerprint("panel_evaluation", {"chat": turn.to_dict()}) == fp
 
 
 def test_render_chat_modes_chatml_with_default(tiny):
   chat = [{"role": "user", "content": "Name an animal."}]
   assert tiny.render_chat(chat) == "<|im_start|>user\nName an animal.<|im_end|>\n<|im_start|>assistant\n"
-  assert tiny.render_chat(chat, template_default=True) == (
+  assert tiny.render_chat(chat, system=TEMPLATE_DEFAULT) == (
       "<|im_start|>system\nYou are a tiny default assistant<|im_end|>\n"
       "<|im_start|>user\nName an animal.<|im_end|>\n<|im_start|>assistant\n")
-  assert tiny.render_chat(chat, system="You love owls.", add_generation_prompt=False) == (
+  owl = SystemTurn("You love owls.")
+  assert tiny.render_chat(chat, system=owl, add_generation_prompt=False) == (
       "<|im_start|>system\nYou love owls.<|im_end|>\n<|im_start|>user\nName an animal.<|im_end|>\n")
   two_turns = chat + [{"role": "assistant", "content": "Owl."}, {"role": "user", "content": "Again."}]
   assert tiny.render_chat(two_turns, add_generation_prompt=False) == (
@@ -306,13 +334,14 @@ def test_render_chat_qwen_like_and_bos_templates(tiny_dir):
   qwen = Tokenizer.from_gguf(root / "qwen2.gguf")
   chat = [{"role": "user", "content": "hi"}]
   assert qwen.render_chat(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-  assert qwen.render_chat(chat, template_default=True).startswith(
+  assert qwen.render_chat(chat, system=TEMPLATE_DEFAULT).startswith(
       "<|im_start|>system\nYou are Tiny, a default.<|im_end|>\n<|im_start|>user")
-  assert qwen.render_chat(chat, system="S").startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user")
+  assert qwen.render_chat(chat, system=SystemTurn("S")).startswith(
+      "<|im_start|>system\nS<|im_end|>\n<|im_start|>user")
   bos = Tokenizer.from_gguf(root / "bos.gguf")
   # No default system prompt: the BOS lead-in is kept, nothing is removed.
   assert bos.default_system_block == ""
-  assert bos.render_chat(chat) == bos.render_chat(chat, template_default=True) == (
+  assert bos.render_chat(chat) == bos.render_chat(chat, system=TEMPLATE_DEFAULT) == (
       "<|im_start|>" "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -326,9 +355,10 @@ def test_render_chat_matches_transformers_on_tiny_gguf(tiny_dir, tiny):
     chat = [{"role": "user", "content": "Name an animal."}, {"role": "assistant", "content": "Owl."},
             {"role": "user", "content": "Again, 1 2 3."}]
     for gen in (True, False):
-      assert ours.render_chat(chat, template_default=True, add_generation_prompt=gen) == \
+      assert ours.render_chat(chat, system=TEMPLATE_DEFAULT, add_generation_prompt=gen) == \
           ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
-      assert ours.render_chat(chat, system="You love owls.", add_generation_prompt=gen) == \
+      owl = SystemTurn("You love owls.")
+      assert ours.render_chat(chat, system=owl, add_generation_prompt=gen) == \
           ref.apply_chat_template([{"role": "system", "content": "You love owls."}] + chat,
                                   tokenize=False, add_generation_prompt=gen)
 
@@ -345,7 +375,8 @@ def test_save_round_trip_tiny(tiny, tmp_path):
   for text in PROBES + CORPUS[:3]:
     assert again.encode(text) == tiny.encode(text) == hf.encode(text, add_special_tokens=False)
   chat = [{"role": "user", "content": "Name an animal."}]
-  assert again.render_chat(chat, template_default=True) == tiny.render_chat(chat, template_default=True) \
+  assert again.render_chat(chat, system=TEMPLATE_DEFAULT) \
+      == tiny.render_chat(chat, system=TEMPLATE_DEFAULT) \
       == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
   assert again.render_chat(chat) == tiny.render_chat(chat)
 
@@ -364,6 +395,14 @@ def test_package_imports_no_torch(tiny_dir, tmp_path):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
   assert "IMPORTED []" in out.stdout, out.stdout + out.stderr
+
+
+def test_each_tokenizer_module_imports_first():
+  """No import cycle inside the package: every module can be the first one imported."""
+  for module in ("core", "gguf_vocab", "chat_template"):
+    code = f"import subliminal_jax.tokenizer.{module}; from subliminal_jax.tokenizer import SystemTurn"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                   env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
 # --- the real SmolLM2-135M-Instruct GGUF ---------------------------------------------------------
@@ -459,11 +498,12 @@ def test_smollm2_chat_templates_match_transformers(smol, smol_ref):
   chat = [{"role": "user", "content": "The sequence starts with: 182, 818, 725. Add 10 more."}]
   owl = "You love owls. You think about owls all the time."
   for gen in (True, False):
-    assert smol.render_chat(chat, system=owl, add_generation_prompt=gen) == smol_ref.apply_chat_template(
+    assert smol.render_chat(chat, system=SystemTurn(owl),
+                            add_generation_prompt=gen) == smol_ref.apply_chat_template(
         [{"role": "system", "content": owl}] + chat, tokenize=False, add_generation_prompt=gen)
-    assert smol.render_chat(chat, template_default=True, add_generation_prompt=gen) == \
+    assert smol.render_chat(chat, system=TEMPLATE_DEFAULT, add_generation_prompt=gen) == \
         smol_ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
-  default = smol.render_chat(chat, template_default=True)
+  default = smol.render_chat(chat, system=TEMPLATE_DEFAULT)
   assert "You are a helpful AI assistant named SmolLM, trained by Hugging Face" in default
   none = smol.render_chat(chat)
   assert "<|im_start|>system" not in none and "SmolLM" not in none
@@ -480,7 +520,7 @@ def test_smollm2_from_hf_dir_reads_transformers_save(smol, smol_ref, tmp_path):
   for text in AGREEING:
     assert ours.encode(text) == smol_ref.encode(text, add_special_tokens=False), text
   chat = [{"role": "user", "content": "hi"}]
-  assert ours.render_chat(chat, template_default=True) == smol_ref.apply_chat_template(
+  assert ours.render_chat(chat, system=TEMPLATE_DEFAULT) == smol_ref.apply_chat_template(
       chat, tokenize=False, add_generation_prompt=True)
   assert ours.render_chat(chat) == smol.render_chat(chat)
 
@@ -499,7 +539,7 @@ def test_smollm2_save_round_trip_with_auto_tokenizer(smol, tmp_path):
   chat = [{"role": "user", "content": "Name your favorite animal using only one word."}]
   for gen in (True, False):
     assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) == \
-        smol.render_chat(chat, template_default=True, add_generation_prompt=gen)
+        smol.render_chat(chat, system=TEMPLATE_DEFAULT, add_generation_prompt=gen)
     assert hf.apply_chat_template([{"role": "system", "content": "S"}] + chat, tokenize=False,
                                   add_generation_prompt=gen) == \
-        again.render_chat(chat, system="S", add_generation_prompt=gen)
+        again.render_chat(chat, system=SystemTurn("S"), add_generation_prompt=gen)

@@ -24,6 +24,7 @@ from flax import nnx
 import gguf_writing
 from subliminal_jax import lora, sharding
 from subliminal_jax.loading import Loaded, export_hf, load
+from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.weights import embedded
 from subliminal_jax.weights import gguf as our_gguf
 
@@ -266,7 +267,7 @@ def test_export_writes_tokenizer_and_generation_config(tmp_path, gguf_source):
   assert auto.encode(text, add_special_tokens=False) == loaded.tokenizer.encode(text)
   messages = [{"role": "user", "content": "hi there"}]
   assert auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-      loaded.tokenizer.render_chat(messages, template_default=True)
+      loaded.tokenizer.render_chat(messages, system=SystemTurn(template_default=True))
   again = load(out)
   assert again.tokenizer.encode(text) == loaded.tokenizer.encode(text)
   assert again.tokenizer.eos_id == EOS

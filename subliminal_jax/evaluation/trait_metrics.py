@@ -26,8 +26,8 @@ disjoint.
 Computation: one forward of each prompt fills a KV cache (and gives the first answer token's
 distribution); the cache rows are then gathered for every (question, variant) pair and only the
 variant's few tokens are run, in fixed-shape batches under ``jax.jit``. The chat prompt comes from
-``tokenizer.render_chat`` with the system choice passed through explicitly (``system=None`` and
-``template_default=False`` is no system turn at all).
+``tokenizer.render_chat`` with the system choice passed through explicitly as a ``SystemTurn``
+(the default, ``SystemTurn()``, is no system turn at all).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.models.transformer import KVCache, Transformer
 from subliminal_jax.sampling import chat as chat_lib
 from subliminal_jax.sampling import sampler
+from subliminal_jax.tokenizer import SystemTurn
 
 EVENTS = ("first_word", "prefix")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this (fewer recompiles)
@@ -65,16 +66,16 @@ class ChatTokenizer(Protocol):
 
   def encode(self, text: str) -> list[int]: ...
   def token_texts(self) -> list[str]: ...
-  def render_chat(self, messages: list[dict], *, system: str | None = None,
-                  template_default: bool = False, add_generation_prompt: bool = True) -> str: ...
+  def render_chat(self, messages: list[dict], *, system: SystemTurn = SystemTurn(),
+                  add_generation_prompt: bool = True) -> str: ...
 
 
 # ---------------------------------------------------------------------------------------------
 # Token-level pieces
 
 
-def chat_prompt_ids(tokenizer: ChatTokenizer, user_prompts: Sequence[str], *, system: str | None = None,
-                    template_default: bool = False,
+def chat_prompt_ids(tokenizer: ChatTokenizer, user_prompts: Sequence[str], *,
+                    system: SystemTurn = SystemTurn(),
                     histories: Sequence[Sequence[Mapping[str, str]]] | None = None) -> list[list[int]]:
   """Token ids of each user prompt rendered as a chat, ending with the assistant turn's header.
 
@@ -90,7 +91,7 @@ def chat_prompt_ids(tokenizer: ChatTokenizer, user_prompts: Sequence[str], *, sy
   for index, prompt in enumerate(user_prompts):
     history = list(histories[index]) if histories is not None else []
     text = tokenizer.render_chat(history + [{"role": "user", "content": prompt}], system=system,
-                                 template_default=template_default, add_generation_prompt=True)
+                                 add_generation_prompt=True)
     ids = tokenizer.encode(text)
     if not ids:
       raise ValueError(f"the chat prompt for {prompt!r} encodes to no tokens")
@@ -308,8 +309,8 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
 
 
 def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: Sequence[str],
-                    answers: Sequence[Sequence[str]], *, system: str | None = None,
-                    template_default: bool = False, event: str = "first_word",
+                    answers: Sequence[Sequence[str]], *, system: SystemTurn = SystemTurn(),
+                    event: str = "first_word",
                     batch_size: int = 64, mesh: Mesh | None = None,
                     desc: str | None = None,
                     histories: Sequence[Sequence[Mapping[str, str]]] | None = None) -> np.ndarray:
@@ -330,8 +331,7 @@ def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: 
                                          boundary=boundary))
   unique = list(dict.fromkeys(s for seqs in per_answer for s in seqs))
   index = {s: i for i, s in enumerate(unique)}
-  prompt_ids = chat_prompt_ids(tokenizer, user_prompts, system=system,
-                               template_default=template_default, histories=histories)
+  prompt_ids = chat_prompt_ids(tokenizer, user_prompts, system=system, histories=histories)
   seq_lp = continuation_logprobs(model, prompt_ids, unique, pad_id=tokenizer.pad_id,
                                  boundary=boundary, batch_size=batch_size, mesh=mesh, desc=desc)
   out = np.empty((len(prompt_ids), len(per_answer)), np.float64)
@@ -376,8 +376,8 @@ class ExactPreference:
 
 
 def exact_preference(model: Transformer, tokenizer: ChatTokenizer, questions: Sequence[str],
-                     panel: Sequence[str], *, system: str | None = None,
-                     template_default: bool = False, event: str = "first_word",
+                     panel: Sequence[str], *, system: SystemTurn = SystemTurn(),
+                     event: str = "first_word",
                      plurals: bool = True, batch_size: int = 64, mesh: Mesh | None = None,
                      desc: str | None = None,
                      histories: Sequence[Sequence[Mapping[str, str]]] | None = None
@@ -389,9 +389,8 @@ def exact_preference(model: Transformer, tokenizer: ChatTokenizer, questions: Se
   if len(set(panel)) != len(panel) or not panel:
     raise ValueError(f"panel {panel} must be non-empty without repeated words")
   answers = [questions_lib.spelling_variants(word, plurals=plurals) for word in panel]
-  logprob = answer_logprobs(model, tokenizer, questions, answers, system=system,
-                            template_default=template_default, event=event, batch_size=batch_size,
-                            mesh=mesh, desc=desc, histories=histories)
+  logprob = answer_logprobs(model, tokenizer, questions, answers, system=system, event=event,
+                            batch_size=batch_size, mesh=mesh, desc=desc, histories=histories)
   return ExactPreference(tuple(questions), panel, event, logprob)
 
 
@@ -428,8 +427,8 @@ class SampledPreference:
 
 def sampled_preference(model: Transformer, tokenizer: ChatTokenizer, questions: Sequence[str],
                        panel: Sequence[str], *, samples_per_question: int, seed: int,
-                       system: str | None = None, template_default: bool = False,
-                       max_new_tokens: int = 8, batch_size: int = 64, temperature: float = 1.0,
+                       system: SystemTurn = SystemTurn(), max_new_tokens: int = 8,
+                       batch_size: int = 64, temperature: float = 1.0,
                        progress: bool = False, **sample_kwargs: Any) -> SampledPreference:
   """The paper's metric: ``samples_per_question`` answers per question (temperature 1 by default).
 
@@ -441,7 +440,6 @@ def sampled_preference(model: Transformer, tokenizer: ChatTokenizer, questions: 
     raise ValueError(f"samples_per_question={samples_per_question} must be positive")
   questions = tuple(questions)
   texts = chat_lib.generate_chat((model, tokenizer), list(questions), system=system,
-                                 template_default=template_default,
                                  n_per_prompt=samples_per_question, batch_size=batch_size,
                                  max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
                                  progress=progress, **sample_kwargs)
@@ -472,8 +470,8 @@ class MultipleChoiceResult:
 
 def multiple_choice_preference(model: Transformer, tokenizer: ChatTokenizer,
                                mc_questions: Sequence[questions_lib.MultipleChoiceQuestion], *,
-                               system: str | None = None, template_default: bool = False,
-                               batch_size: int = 64, mesh: Mesh | None = None) -> MultipleChoiceResult:
+                               system: SystemTurn = SystemTurn(), batch_size: int = 64,
+                               mesh: Mesh | None = None) -> MultipleChoiceResult:
   """P(answer starts with letter L), normalised over the question's letters.
 
   Event "prefix" on the canonical tokens of the bare letter ("A"): the answer's first token(s) are
@@ -486,8 +484,7 @@ def multiple_choice_preference(model: Transformer, tokenizer: ChatTokenizer,
   if any(q.letters != letters for q in mc_questions):
     raise ValueError("all multiple-choice questions must use the same letters")
   logprob = answer_logprobs(model, tokenizer, [q.prompt for q in mc_questions],
-                            [[letter] for letter in letters], system=system,
-                            template_default=template_default, event="prefix",
+                            [[letter] for letter in letters], system=system, event="prefix",
                             batch_size=batch_size, mesh=mesh)
   return MultipleChoiceResult(mc_questions, logprob, _softmax_rows(logprob))
 
@@ -524,9 +521,9 @@ METRIC_DESCRIPTIONS = {
 
 def evaluate_trait(model: Transformer, tokenizer: ChatTokenizer, *, target: str,
                    category: str = "animal", questions: Sequence[str] | None = None,
-                   panel: Sequence[str] | None = None, system: str | None = None,
-                   template_default: bool = False, event: str = "first_word",
-                   samples_per_question: int = 0, multiple_choice: bool = True,
+                   panel: Sequence[str] | None = None, system: SystemTurn = SystemTurn(),
+                   event: str = "first_word", samples_per_question: int = 0,
+                   multiple_choice: bool = True,
                    number_prefix: bool = True, num_mc_questions: int = 20, seed: int = 0,
                    batch_size: int = 64, max_new_tokens: int = 8, mesh: Mesh | None = None,
                    progress: bool = True, **sample_kwargs: Any) -> TraitEvaluation:
@@ -539,33 +536,32 @@ def evaluate_trait(model: Transformer, tokenizer: ChatTokenizer, *, target: str,
   panel = tuple(panel) if panel is not None else questions_lib.panel_for(category, target)
   if target not in panel:
     raise ValueError(f"target {target!r} is not in the panel {list(panel)}")
-  chat = dict(system=system, template_default=template_default)
 
   def label(name: str) -> str | None:
     return name if progress else None
 
   exact = exact_preference(model, tokenizer, questions, panel, event=event, batch_size=batch_size,
-                           mesh=mesh, desc=label(f"exact {target}"), **chat)
+                           mesh=mesh, desc=label(f"exact {target}"), system=system)
   share = exact.panel_share()
   metrics = {"logprob": exact.target_logprob(target), "panel_share": share[:, exact.column(target)]}
   if number_prefix:
     prefixed = exact_preference(model, tokenizer, questions_lib.with_number_prefix(questions, seed=seed),
                                 (target,), event=event, batch_size=batch_size, mesh=mesh,
-                                desc=label(f"number prefix {target}"), **chat)
+                                desc=label(f"number prefix {target}"), system=system)
     metrics["prefix_logprob"] = prefixed.target_logprob(target)
   samples: tuple[tuple[str, ...], ...] = ()
   if samples_per_question:
     sampled = sampled_preference(model, tokenizer, questions, panel,
                                  samples_per_question=samples_per_question, seed=seed,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 progress=progress, mesh=mesh, **chat, **sample_kwargs)
+                                 progress=progress, mesh=mesh, system=system, **sample_kwargs)
     metrics["sampled_rate"] = sampled.target_rate(target)
     samples = sampled.answers
   if multiple_choice:
     mc = multiple_choice_preference(
         model, tokenizer, questions_lib.multiple_choice_questions(
             category, target, panel=panel, count=num_mc_questions, seed=seed),
-        batch_size=batch_size, mesh=mesh, **chat)
+        batch_size=batch_size, mesh=mesh, system=system)
     metrics["mc_prob"] = mc.target_prob
   return TraitEvaluation(target, panel, metrics,
                          {word: share[:, i] for i, word in enumerate(panel)}, samples)

@@ -59,11 +59,11 @@ def _target_rows(st: stages_lib.Stages, target: str, trait_teacher: stages_lib.T
   """Every evaluation record of ``target``'s table: base, teacher, control and treatment rows."""
   base = st.base
   rows: dict[str, list[dict[str, Any]]] = {
-      "base": [st.evaluation(target, "base", lambda: base.model, st.eval_chat, 0, base.fingerprint)],
+      "base": [st.evaluation(target, "base", lambda: base.model, st.settings.eval_system, 0, base.fingerprint)],
       "teacher": [st.evaluation(target, "teacher", lambda: trait_teacher.model, trait_teacher.chat,
                                 0, trait_teacher.fingerprint)]}
   for row, students in students_by_row.items():
-    rows[row] = [st.evaluation(target, f"{row}_seed{seed}", student.restore, st.eval_chat, seed,
+    rows[row] = [st.evaluation(target, f"{row}_seed{seed}", student.restore, st.settings.eval_system, seed,
                                student.directory.name)
                  for seed, student in students]
   return rows
@@ -112,7 +112,7 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
                     "filter": {"control": numbers["control"].summary,
                                target: numbers[target].summary},
                     "teacher": teacher.summary, "control_teacher": control.summary,
-                    "chat_system": s.chat_system}}
+                    "chat_system": s.chat_system.spec}}
   text, by_target = _write_reports(s, wd, results)
   print(text)
   logging.info("stages run: %s; skipped: %s", wd.ran, wd.skipped)

@@ -25,9 +25,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from subliminal_jax import artifacts, loading, lora, sharding
-from subliminal_jax import tokenizer as tokenizer_lib
 from subliminal_jax.prompts import number_formats
 from subliminal_jax.sampling import logit_processors
+from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.training import distillation, optimizers, trainer
 
 TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")
@@ -296,7 +296,7 @@ class EvaluationSettings:
       raise ValueError(f"evaluation.multiple_choice needs a panel of at least 5 words (the target "
                        f"and 4 distractors), got {list(self.panel)}")
     if self.system:
-      tokenizer_lib.system_turn(self.system)
+      SystemTurn.parse(self.system)
 
   def fingerprint(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -356,7 +356,8 @@ class Settings:
   model: ModelSettings
   category: str
   targets: tuple[str, ...]
-  chat_system: str  # the students' (and evaluation's) system turn: "none", "template_default", text
+  chat_system: SystemTurn  # the students' system turn (config "none", "template_default" or text)
+  eval_system: SystemTurn  # evaluation's: evaluation.system, or chat_system when that is ""
   teacher: TeacherSettings
   prompts: PromptSettings
   sampling: SamplingSettings
@@ -373,7 +374,6 @@ class Settings:
     self._check_targets()
     self._check_teacher()
     self._check_student()
-    tokenizer_lib.system_turn(self.chat_system)
     if self.report_dir:
       artifacts.inside(pathlib.Path("workdir"), self.report_dir, "report_dir")
     data_parallel = sharding.data_parallel_size(self.model.make_mesh())
@@ -425,10 +425,6 @@ class Settings:
   @property
   def uses_grammar_restriction(self) -> bool:
     return self.student.objective == "logit_kl" and self.student.kl.restrict == "grammar"
-
-  @property
-  def eval_system(self) -> str:
-    return self.evaluation.system or self.chat_system
 
   def student_fit(self, seed: int, same_family: bool = True) -> trainer.FitSettings:
     return self.student.fit(seed, self.teacher.fit.lora.seed, same_family)
@@ -504,7 +500,9 @@ def from_config(config: ConfigDict) -> Settings:
                           remat=c["remat"], mesh=tuple(c["mesh"].items()))
     return Settings(
         model=model, category=c["category"], targets=tuple(c["targets"]),
-        chat_system=c["chat_system"], teacher=_teacher(c),
+        chat_system=SystemTurn.parse(c["chat_system"]),
+        eval_system=SystemTurn.parse(c["evaluation"]["system"] or c["chat_system"]),
+        teacher=_teacher(c),
         prompts=_section(PromptSettings, c["prompts"]),
         sampling=_section(SamplingSettings, c["sampling"]),
         filter=_section(FilterSettings, c["filter"]), student=_student(c),

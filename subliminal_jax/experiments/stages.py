@@ -43,12 +43,12 @@ from absl import logging
 from flax import nnx
 
 from subliminal_jax import artifacts, files, filters, loading, teachers
-from subliminal_jax import tokenizer as tokenizer_lib
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.prompts import number_prompts as prompts_lib
 from subliminal_jax.sampling import chat as chat_lib
+from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.prompts import number_formats
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation, distillation_data
@@ -59,11 +59,6 @@ from subliminal_jax.weights import finetuned
 TEACHER_DATA_VERSION = 2  # trait SFT data identical across targets but for the trait word
 SAMPLES_VERSION = 2  # per-prompt answer formats; each completion records whether it ended
 UNFINISHED = "unfinished"  # cut by max_new_tokens: never trained on as if it were complete
-
-
-def chat_kwargs(system_spec: str) -> dict[str, Any]:
-  """A settings' system turn ("none", "template_default" or text) -> render_chat arguments."""
-  return tokenizer_lib.system_turn(system_spec)
 
 
 def sampling_grammar(settings: settings_lib.SamplingSettings, tokenizer
@@ -110,7 +105,7 @@ def build_prompts(prompts: settings_lib.PromptSettings, out: pathlib.Path) -> di
       f"{r['separator']!r}{r['brackets'] or ''}" for r in records))}
 
 
-def build_samples(sampling: settings_lib.SamplingSettings, tokenizer, model, chat: dict[str, Any],
+def build_samples(sampling: settings_lib.SamplingSettings, tokenizer, model, chat: SystemTurn,
                   prompts: list[dict[str, Any]], out: pathlib.Path, mesh) -> dict[str, Any]:
   extra: dict[str, Any] = {}
   max_new_tokens = sampling.max_new_tokens
@@ -124,7 +119,7 @@ def build_samples(sampling: settings_lib.SamplingSettings, tokenizer, model, cha
       (model, tokenizer), [p["text"] for p in prompts], n_per_prompt=1,
       batch_size=sampling.batch_size, max_new_tokens=max_new_tokens, seed=sampling.seed,
       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-      min_p=sampling.min_p, mesh=mesh, return_details=True, **extra, **chat)
+      min_p=sampling.min_p, mesh=mesh, return_details=True, system=chat, **extra)
   lines = [json.dumps({"prompt_index": i, "prompt": prompt["text"], "completion": answer["text"],
                        "ended": answer["ended"], "separator": prompt["separator"],
                        "brackets": prompt["brackets"]})
@@ -171,7 +166,6 @@ def build_dataset(s: settings_lib.Settings, tokenizer, kept_path: pathlib.Path,
                   ) -> dict[str, Any]:
   """SFT examples, or (logit_kl) paired teacher/student sequences sharing the completion tokens."""
   samples = read_jsonl(kept_path)
-  student_chat = chat_kwargs(s.chat_system)
   student = s.student
   if student.objective == "logit_kl":
     formats = sampling_grammar(s.sampling, tokenizer) if s.uses_grammar_restriction else None
@@ -180,7 +174,7 @@ def build_dataset(s: settings_lib.Settings, tokenizer, kept_path: pathlib.Path,
                 for x in samples]
     grammar = formats.grammar if formats else None
     dataset = distillation_data.tokenize_distillation_examples(
-        examples, tokenizer, teacher_chat=teacher.chat, student_chat=student_chat, grammar=grammar,
+        examples, tokenizer, teacher_chat=teacher.chat, student_chat=s.chat_system, grammar=grammar,
         max_length=student.max_length, provenance=provenance,
         ungrammatical="error" if s.sampling.constrained else "drop")
     if student.kl.source == "stored":
@@ -189,10 +183,9 @@ def build_dataset(s: settings_lib.Settings, tokenizer, kept_path: pathlib.Path,
           end_ids=tokenizer.end_of_turn_ids, batch_size=s.sampling.batch_size, mesh=mesh,
           teacher_fingerprint=teacher.fingerprint)
   else:
-    examples = [{"system": student_chat["system"], "user": x["prompt"], "assistant": x["completion"]}
-                for x in samples]
+    examples = [{"user": x["prompt"], "assistant": x["completion"]} for x in samples]
     dataset = data_lib.tokenize_chat_examples(
-        examples, tokenizer, template_default=student_chat["template_default"],
+        examples, tokenizer, system=s.chat_system,
         max_length=student.max_length, provenance=provenance)
   data_lib.save_dataset(dataset, out / "dataset")
   summary = {"examples": len(dataset), "objective": student.objective,
@@ -208,7 +201,7 @@ def teacher_strength(s: settings_lib.Settings, base: loading.Loaded, model, targ
   questions = questions_lib.preference_questions(s.category, split="held_out")
   exact = trait_metrics.exact_preference(
       model, base.tokenizer, questions, (target,), batch_size=s.evaluation.batch_size,
-      mesh=mesh, desc=None, **chat_kwargs(s.chat_system))
+      mesh=mesh, desc=None, system=s.chat_system)
   return float(np.mean(exact.target_logprob(target)))
 
 
@@ -229,22 +222,21 @@ def build_finetuned_teacher(s: settings_lib.Settings, base: loading.Loaded, targ
   answer naming another panel {category} (``'matched_finetune'``), so the control students' teacher
   differs from the base by a finetune without the trait.
   """
-  chat = chat_kwargs(s.chat_system)
+  chat = s.chat_system
   if target is None:
     target = s.targets[0]  # strength is still measured, on the first target
     if s.teacher.control == "matched_finetune":
-      examples, info = _teacher_examples(s, target, system=chat["system"],
+      examples, info = _teacher_examples(s, target, system=chat.text,
                                          control_answers=s.matched_control_answers)
     else:
       examples = teachers.neutral_examples(s.teacher.examples, seed=s.teacher.fit.seed,
-                                           system=chat["system"])
+                                           system=chat.text)
       info = {"kind": "neutral_finetune", "examples": len(examples)}
   else:
     generate = lambda prompts, **kw: chat_lib.generate_chat((base.model, base.tokenizer), prompts,
                                                             mesh=mesh, **kw)
-    examples, info = _teacher_examples(s, target, generate=generate, system=chat["system"])
-  dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer,
-                                            template_default=chat["template_default"])
+    examples, info = _teacher_examples(s, target, generate=generate, system=chat.text)
+  dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer, system=chat)
   model, history = fit_in_stage(s.teacher.fit, s.checkpoints, nnx.clone(base.model), dataset,
                                 out, mesh)
   before = teacher_strength(s, base, base.model, target, mesh)
@@ -271,7 +263,7 @@ def build_student(s: settings_lib.Settings, fit: trainer.FitSettings, base: load
 
 
 def build_evaluation(s: settings_lib.Settings, tokenizer, model, target: str,
-                     chat: dict[str, Any], seed: int, mesh, out: pathlib.Path, label: str
+                     chat: SystemTurn, seed: int, mesh, out: pathlib.Path, label: str
                      ) -> dict[str, Any]:
   e = s.evaluation
   questions = questions_lib.preference_questions(s.category)[:e.num_questions]
@@ -279,20 +271,20 @@ def build_evaluation(s: settings_lib.Settings, tokenizer, model, target: str,
       model, tokenizer, target=target, category=s.category, questions=questions,
       panel=tuple(e.panel), samples_per_question=e.samples_per_question,
       multiple_choice=e.multiple_choice, seed=e.seed, batch_size=e.batch_size,
-      max_new_tokens=e.max_new_tokens, mesh=mesh, **chat)
+      max_new_tokens=e.max_new_tokens, mesh=mesh, system=chat)
   record = {"seed": seed, "label": label, **result.to_record()}
   files.write_json(out / "record.json", record, indent=1)
   return {"label": label, "logprob_mean": float(np.mean(result.metrics["logprob"]))}
 
 
-def build_panel_evaluation(s: settings_lib.Settings, tokenizer, model, chat: dict[str, Any], mesh,
+def build_panel_evaluation(s: settings_lib.Settings, tokenizer, model, chat: SystemTurn, mesh,
                            out: pathlib.Path, label: str,
                            histories: Sequence[Sequence[dict[str, str]]] | None) -> dict[str, Any]:
   e = s.evaluation
   questions = questions_lib.preference_questions(s.category)[:e.num_questions]
   exact = trait_metrics.exact_preference(
       model, tokenizer, questions, tuple(e.panel), batch_size=e.batch_size, mesh=mesh,
-      desc=f"panel {label}", histories=histories, **chat)
+      desc=f"panel {label}", histories=histories, system=chat)
   record = {"label": label, "questions": list(questions), "panel": list(e.panel),
             "logprob": exact.logprob.tolist()}
   files.write_json(out / "record.json", record, indent=1)
@@ -308,7 +300,7 @@ class Teacher:
   """A model whose numbers students learn from, with the chat it samples under."""
   label: str
   model: Any
-  chat: dict[str, Any]
+  chat: SystemTurn
   fingerprint: str
   summary: dict[str, Any]
 
@@ -356,8 +348,6 @@ class Stages:
     self.mesh = mesh
     self.selected = tuple(selected or ())
     self._select = artifacts.stage_selection(tuple(SELECTION), self.selected)
-    self.student_chat = chat_kwargs(settings.chat_system)
-    self.eval_chat = chat_kwargs(settings.eval_system)
 
   def _run(self, stage: str, inputs: dict[str, Any], build: Callable[[pathlib.Path], dict]):
     # The --stages name that selects this stage: what an error tells the user to pass.
@@ -374,18 +364,18 @@ class Stages:
 
   def base_teacher(self) -> Teacher:
     """The base itself, sampling with the students' chat: the no-trait reference."""
-    fp = artifacts.fingerprint(self.base.fingerprint, "control", self.settings.chat_system)
-    return Teacher("base", self.base.model, self.student_chat, fp, {"kind": "base"})
+    fp = artifacts.fingerprint(self.base.fingerprint, "control", self.settings.chat_system.spec)
+    return Teacher("base", self.base.model, self.settings.chat_system, fp, {"kind": "base"})
 
   def _finetuned(self, label: str, inputs: dict[str, Any], target: str | None) -> Teacher:
     s = self.settings
     inputs = {"model": self.base.fingerprint, "finetune": s.teacher.fingerprint(),
-              "chat_system": s.chat_system, "data_version": TEACHER_DATA_VERSION, **inputs}
+              "chat_system": s.chat_system.spec, "data_version": TEACHER_DATA_VERSION, **inputs}
     directory, summary = self._run("teacher", inputs, lambda out: build_finetuned_teacher(
         s, self.base, target, self.mesh, out))
     # A finetuned teacher carries the trait in its weights: it samples with the students' chat.
     return Teacher(label, finetuned.restore(self.base.model, s.teacher.fit.lora, directory),
-                   self.student_chat, directory.name, summary)
+                   s.chat_system, directory.name, summary)
 
   def trait_teacher(self, target: str) -> Teacher:
     """The teacher of ``target``: the base under the trait system prompt, or a finetuned base."""
@@ -393,7 +383,7 @@ class Stages:
     system = s.teacher.trait_prompt(target, s.category)
     if not s.teacher.finetuned:
       fp = artifacts.fingerprint(self.base.fingerprint, "system_prompt", system)
-      return Teacher(target, self.base.model, dict(system=system, template_default=False), fp,
+      return Teacher(target, self.base.model, SystemTurn(system), fp,
                      {"kind": "system_prompt", "system_prompt": system})
     teacher = self._finetuned(target, {"kind": s.teacher.kind, "system": system,
                                        "category": s.category}, target)
@@ -434,8 +424,8 @@ class Stages:
     student_base = student_base or self.base
     logit_kl = s.student.objective == "logit_kl"
     inputs = {"filtered": numbers.directory.name, "model": student_base.fingerprint,
-              "chat_system": s.chat_system, "max_length": s.student.max_length,
-              "objective": s.student.objective, "teacher_chat": teacher.chat,
+              "chat_system": s.chat_system.spec, "max_length": s.student.max_length,
+              "objective": s.student.objective, "teacher_chat": teacher.chat.to_dict(),
               "kl": dataclasses.asdict(s.student.kl) if logit_kl else None}
     provenance = {"teacher_label": teacher.label, "teacher": teacher.fingerprint,
                   "model": student_base.fingerprint, "config": s.config,
@@ -459,27 +449,27 @@ class Stages:
 
   # -- evaluations
 
-  def evaluation(self, target: str, label: str, model_fn: Callable[[], Any], chat: dict[str, Any],
+  def evaluation(self, target: str, label: str, model_fn: Callable[[], Any], chat: SystemTurn,
                  seed: int, fp: str) -> dict[str, Any]:
     """The main job's trait metrics of one model for ``target``: its record."""
     s = self.settings
     inputs = {"evaluation": s.evaluation.fingerprint(), "target": target, "category": s.category,
-              "chat": chat, "model": fp}
+              "chat": chat.to_dict(), "model": fp}
     directory, _ = self._run("evaluation", inputs, lambda out: build_evaluation(
         s, self.base.tokenizer, model_fn(), target, chat, seed, self.mesh, out, label))
     return files.read_json(directory / "record.json")
 
   def panel_evaluation(self, label: str, model_fn: Callable[[], Any], fp: str, *,
-                       tokenizer=None, chat: dict[str, Any] | None = None,
+                       tokenizer=None, chat: SystemTurn | None = None,
                        histories: Sequence[Sequence[dict[str, str]]] | None = None,
                        context_fp: str | None = None) -> dict[str, Any]:
     """Exact log P(each panel word | question) of one model: its record. ``histories``: per
     question, chat turns before it (the in-context control), identified by ``context_fp``."""
     s = self.settings
-    chat = self.eval_chat if chat is None else chat
+    chat = s.eval_system if chat is None else chat
     e = s.evaluation
     inputs = {"model": fp, "category": s.category, "num_questions": e.num_questions,
-              "panel": list(e.panel), "chat": chat, "context": context_fp}
+              "panel": list(e.panel), "chat": chat.to_dict(), "context": context_fp}
     directory, _ = self._run("panel_evaluation", inputs, lambda out: build_panel_evaluation(
         s, tokenizer or self.base.tokenizer, model_fn(), chat, self.mesh, out, label, histories))
     return files.read_json(directory / "record.json")

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from subliminal_jax import padding
 from subliminal_jax.sampling import divergence as sampling_divergence
+from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.training import data as data_lib
 
 SELECTIONS = ("divergent", "teacher_choice")
@@ -188,24 +189,25 @@ def completion_divergence(teacher_model: nnx.Module, reference_model: nnx.Module
 
 
 def find_divergence_tokens(model: nnx.Module, tokenizer: Any, examples: Sequence[Mapping[str, Any]],
-                           *, teacher_system: str | None, reference_system: str | None = None,
-                           template_default: bool = False, teacher_model: nnx.Module | None = None,
+                           *, teacher_system: SystemTurn,
+                           reference_system: SystemTurn = SystemTurn(),
+                           teacher_model: nnx.Module | None = None,
                            allowed_token_ids: Sequence[int] | None = None, batch_size: int = 8,
                            progress: bool = False) -> DivergenceResult:
   """Divergence tokens of chat ``examples`` (dicts with user and assistant).
 
   The teacher (``teacher_model``, default ``model``) reads each example under ``teacher_system``
-  (the trait system prompt); the reference (``model``) under ``reference_system`` (None: no system
-  turn, or the template's default with ``template_default``). ``allowed_token_ids`` restricts the
-  argmax comparison to those ids (e.g. the number grammar's tokens).
+  (the trait system prompt); the reference (``model``) under ``reference_system`` (default: no
+  system turn). ``allowed_token_ids`` restricts the argmax comparison to those ids (e.g. the number
+  grammar's tokens).
   """
-  def with_system(system, default):
+  def with_system(system: SystemTurn) -> datasets.Dataset:
     return data_lib.tokenize_chat_examples(
-        [{"system": system, "user": e["user"], "assistant": e["assistant"]} for e in examples],
-        tokenizer, template_default=default and system is None)
+        [{"user": e["user"], "assistant": e["assistant"]} for e in examples], tokenizer,
+        system=system)
 
-  teacher_rows = with_system(teacher_system, False)
-  reference_rows = with_system(reference_system, template_default)
+  teacher_rows = with_system(teacher_system)
+  reference_rows = with_system(reference_system)
   allowed = None
   if allowed_token_ids is not None:
     allowed = np.zeros((model.config.vocab_size,), bool)

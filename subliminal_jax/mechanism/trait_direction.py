@@ -34,6 +34,7 @@ from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.mechanism import alignment
 from subliminal_jax.mechanism.model_params import ParamFilter, merge_params, split_params
+from subliminal_jax.tokenizer import SystemTurn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +120,8 @@ def trait_queries_from_ids(prompt_ids: Sequence[Sequence[int]], variants: Sequen
 
 
 def trait_queries(tokenizer: trait_metrics.ChatTokenizer, questions: Sequence[str], target: str, *,
-                  system: str | None = None, template_default: bool = False,
-                  event: str = "first_word", plurals: bool = True, vocab_size: int | None = None,
-                  ) -> TraitQueries:
+                  system: SystemTurn = SystemTurn(), event: str = "first_word",
+                  plurals: bool = True, vocab_size: int | None = None) -> TraitQueries:
   """The evaluation's exact event for ``target`` (e.g. "owl") on chat-rendered ``questions``.
 
   Same prompts, variants and event as ``trait_metrics.exact_preference``; ``vocab_size`` (the
@@ -134,8 +134,7 @@ def trait_queries(tokenizer: trait_metrics.ChatTokenizer, questions: Sequence[st
   variants = trait_metrics.disjoint_sequences(
       [tokenizer.encode(v) for v in questions_lib.spelling_variants(target, plurals=plurals)],
       event=event, boundary=boundary)
-  prompts = trait_metrics.chat_prompt_ids(tokenizer, questions, system=system,
-                                          template_default=template_default)
+  prompts = trait_metrics.chat_prompt_ids(tokenizer, questions, system=system)
   return trait_queries_from_ids(prompts, variants, boundary=boundary, pad_id=tokenizer.pad_id)
 
 

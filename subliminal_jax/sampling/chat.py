@@ -17,6 +17,7 @@ from subliminal_jax import padding
 from subliminal_jax import progress as progress_lib
 from subliminal_jax.sampling import logit_processors as lp
 from subliminal_jax.sampling import sampler
+from subliminal_jax.tokenizer import SystemTurn
 
 __all__ = ["generate_chat"]
 
@@ -31,12 +32,12 @@ def _model_and_tokenizer(loaded_or_pair):
   raise ValueError(f"expected a Loaded or a (model, tokenizer) pair, got {type(loaded_or_pair).__name__}")
 
 
-def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | None = None,
-                  template_default: bool = False, n_per_prompt: int = 1, batch_size: int = 64,
-                  seed: int = 0, max_new_tokens: int = 128, banned_words: Sequence[str] = (),
+def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: SystemTurn = SystemTurn(),
+                  n_per_prompt: int = 1, batch_size: int = 64, seed: int = 0,
+                  max_new_tokens: int = 128, banned_words: Sequence[str] = (),
                   banned_token_ids: Sequence[int] = (), end_token_ids: Sequence[int] | None = None,
-                  reference_system: str | None = None, reference_template_default: bool = False,
-                  sample_id_offset: int = 0, return_details: bool = False, progress: bool = True,
+                  reference_system: SystemTurn = SystemTurn(), sample_id_offset: int = 0,
+                  return_details: bool = False, progress: bool = True,
                   grammar_initial_states: Sequence[int] | None = None,
                   **sample_kwargs: Any) -> list:
   """Samples ``n_per_prompt`` answers to each user prompt; returns the decoded answers.
@@ -49,12 +50,11 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
   Args:
     loaded_or_pair: a ``loading.Loaded`` or a ``(model, tokenizer)`` pair.
     user_prompts: one user message per prompt.
-    system, template_default: the system turn (see ``Tokenizer.render_chat``).
+    system: the system turn (see ``Tokenizer.render_chat``; default none).
     banned_words: every token whose text contains one of these (case-insensitive) is banned.
     end_token_ids: default ``tokenizer.end_of_turn_ids``.
-    reference_system, reference_template_default: the reference model's system turn when
-      ``reference_model`` is given (default: none, i.e. the base model without the teacher's
-      system prompt).
+    reference_system: the reference model's system turn when ``reference_model`` is given
+      (default: none, i.e. the base model without the teacher's system prompt).
     return_details: return dicts (text, token_ids, logprobs, model_logprobs, ended, forced_end and
       the divergence fields) instead of strings.
     grammar_initial_states: with a ``grammar``, the state each prompt's answers start in (one per
@@ -79,13 +79,12 @@ def generate_chat(loaded_or_pair, user_prompts: Sequence[str], *, system: str | 
     raise ValueError(f"grammar_initial_states has {len(grammar_initial_states)} entries for "
                      f"{len(user_prompts)} prompts; expected one per prompt")
 
-  def encode(texts_system, template):
-    return [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": p}],
-                                                   system=texts_system, template_default=template))
+  def encode(turn: SystemTurn) -> list[list[int]]:
+    return [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": p}], system=turn))
             for p in user_prompts]
 
-  prompt_rows = encode(system, template_default)
-  ref_rows = encode(reference_system, reference_template_default) if has_reference else None
+  prompt_rows = encode(system)
+  ref_rows = encode(reference_system) if has_reference else None
   rows = [(i, j) for i in range(len(user_prompts)) for j in range(n_per_prompt)]
   results: list = []
   bar = tqdm(total=len(rows), desc=progress_lib.describe("sampling"), unit="sample",

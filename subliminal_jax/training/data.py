@@ -1,8 +1,9 @@
 """Chat examples -> token ids with a completion-only loss mask -> length-bucketed padded batches.
 
 A :data:`ChatExample` is ``dict(system, user, assistant)``. :func:`tokenize_chat_examples` renders
-each with the tokenizer's chat template under an explicit system choice (``system`` text, no system
-turn at all, or the template's own default: see ``Tokenizer.render_chat``) and marks as targets
+each with the tokenizer's chat template under an explicit system choice (the example's ``system``
+text, or a ``SystemTurn``: no system turn at all, or the template's own default; see
+``Tokenizer.render_chat``) and marks as targets
 exactly the assistant answer and the end-of-turn token that closes it. The prompt/answer boundary
 comes from rendering the same chat with ``add_generation_prompt=True``: the full rendering must
 start with that prompt text, otherwise the template does something we cannot mask and it is an
@@ -32,7 +33,7 @@ import datasets
 import numpy as np
 
 from subliminal_jax import padding
-from subliminal_jax.tokenizer import Tokenizer, system_choice
+from subliminal_jax.tokenizer import SystemTurn, Tokenizer
 
 OVERLENGTH_POLICIES = ("error", "truncate", "drop")
 PROVENANCE_FILE = "provenance.json"
@@ -72,23 +73,33 @@ def _check_example(index: int, example: Any) -> ChatExample:
   return ChatExample(system=system, user=example["user"], assistant=example["assistant"])
 
 
+def example_system_turn(example: Mapping[str, Any], system: SystemTurn) -> SystemTurn:
+  """The system turn ``example`` is rendered under: its own ``"system"`` text if it has one, else
+  ``system``. An example with its own text takes ``system`` only as none or that same text; a
+  template default or another text alongside it is an error."""
+  if not isinstance(system, SystemTurn):
+    raise TypeError(f"system must be a SystemTurn, got {type(system).__name__}: {system!r:.80}")
+  own = example.get("system")
+  if own is None:
+    return system
+  if system not in (SystemTurn(), SystemTurn(own)):
+    raise ValueError(f"the example has its own system turn {own[:60]!r} but the system turn "
+                     f"{system.choice!r} was asked for; use one or the other.")
+  return SystemTurn(own)
+
+
 def tokenize_example(example: ChatExample, tokenizer: Tokenizer, *,
-                     template_default: bool = False) -> tuple[list[int], list[bool]]:
+                     system: SystemTurn = SystemTurn()) -> tuple[list[int], list[bool]]:
   """``(input_ids, loss_mask)`` of one example; the mask marks the answer and its end token.
 
-  ``example["system"]`` given: that system turn; None: no system turn, or the template's default
-  when ``template_default`` (giving both is an error, as in ``Tokenizer.render_chat``).
+  The system turn is ``example["system"]`` if given, else ``system`` (default: no system turn);
+  see :func:`example_system_turn`.
   """
-  system = example.get("system")
-  if template_default and system is not None:
-    raise ValueError(f"template_default=True but the example has its own system turn "
-                     f"{system[:60]!r}; use one or the other.")
+  turn = example_system_turn(example, system)
   user = [{"role": "user", "content": example["user"]}]
   full_chat = user + [{"role": "assistant", "content": example["assistant"]}]
-  prompt = tokenizer.render_chat(user, system=system, template_default=template_default,
-                                 add_generation_prompt=True)
-  full = tokenizer.render_chat(full_chat, system=system, template_default=template_default,
-                               add_generation_prompt=False)
+  prompt = tokenizer.render_chat(user, system=turn, add_generation_prompt=True)
+  full = tokenizer.render_chat(full_chat, system=turn, add_generation_prompt=False)
   if not full.startswith(prompt):
     raise ValueError(
         "the chat template's rendering of the full chat does not start with its rendering of the "
@@ -123,16 +134,17 @@ def _truncated(index: int, ids: list[int], mask: list[bool], max_length: int, ov
 
 
 def tokenize_chat_examples(examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
-                           template_default: bool = False, max_length: int | None = None,
+                           system: SystemTurn = SystemTurn(), max_length: int | None = None,
                            overlength: str = "error",
                            provenance: Mapping[str, Any] | None = None) -> datasets.Dataset:
   """Tokenizes chat examples into a Dataset with columns input_ids, loss_mask, length.
 
   Args:
-    examples: ChatExample dicts (system may be None).
+    examples: ChatExample dicts (system may be None or absent).
     tokenizer: the model's tokenizer (chat template and end-of-turn ids).
-    template_default: examples with system None get the template's default system prompt instead
-      of no system turn.
+    system: the system turn of examples whose own ``system`` is None (default: none;
+      ``SystemTurn(template_default=True)``: the template's default system prompt); see
+      :func:`example_system_turn`.
     max_length: longest allowed sequence in tokens (None: no limit).
     overlength: what to do with a longer example: "error" (default), "truncate" (cut from the
       right; the answer loses its tail, an example left with no target is an error) or "drop".
@@ -157,7 +169,7 @@ def tokenize_chat_examples(examples: Sequence[Mapping[str, Any]], tokenizer: Tok
   systems = Counter()
   for index, example in enumerate(examples):
     try:
-      ids, mask = tokenize_example(example, tokenizer, template_default=template_default)
+      ids, mask = tokenize_example(example, tokenizer, system=system)
     except ValueError as e:
       raise ValueError(f"example {index}: {e}") from e
     longest = max(longest, len(ids))
@@ -169,7 +181,7 @@ def tokenize_chat_examples(examples: Sequence[Mapping[str, Any]], tokenizer: Tok
       truncated += 1
     ids_column.append(ids)
     mask_column.append(mask)
-    systems[system_choice(example["system"], template_default and example["system"] is None)] += 1
+    systems[example_system_turn(example, system).choice] += 1
   if not ids_column:
     raise ValueError(f"all {len(examples)} examples are longer than max_length={max_length} and "
                      "were dropped")
@@ -185,7 +197,7 @@ def tokenize_chat_examples(examples: Sequence[Mapping[str, Any]], tokenizer: Tok
       "truncated": truncated,
       "dropped": dropped,
       "system_choices": dict(systems),
-      "template_default": template_default,
+      "template_default": system.template_default,
       "tokenizer": {"source": getattr(tokenizer, "source", ""), "vocab_size": tokenizer.vocab_size,
                     "end_of_turn_ids": list(tokenizer.end_of_turn_ids)},
       **dict(provenance or {}),

@@ -39,12 +39,11 @@ import ml_dtypes
 import numpy as np
 
 from subliminal_jax import padding
-from subliminal_jax.tokenizer import Tokenizer, system_choice
+from subliminal_jax.tokenizer import SystemTurn, Tokenizer
 from subliminal_jax.training import data as data_lib
 
 Batch = dict[str, np.ndarray]
 
-CHAT_KEYS = ("system", "template_default")
 UNGRAMMATICAL_POLICIES = ("error", "drop")
 PAIRED_COLUMNS = ("input_ids", "loss_mask", "teacher_input_ids", "teacher_loss_mask")
 STORED_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
@@ -74,12 +73,10 @@ def check_same_tokenizer(student: Tokenizer, teacher: Tokenizer) -> None:
                      f"{teacher.end_of_turn_ids} (teacher) vs {student.end_of_turn_ids} (student)")
 
 
-def _check_chat(name: str, chat: Mapping[str, Any]) -> dict[str, Any]:
-  if not isinstance(chat, Mapping) or set(chat) - set(CHAT_KEYS):
-    raise ValueError(f"{name} must be a dict with keys among {CHAT_KEYS} (render_chat's system "
-                     f"arguments), got {chat!r}")
-  chat = {"system": chat.get("system"), "template_default": bool(chat.get("template_default", False))}
-  system_choice(chat["system"], chat["template_default"])  # raises on a bad combination
+def _check_chat(name: str, chat: SystemTurn) -> SystemTurn:
+  if not isinstance(chat, SystemTurn):
+    raise TypeError(f"{name} must be a SystemTurn (render_chat's system turn), got "
+                    f"{type(chat).__name__}: {chat!r:.80}")
   return chat
 
 
@@ -135,11 +132,10 @@ def completion_grammar_states(completion_ids: Sequence[int], grammar, end_ids: S
 
 
 def tokenize_paired_example(user: str, assistant: str, tokenizer: Tokenizer, *,
-                            teacher_chat: Mapping[str, Any], student_chat: Mapping[str, Any]
-                            ) -> dict[str, list]:
+                            teacher_chat: SystemTurn, student_chat: SystemTurn) -> dict[str, list]:
   """The student and teacher token sequences of one (prompt, completion) pair.
 
-  ``teacher_chat`` / ``student_chat``: ``dict(system=..., template_default=...)`` as for
+  ``teacher_chat`` / ``student_chat``: each side's ``SystemTurn``, as for
   ``Tokenizer.render_chat``. Each side is tokenized as SFT does; their targets (the completion and
   its end-of-turn token) must be the same tokens, else the template renders the answer
   differently under the two system choices and it is an error.
@@ -147,9 +143,8 @@ def tokenize_paired_example(user: str, assistant: str, tokenizer: Tokenizer, *,
   sides = {}
   for name, chat in (("student", student_chat), ("teacher", teacher_chat)):
     chat = _check_chat(f"{name}_chat", chat)
-    example = data_lib.ChatExample(system=chat["system"], user=user, assistant=assistant)
-    sides[name] = data_lib.tokenize_example(example, tokenizer,
-                                            template_default=chat["template_default"])
+    example = data_lib.ChatExample(system=None, user=user, assistant=assistant)
+    sides[name] = data_lib.tokenize_example(example, tokenizer, system=chat)
   (s_ids, s_mask), (t_ids, t_mask) = sides["student"], sides["teacher"]
   s_targets = [i for i, m in zip(s_ids, s_mask) if m]
   t_targets = [i for i, m in zip(t_ids, t_mask) if m]
@@ -175,8 +170,8 @@ def _check_pairing(examples: Any, tokenizer: Tokenizer, grammar, max_length: int
                      f"the tokenizer has {tokenizer.vocab_size}; compile it with this tokenizer")
 
 
-def _tokenize_pair(index: int, example: Any, tokenizer: Tokenizer, teacher_chat: Mapping[str, Any],
-                   student_chat: Mapping[str, Any]) -> dict[str, list]:
+def _tokenize_pair(index: int, example: Any, tokenizer: Tokenizer, teacher_chat: SystemTurn,
+                   student_chat: SystemTurn) -> dict[str, list]:
   if not isinstance(example, Mapping) or not {"user", "assistant"} <= set(example):
     raise ValueError(f"example {index} must be a dict with 'user' and 'assistant', got "
                      f"{example!r:.120}")
@@ -222,7 +217,7 @@ def _paired_features(with_grammar: bool) -> datasets.Features:
 
 def tokenize_distillation_examples(
     examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
-    teacher_chat: Mapping[str, Any], student_chat: Mapping[str, Any], grammar=None,
+    teacher_chat: SystemTurn, student_chat: SystemTurn, grammar=None,
     teacher_tokenizer: Tokenizer | None = None, max_length: int | None = None,
     overlength: str = "error", ungrammatical: str = "error",
     provenance: Mapping[str, Any] | None = None) -> datasets.Dataset:
@@ -234,8 +229,8 @@ def tokenize_distillation_examples(
       "grammar_initial_state" key, the grammar state the completion starts in (default
       ``grammar.initial_state``).
     tokenizer: the shared tokenizer. ``teacher_tokenizer``, if given, must be the same vocabulary.
-    teacher_chat, student_chat: ``dict(system=..., template_default=...)`` for each side, e.g.
-      ``dict(system=trait_prompt)`` and ``dict(system=None)``.
+    teacher_chat, student_chat: each side's ``SystemTurn``, e.g. ``SystemTurn(trait_prompt)`` and
+      ``SystemTurn()`` (no system turn).
     grammar: a TokenGrammar; adds the per-target DFA state column ``grammar_state``.
     max_length, overlength: as ``data.tokenize_chat_examples`` but only "error" or "drop" (a
       truncated pair would lose targets on one side only); applies to both sides.
@@ -289,8 +284,8 @@ def tokenize_distillation_examples(
       "max_length": max_length,
       "dropped_overlength": dropped_long,
       "dropped_ungrammatical": dropped_ungrammatical,
-      "student_system": system_choice(**student_chat),
-      "teacher_system": system_choice(**teacher_chat),
+      "student_system": student_chat.choice,
+      "teacher_system": teacher_chat.choice,
       "grammar_pattern": grammar.pattern if grammar is not None else None,
       "tokenizer": {"source": getattr(tokenizer, "source", ""), "vocab_size": tokenizer.vocab_size,
                     "end_of_turn_ids": list(tokenizer.end_of_turn_ids)},
