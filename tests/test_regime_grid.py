@@ -125,6 +125,10 @@ def _check_cross_init_of_the_best_cell(workdir, record):
 # Fast: config errors and the pure parts
 
 
+def _cells(config):
+  return regime_grid.grid_cells(regime_grid.from_config(config))
+
+
 def test_grid_config_errors_name_the_bad_value():
   def config_with(axes=None, **changes):
     c = grid_config.get_config("tiny")
@@ -140,32 +144,32 @@ def test_grid_config_errors_name_the_bad_value():
 
   axis = grid_config.axis
   with pytest.raises(ValueError, match="'student.lerning_rate' names no key"):
-    regime_grid.grid_cells(config_with(axes=(axis("lr", ("a", {"student.lerning_rate": 1e-3})),)))
+    _cells(config_with(axes=(axis("lr", ("a", {"student.lerning_rate": 1e-3})),)))
   with pytest.raises(ValueError, match="no section 'studnt'"):
-    regime_grid.grid_cells(config_with(axes=(axis("lr", ("a", {"studnt.epochs": 2})),)))
+    _cells(config_with(axes=(axis("lr", ("a", {"studnt.epochs": 2})),)))
   with pytest.raises(ValueError, match="axes 'a' and 'b' both set 'student.epochs'"):
-    regime_grid.grid_cells(config_with(axes=(axis("a", ("x", {"student.epochs": 1})),
+    _cells(config_with(axes=(axis("a", ("x", {"student.epochs": 1})),
                                              axis("b", ("y", {"student.epochs": 2})))))
   with pytest.raises(ValueError, match="cannot vary within a grid"):
-    regime_grid.grid_cells(config_with(axes=(axis("m", ("x", {"model": "smollm2"})),)))
+    _cells(config_with(axes=(axis("m", ("x", {"model": "smollm2"})),)))
   with pytest.raises(ValueError, match="repeated level labels"):
-    regime_grid.grid_cells(config_with(axes=(axis("a", ("x", {}), ("x", {})),)))
+    _cells(config_with(axes=(axis("a", ("x", {}), ("x", {})),)))
   with pytest.raises(ValueError, match="level label 'a b'"):
-    regime_grid.grid_cells(config_with(axes=(axis("a", ("a b", {})),)))
+    _cells(config_with(axes=(axis("a", ("a b", {})),)))
   with pytest.raises(ValueError, match="heatmap.cols='nope' is not an axis"):
-    regime_grid.grid_cells(config_with(**{"heatmap.cols": "nope"}))
+    _cells(config_with(**{"heatmap.cols": "nope"}))
   with pytest.raises(ValueError, match="fewer than min_seeds=3"):
-    regime_grid.grid_cells(config_with(min_seeds=3))
+    _cells(config_with(min_seeds=3))
   with pytest.raises(ValueError, match="names no cells \\['sft__lora9'\\]"):
-    regime_grid.grid_cells(config_with(only="sft__lora9"))
+    _cells(config_with(only="sft__lora9"))
   with pytest.raises(ValueError, match="cross_init='sometimes'"):
-    regime_grid.grid_cells(config_with(cross_init="sometimes"))
+    _cells(config_with(cross_init="sometimes"))
   # A cell the main job would refuse fails before any work, naming the cell.
   with pytest.raises(ValueError, match="cell sft__lora4: student.lora.init='teacher' needs a LoRA"):
-    regime_grid.grid_cells(config_with(**{"base.student.lora.init": "teacher"}))
+    _cells(config_with(**{"base.student.lora.init": "teacher"}))
 
   config = config_with(only="logit_kl__full, sft__lora4")
-  cells = regime_grid.grid_cells(config)
+  cells = _cells(config)
   assert [c.name for c in cells] == ["sft__lora4", "logit_kl__full"]
   assert cells[1].config.student.lora.rank == 0 and cells[1].config.student.objective == "logit_kl"
   assert cells[1].config.report_dir == "cells/logit_kl__full"
@@ -175,7 +179,7 @@ def test_grid_config_errors_name_the_bad_value():
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_cpu_and_gpu_variants_are_valid_grids_with_at_least_three_seeds(variant):
   config = grid_config.get_config(variant)
-  cells = regime_grid.grid_cells(config)
+  cells = _cells(config)
   assert config.min_seeds >= 3 and len(cells) >= 4
   for cell in cells:
     assert len(cell.config.student.seeds) >= 3

@@ -19,11 +19,12 @@ first-order statement after one small step (``theorem.json``, see
 Stages: ``train`` (the rows), ``theorem`` (the one-step check), ``report`` (from the JSON files
 already in the workdir). A config with ``sweep.points`` runs one training per point, each in
 ``WORKDIR/points/<label>/``, and writes one table (``sweep.md``, ``sweep.json``) and one plot.
+:func:`run` reads the config once (:mod:`subliminal_jax.experiments.mnist_settings`, every point of
+a sweep included); the functions below it take those typed settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -39,46 +40,23 @@ from absl import logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from subliminal_jax import artifacts, config_files, files, jsonable
+from subliminal_jax import artifacts, files, jsonable
 from subliminal_jax.data.mnist import Mnist, load_mnist
 from subliminal_jax.experiments import mnist_ensemble as ensemble
-from subliminal_jax.experiments import mnist_report, mnist_theorem
+from subliminal_jax.experiments import mnist_report, mnist_settings, mnist_theorem
+from subliminal_jax.experiments.mnist_settings import (STUDENT_VARIANTS, MnistSettings,
+                                                       StudentVariant, SweepPoint)
 from subliminal_jax.models import mlp
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training.optimizers import make_optimizer
 
 STAGES = ("train", "theorem", "report")
-STUDENT_VARIANTS = ("same_init_aux", "same_init_all", "cross_init_aux", "cross_init_all")
 ROWS = ("reference", "teacher") + tuple(f"student_{v}" for v in STUDENT_VARIANTS)
 
 
-@dataclasses.dataclass(frozen=True)
-class StudentVariant:
-  name: str
-  cross_init: bool  # start from another reference model's init (a derangement)
-  aux_only: bool    # imitate only the auxiliary logits
-
-  @classmethod
-  def parse(cls, name: str) -> "StudentVariant":
-    if name not in STUDENT_VARIANTS:
-      raise ValueError(f"unknown student variant {name!r}; expected some of {STUDENT_VARIANTS}")
-    return cls(name, name.startswith("cross"), name.endswith("_aux"))
-
-
-def model_config(config: ConfigDict) -> mlp.MLPConfig:
-  m = config.model
-  return mlp.MLPConfig(input_size=784, hidden_sizes=tuple(m.hidden_sizes), num_classes=10,
-                       num_aux=m.num_aux, init_scale=m.init_scale, compute_dtype=m.compute_dtype)
-
-
-def optimizer_key(section: ConfigDict) -> tuple[str, float, float, float]:
-  """(name, learning rate, momentum, max grad norm) of a teacher or student section."""
-  return (section.optimizer, float(section.learning_rate), float(section.momentum),
-          float(section.max_grad_norm))
-
-
 def optimizer_for(key: tuple[str, float, float, float]):
-  """The optimizer of :func:`optimizer_key` (no clipping unless asked: the paper has none)."""
+  """The optimizer of a section's ``optimizer_key`` (no clipping unless asked: the paper has
+  none)."""
   name, learning_rate, momentum, max_grad_norm = key
   return make_optimizer(name, learning_rate, max_grad_norm=max_grad_norm or None,
                         momentum=momentum)
@@ -110,32 +88,10 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
       return perm
 
 
-def validate(config: ConfigDict) -> None:
-  """Clear errors for settings that would fail deep inside a jitted program."""
-  if config.num_models < 1:
-    raise ValueError(f"num_models must be >= 1, got {config.num_models}")
-  if not config.seeds:
-    raise ValueError("seeds must name at least one seed")
-  variants = [StudentVariant.parse(v) for v in config.student.variants]
-  if any(v.aux_only for v in variants) and config.model.num_aux < 1:
-    raise ValueError(f"aux-only students need model.num_aux >= 1, got {config.model.num_aux}")
-  if any(v.cross_init for v in variants) and config.num_models < 2:
-    raise ValueError(f"cross-init students need num_models >= 2, got {config.num_models}")
-  if config.student.inputs not in ensemble.DISTILL_INPUTS:
-    raise ValueError(f"student.inputs={config.student.inputs!r}; expected one of "
-                     f"{ensemble.DISTILL_INPUTS}")
-  for section in ("teacher", "student"):
-    s = config[section]
-    if s.epochs < 0 or s.batch_size < 1:
-      raise ValueError(f"{section}.epochs must be >= 0 and {section}.batch_size >= 1, got "
-                       f"{s.epochs}, {s.batch_size}")
-  model_config(config)  # raises on a bad architecture
-
-
 def _record_mask(epoch: int, steps: int, every: int, first: int) -> np.ndarray:
   """Which steps of this epoch record alignment (global step counted from 1 after the update)."""
   global_steps = epoch * steps + np.arange(1, steps + 1)
-  return (global_steps <= first) | (global_steps % max(every, 1) == 0) | (
+  return (global_steps <= first) | (global_steps % every == 0) | (
       np.arange(steps) == steps - 1)
 
 
@@ -146,9 +102,10 @@ class TeacherCache:
     self._entries: dict[str, Any] = {}
 
   @staticmethod
-  def key(config: ConfigDict, seed: int) -> str:
-    return json.dumps({"model": config.model.to_dict(), "teacher": config.teacher.to_dict(),
-                       "n": config.num_models, "seed": seed, "data": config.data_dir},
+  def key(settings: MnistSettings, seed: int) -> str:
+    """What the teachers of ``seed`` depend on (the sections as the ConfigDict gave them)."""
+    return json.dumps({"model": settings.model.record(), "teacher": settings.teacher.record(),
+                       "n": settings.num_models, "seed": seed, "data": settings.data_dir},
                       sort_keys=True, default=list)
 
   def get(self, key: str):
@@ -159,13 +116,13 @@ class TeacherCache:
     self._entries[key] = value
 
 
-def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
+def train_seed(settings: MnistSettings, data: Mnist, seed: int, *,
                teacher_cache: TeacherCache | None = None) -> dict[str, Any]:
   """One seed: references, teachers, all student variants. Returns accuracies per row [N] and the
   alignment history of the students."""
-  cfg = model_config(config)
-  n = config.num_models
-  variants = [StudentVariant.parse(v) for v in config.student.variants]
+  cfg = settings.model.mlp_config()
+  n = settings.num_models
+  variants = settings.student.student_variants
   timings: dict[str, float] = {}
   start = time.time()
 
@@ -177,13 +134,13 @@ def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
   labels = jnp.asarray(data.train_labels)
   teacher_key, student_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
 
-  cache_key = TeacherCache.key(config, seed)
+  cache_key = TeacherCache.key(settings, seed)
   cached = teacher_cache.get(cache_key) if teacher_cache else None
   if cached is not None:
     teachers, teacher_losses = cached
     logging.info("seed %d: teachers reused from an earlier sweep point", seed)
   else:
-    teachers, teacher_losses = _train_teachers(config, graphdef, reference, images, labels,
+    teachers, teacher_losses = _train_teachers(settings, graphdef, reference, images, labels,
                                                teacher_key, seed)
     if teacher_cache is not None:
       teacher_cache.put(cache_key, (teachers, teacher_losses))
@@ -193,7 +150,7 @@ def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
   start = time.time()
   history: dict[str, Any] = {"steps": [], "dot": [], "cosine": [], "loss": []}
   if variants:
-    students, history = _train_students(config, graphdef, reference, teachers, images,
+    students, history = _train_students(settings, graphdef, reference, teachers, images,
                                         student_key, seed, variants)
     student_accuracy = accuracy(students)
     for i, variant in enumerate(variants):
@@ -203,17 +160,17 @@ def train_seed(config: ConfigDict, data: Mnist, seed: int, *,
           "teacher_losses": teacher_losses, "timings": timings}
 
 
-def _train_teachers(config: ConfigDict, graphdef, reference, images, labels, key: jax.Array,
+def _train_teachers(settings: MnistSettings, graphdef, reference, images, labels, key: jax.Array,
                     seed: int) -> tuple[Any, np.ndarray]:
   """N teachers from the reference inits: ``(parameters, mean loss per step [steps])``."""
-  t, n = config.teacher, config.num_models
+  t, n = settings.teacher, settings.num_models
   layout = ensemble.Layout.for_sizes(n, t.batch_size)
-  state = layout.new_state(reference, optimizer_for(optimizer_key(t)))
-  epoch_fn = _classifier_epoch(graphdef, optimizer_key(t), model_config(config).num_classes,
+  state = layout.new_state(reference, optimizer_for(t.optimizer_key))
+  epoch_fn = _classifier_epoch(graphdef, t.optimizer_key, settings.model.mlp_config().num_classes,
                                images.shape[0], t.batch_size, layout)
   teacher_losses = []
   bar = tqdm(range(t.epochs), desc=f"seed {seed} teachers (N={n})", unit="epoch",
-             disable=not config.progress)
+             disable=not settings.progress)
   for epoch in bar:
     state, losses = epoch_fn(state, jax.random.fold_in(key, epoch), images, labels)
     teacher_losses.append(np.asarray(losses).mean(-1))
@@ -221,11 +178,12 @@ def _train_teachers(config: ConfigDict, graphdef, reference, images, labels, key
   return state.trainable, np.concatenate(teacher_losses) if teacher_losses else np.zeros((0,))
 
 
-def _train_students(config: ConfigDict, graphdef, reference, teachers, images, key: jax.Array,
-                    seed: int, variants: Sequence[StudentVariant]) -> tuple[Any, dict[str, Any]]:
+def _train_students(settings: MnistSettings, graphdef, reference, teachers, images,
+                    key: jax.Array, seed: int, variants: Sequence[StudentVariant]
+                    ) -> tuple[Any, dict[str, Any]]:
   """Every variant's N students stacked into one ensemble of K = len(variants) * N models:
   ``(parameters, alignment history)``."""
-  cfg, n, s = model_config(config), config.num_models, config.student
+  cfg, n, s = settings.model.mlp_config(), settings.num_models, settings.student
   rng = np.random.default_rng([seed, 7])
   init_index, teacher_index, masks = [], [], []
   aux_mask = np.arange(cfg.num_outputs) >= cfg.num_classes
@@ -239,19 +197,19 @@ def _train_students(config: ConfigDict, graphdef, reference, teachers, images, k
   init_index = jnp.asarray(np.concatenate(init_index))
   teacher_index = jnp.asarray(np.concatenate(teacher_index))
   logit_mask = jnp.asarray(np.concatenate(masks))
-  state = layout.new_state(mlp.take_models(reference, init_index), optimizer_for(optimizer_key(s)))
+  state = layout.new_state(mlp.take_models(reference, init_index), optimizer_for(s.optimizer_key))
   student_init = layout.place(mlp.take_models(reference, init_index))
   teacher_delta = layout.place(mlp.take_models(
       jax.tree.map(jnp.subtract, teachers, reference), teacher_index))
-  epoch_fn = _distill_epoch(graphdef, optimizer_key(s), s.loss, s.inputs, s.examples_per_epoch,
+  epoch_fn = _distill_epoch(graphdef, s.optimizer_key, s.loss, s.inputs, s.examples_per_epoch,
                             s.batch_size, cfg.input_size, layout)
   steps = data_lib.steps_per_epoch(s.examples_per_epoch, s.batch_size)
   history: dict[str, Any] = {"steps": [], "dot": [], "cosine": [], "loss": []}
   bar = tqdm(range(s.epochs), desc=f"seed {seed} students (K={k})", unit="epoch",
-             disable=not config.progress)
+             disable=not settings.progress)
   for epoch in bar:
-    record = _record_mask(epoch, steps, config.alignment.record_every,
-                          config.alignment.record_first)
+    record = _record_mask(epoch, steps, settings.alignment.record_every,
+                          settings.alignment.record_first)
     state, losses, aligned = epoch_fn(
         state, jax.random.fold_in(key, epoch), teachers, teacher_index, logit_mask, images,
         student_init, teacher_delta, jnp.asarray(record))
@@ -310,19 +268,18 @@ def device_description() -> dict[str, Any]:
           "processor": platform.processor() or platform.machine(), "jax": jax.__version__}
 
 
-def run_training(config: ConfigDict, workdir: pathlib.Path, data: Mnist, *,
+def run_training(settings: MnistSettings, workdir: pathlib.Path, data: Mnist, *,
                  teacher_cache: TeacherCache | None = None) -> dict[str, Any]:
   """The train stage: every seed, then results.json, alignment_training.json, run_info.json."""
-  validate(config)
   start = time.time()
-  seed_results = [train_seed(config, data, seed, teacher_cache=teacher_cache)
-                  for seed in config.seeds]
+  seed_results = [train_seed(settings, data, seed, teacher_cache=teacher_cache)
+                  for seed in settings.seeds]
   wall = time.time() - start
   rows = summarize_rows([r["accuracies"] for r in seed_results])
   workdir.mkdir(parents=True, exist_ok=True)
   _write_json(workdir / "results.json", rows)
   _write_json(workdir / "alignment_training.json", summarize_alignment(seed_results))
-  info = {"config": config.to_dict(), "wall_seconds": round(wall, 1),
+  info = {"config": settings.record(), "wall_seconds": round(wall, 1),
           "seconds_per_seed": [{k: round(v, 1) for k, v in r["timings"].items()}
                                for r in seed_results],
           "device": device_description(), "data_source": data.source,
@@ -349,54 +306,46 @@ def _check_stages(stages: Sequence[str] | None) -> tuple[str, ...]:
   return tuple(stages)
 
 
-def run_sweep(config: ConfigDict, workdir: pathlib.Path, stages: tuple[str, ...]) -> None:
-  """One training per ``sweep.points`` entry ``(label, {dotted.key: value})``; one table, one plot."""
-  points = [(str(label), dict(overrides)) for label, overrides in config.sweep.points]
-  labels = [label for label, _ in points]
-  if len(set(labels)) != len(labels):
-    raise ValueError(f"sweep point labels must be unique, got {labels}")
-  point_configs = [config_files.apply_overrides(config, overrides, f"sweep point {label}")
-                   for label, overrides in points]
-  for point_config in point_configs:
-    validate(point_config)
+def run_sweep(settings: MnistSettings, points: Sequence[SweepPoint], workdir: pathlib.Path,
+              stages: tuple[str, ...]) -> None:
+  """One training per point of the sweep (``settings.sweep``); one table, one plot."""
   if "train" in stages:
-    data = load_mnist(config.data_dir or None)
+    data = load_mnist(settings.data_dir or None)
     cache = TeacherCache()
-    for (label, overrides), point_config in zip(points, point_configs):
-      logging.info("sweep %s: point %s %s", config.sweep.name, label, overrides)
-      point_dir = workdir / "points" / _safe(label)
+    for point in points:
+      logging.info("sweep %s: point %s %s", settings.sweep.name, point.label, point.overrides)
       start = time.time()
-      run_training(point_config, point_dir, data, teacher_cache=cache)
-      logging.info("sweep point %s: %.1f s", label, time.time() - start)
+      run_training(point.settings, workdir / "points" / point.directory, data, teacher_cache=cache)
+      logging.info("sweep point %s: %.1f s", point.label, time.time() - start)
   if "report" in stages:
-    mnist_report.write_sweep_report(workdir, config.sweep.name, config.sweep.value_name,
-                                    [(label, overrides, workdir / "points" / _safe(label))
-                                     for label, overrides in points])
-
-
-def _safe(label: str) -> str:
-  return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    mnist_report.write_sweep_report(workdir, settings.sweep.name, settings.sweep.value_name,
+                                    [(point.label, point.overrides,
+                                      workdir / "points" / point.directory) for point in points])
 
 
 def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> None:
   """Entry point of ``subliminal_jax.main`` for ``config.experiment == "mnist_aux"``."""
   stages = _check_stages(stages)
+  # Every value checked (every sweep point's too) before the workdir is touched.
+  settings = mnist_settings.from_config(config)
+  points = mnist_settings.sweep_points(config)
   # The marker (and lock) keep this experiment's results.json and report.md apart from another
   # experiment's in the same directory.
   marked = artifacts.Workdir(workdir, "mnist_aux", {})
   workdir = marked.path
-  if config.sweep.points:
-    run_sweep(config, workdir, stages)
+  if points:
+    run_sweep(settings, points, workdir, stages)
     return
-  validate(config)
+  theorem = settings.theorem
   data = None
-  if "train" in stages or ("theorem" in stages and config.theorem.enabled):
-    data = load_mnist(config.data_dir or None)
+  if "train" in stages or ("theorem" in stages and theorem.enabled):
+    data = load_mnist(settings.data_dir or None)
   if "train" in stages:
-    run_training(config, workdir, data)
-  if "theorem" in stages and config.theorem.enabled:
+    run_training(settings, workdir, data)
+  if "theorem" in stages and theorem.enabled:
     start = time.time()
-    result = mnist_theorem.run_theorem_check(config, data, model_config(config))
+    result = mnist_theorem.run_theorem_check(theorem, settings.teacher, data,
+                                             settings.model.mlp_config())
     result["wall_seconds"] = round(time.time() - start, 1)
     _write_json(workdir / "theorem.json", result)
     logging.info("theorem stage: %.1f s", result["wall_seconds"])

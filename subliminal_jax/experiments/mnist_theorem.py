@@ -25,22 +25,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import ConfigDict
 
 from subliminal_jax.data.mnist import Mnist
 from subliminal_jax.experiments import mnist_ensemble as ensemble
+from subliminal_jax.experiments.mnist_settings import TeacherSettings, TheoremSettings
 from subliminal_jax.mechanism import alignment, imitation
 from subliminal_jax.models import mlp
 from subliminal_jax.training.optimizers import make_optimizer
 
-THEOREM_LOSSES = ("kl_aux", "kl_all", "mse_aux", "mse_all")
-DIRECTIONS = ("trained", "random")
-
 
 def _loss_parts(name: str, cfg: mlp.MLPConfig) -> tuple[str, jax.Array]:
-  """("kl" | "mse", logit mask) of a theorem loss name such as "kl_aux"."""
-  if name not in THEOREM_LOSSES:
-    raise ValueError(f"unknown theorem loss {name!r}; expected one of {THEOREM_LOSSES}")
+  """("kl" | "mse", logit mask) of a theorem loss name such as "kl_aux" (one of
+  :data:`~subliminal_jax.experiments.mnist_settings.THEOREM_LOSSES`)."""
   kind, logits = name.split("_")
   everything = jnp.ones((cfg.num_outputs,), bool)
   return kind, everything if logits == "all" else jnp.arange(cfg.num_outputs) >= cfg.num_classes
@@ -109,10 +105,11 @@ def _trajectory_epoch(graphdef, learning_rate, steps, batch_size, input_size, la
       batch_size=batch_size, input_size=input_size, layout=layout)
 
 
-def run_theorem_check(config: ConfigDict, data: Mnist, model: mlp.MLPConfig) -> dict[str, Any]:
-  """The check described in the module docstring, with ``config.theorem`` settings, on ``model``'s
-  architecture (in float32); returns the summary written to ``theorem.json``."""
-  th = config.theorem
+def run_theorem_check(th: TheoremSettings, teacher: TeacherSettings, data: Mnist,
+                      model: mlp.MLPConfig) -> dict[str, Any]:
+  """The check described in the module docstring, with the ``theorem`` settings (and the teachers'
+  optimizer and batch size), on ``model``'s architecture (in float32); returns the summary written
+  to ``theorem.json``."""
   cfg = dataclasses.replace(model, compute_dtype="float32")
   epsilons = jnp.asarray(th.epsilons, jnp.float32)
   n = th.num_models
@@ -125,7 +122,7 @@ def run_theorem_check(config: ConfigDict, data: Mnist, model: mlp.MLPConfig) -> 
 
   for seed in th.seeds:
     graphdef, reference = mlp.init_ensemble(cfg, mlp.model_keys(seed, n))
-    teachers = _train_teachers(config, cfg, graphdef, reference, images, labels, seed)
+    teachers = _train_teachers(th, teacher, cfg, graphdef, reference, images, labels, seed)
     trained = jax.tree.map(jnp.subtract, teachers, reference)
     norms = jax.vmap(alignment.tree_norm)(trained)
     directions = {"trained": trained,
@@ -137,8 +134,6 @@ def run_theorem_check(config: ConfigDict, data: Mnist, model: mlp.MLPConfig) -> 
       x = ensemble.draw_inputs(inputs, input_key, th.batch_size, cfg.input_size, images, index)
       for loss in th.losses:
         for direction_name in th.directions:
-          if direction_name not in DIRECTIONS:
-            raise ValueError(f"unknown direction {direction_name!r}; expected {DIRECTIONS}")
           direction = directions[direction_name]
           kind, mask = _loss_parts(loss, cfg)
           coefficient = np.asarray(_first_order_fn(graphdef, kind)(reference, direction, x, mask))
@@ -151,13 +146,12 @@ def run_theorem_check(config: ConfigDict, data: Mnist, model: mlp.MLPConfig) -> 
                                      "direction": direction_name, "first_order": coefficient,
                                      **{k: np.asarray(v) for k, v in result.items()}})
     if th.trajectory_steps > 0:
-      trajectories.append(_sgd_trajectory(config, cfg, graphdef, reference, teachers, images,
-                                          seed))
-  return _summarize(config, draws, first_order, trajectories)
+      trajectories.append(_sgd_trajectory(th, cfg, graphdef, reference, teachers, images, seed))
+  return _summarize(th, draws, first_order, trajectories)
 
 
-def _train_teachers(config, cfg, graphdef, reference, images, labels, seed):
-  th, t = config.theorem, config.teacher
+def _train_teachers(th: TheoremSettings, t: TeacherSettings, cfg, graphdef, reference, images,
+                    labels, seed):
   num_examples = min(th.teacher_steps * t.batch_size, images.shape[0])
   layout = ensemble.Layout.for_sizes(th.num_models, t.batch_size)
   optimizer, epoch = _teacher_epoch(graphdef, t.optimizer, t.learning_rate, cfg.num_classes,
@@ -167,9 +161,8 @@ def _train_teachers(config, cfg, graphdef, reference, images, labels, seed):
   return state.trainable
 
 
-def _sgd_trajectory(config, cfg, graphdef, reference, teachers, images, seed):
+def _sgd_trajectory(th: TheoremSettings, cfg, graphdef, reference, teachers, images, seed):
   """Plain gradient descent on the aux-logit KL over uniform noise, alignment after every step."""
-  th = config.theorem
   n = th.num_models
   layout = ensemble.Layout.for_sizes(n, th.batch_size)
   optimizer, epoch = _trajectory_epoch(graphdef, th.trajectory_learning_rate, th.trajectory_steps,
@@ -182,8 +175,7 @@ def _sgd_trajectory(config, cfg, graphdef, reference, teachers, images, seed):
   return {k: np.asarray(v) for k, v in aligned.items()}  # [steps, n]
 
 
-def _summarize(config, draws, first_order, trajectories) -> dict[str, Any]:
-  th = config.theorem
+def _summarize(th: TheoremSettings, draws, first_order, trajectories) -> dict[str, Any]:
   epsilons = [float(e) for e in th.epsilons]
   fo = np.concatenate([d["value"] for d in first_order])
   out: dict[str, Any] = {

@@ -15,10 +15,15 @@ the teacher's) on the same data: the cross-init control, reported beside it.
 Outputs in the workdir: grid.json (every cell's knobs, seeds, shifts with CIs, target shares, wall
 time; the cross-init control; artifact counts per stage), grid.md (the table, printed at the end)
 and grid_heatmap.png (two axes as rows and columns, colour = shift, each cell annotated with its CI).
+
+:func:`from_config` reads the grid's own settings once (:class:`GridSettings`, every check in the
+dataclass that holds the value); the cells' configs stay ConfigDicts, each run by
+:func:`animal_numbers.run`, which checks its config.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -57,7 +62,7 @@ class Cell:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building the cells
+# The grid's settings
 
 
 def _check_name(name: str, what: str) -> None:
@@ -66,84 +71,146 @@ def _check_name(name: str, what: str) -> None:
                      f"{LEVEL_SEPARATOR!r}), starting with a letter or digit")
 
 
-def validate_grid(config: ConfigDict) -> None:
-  """Checks the grid's own settings (the cells' configs are checked in :func:`grid_cells`)."""
-  if not config.axes:
-    raise ValueError("config.axes is empty: give at least one axis {name, levels}")
-  names = [a.name for a in config.axes]
-  for axis in config.axes:
-    _check_name(axis.name, "axis name")
-    if not axis.levels:
-      raise ValueError(f"axis {axis.name!r} has no levels")
-    labels = [level["label"] for level in axis.levels]
-    for level in axis.levels:
-      if set(level) != {"label", "set"} or not isinstance(level["set"], Mapping):
-        raise ValueError(f"axis {axis.name!r}: level {level!r} must be {{'label': str, 'set': "
-                         "{dotted key: value}}")
-      _check_name(level["label"], f"axis {axis.name!r}: level label")
-      fixed = [k for k in level["set"] if k.split(".")[0] in _FIXED_KEYS]
+@dataclasses.dataclass(frozen=True)
+class Level:
+  label: str
+  set: Mapping[str, Any]  # dotted key of the base config -> value
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+  name: str
+  levels: tuple[Level, ...]
+
+  def __post_init__(self):
+    _check_name(self.name, "axis name")
+    if not self.levels:
+      raise ValueError(f"axis {self.name!r} has no levels")
+    for level in self.levels:
+      _check_name(level.label, f"axis {self.name!r}: level label")
+      fixed = [k for k in level.set if k.split(".")[0] in _FIXED_KEYS]
       if fixed:
-        raise ValueError(f"axis {axis.name!r}, level {level['label']!r}: {fixed} cannot vary within a "
+        raise ValueError(f"axis {self.name!r}, level {level.label!r}: {fixed} cannot vary within a "
                          f"grid ({', '.join(_FIXED_KEYS)} are shared by all cells; change them in "
                          "config.base)")
+    labels = [level.label for level in self.levels]
     if len(set(labels)) != len(labels):
-      raise ValueError(f"axis {axis.name!r} has repeated level labels {labels}")
-  if len(set(names)) != len(names):
-    raise ValueError(f"repeated axis names {names}")
-  for role in ("rows", "cols"):
-    chosen = config.heatmap[role]
-    if chosen and chosen not in names:
-      raise ValueError(f"heatmap.{role}={chosen!r} is not an axis; axes: {names}")
-  rows, cols = heatmap_axes(config)
-  if rows == cols:
-    raise ValueError(f"heatmap.rows and heatmap.cols are both {rows!r}")
-  if config.cross_init not in CROSS_INIT_RUNS:
-    raise ValueError(f"cross_init={config.cross_init!r}; expected one of {CROSS_INIT_RUNS}")
-  if config.min_seeds < 1:
-    raise ValueError(f"min_seeds={config.min_seeds} must be >= 1")
-  if len(config.base.targets) != 1:
-    raise ValueError(f"base.targets={tuple(config.base.targets)}: a grid summarises one target; "
-                     "run one grid per target")
+      raise ValueError(f"axis {self.name!r} has repeated level labels {labels}")
+
+  @classmethod
+  def read(cls, axis: Mapping[str, Any]) -> "Axis":
+    """From a config axis ``{name, levels: ({label, set}, ...)}``."""
+    levels = []
+    for level in axis["levels"]:
+      if set(level) != {"label", "set"} or not isinstance(level["set"], Mapping):
+        raise ValueError(f"axis {axis['name']!r}: level {level!r} must be {{'label': str, 'set': "
+                         "{dotted key: value}}")
+      levels.append(Level(level["label"], dict(level["set"])))
+    return cls(axis["name"], tuple(levels))
 
 
-def heatmap_axes(config: ConfigDict) -> tuple[str, str]:
-  """(rows, cols) of the heatmap: the chosen axes, by default the first two ("" = none)."""
-  names = [a.name for a in config.axes]
-  rows = config.heatmap.rows or names[0]
-  cols = config.heatmap.cols or next((n for n in names if n != rows), "")
-  return rows, cols
+@dataclasses.dataclass(frozen=True)
+class Heatmap:
+  """Two axis names ("" = the first and the second axis), checked against the axes by the grid."""
+  rows: str
+  cols: str
 
 
-def grid_cells(config: ConfigDict) -> list[Cell]:
-  """Every cell of the product of ``config.axes`` (restricted to ``config.only``), validated."""
-  validate_grid(config)
+def _cell_name(levels: Sequence[Level]) -> str:
+  return LEVEL_SEPARATOR.join(level.label for level in levels)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSettings:
+  """The grid's own settings; ``base`` is the cells' animal_numbers config (a copy, never changed:
+  each cell's config is a copy with its overrides)."""
+
+  variant: str
+  axes: tuple[Axis, ...]
+  heatmap: Heatmap
+  cross_init: str  # the cross-init control of the best cell: always, if_positive or never
+  min_seeds: int  # every cell must train at least this many seeds per group
+  only: str  # comma-separated cell names to run ("" = every cell)
+  base: ConfigDict
+
+  def __post_init__(self):
+    if not self.axes:
+      raise ValueError("config.axes is empty: give at least one axis {name, levels}")
+    names = [a.name for a in self.axes]
+    if len(set(names)) != len(names):
+      raise ValueError(f"repeated axis names {names}")
+    for role in ("rows", "cols"):
+      chosen = getattr(self.heatmap, role)
+      if chosen and chosen not in names:
+        raise ValueError(f"heatmap.{role}={chosen!r} is not an axis; axes: {names}")
+    rows, cols = self.heatmap_axes
+    if rows == cols:
+      raise ValueError(f"heatmap.rows and heatmap.cols are both {rows!r}")
+    if self.cross_init not in CROSS_INIT_RUNS:
+      raise ValueError(f"cross_init={self.cross_init!r}; expected one of {CROSS_INIT_RUNS}")
+    if self.min_seeds < 1:
+      raise ValueError(f"min_seeds={self.min_seeds} must be >= 1")
+    if len(self.base.targets) != 1:
+      raise ValueError(f"base.targets={tuple(self.base.targets)}: a grid summarises one target; "
+                       "run one grid per target")
+    known = [_cell_name(levels) for levels in self.level_combinations()]
+    unknown = [n for n in self.only_cells if n not in known]
+    if unknown:
+      raise ValueError(f"only={self.only!r} names no cells {unknown}; cells: {known}")
+
+  @property
+  def heatmap_axes(self) -> tuple[str, str]:
+    """(rows, cols) of the heatmap: the chosen axes, by default the first two ("" = none)."""
+    names = [a.name for a in self.axes]
+    rows = self.heatmap.rows or names[0]
+    cols = self.heatmap.cols or next((n for n in names if n != rows), "")
+    return rows, cols
+
+  @property
+  def only_cells(self) -> tuple[str, ...]:
+    return tuple(n.strip() for n in self.only.split(",") if n.strip())
+
+  def level_combinations(self) -> list[tuple[Level, ...]]:
+    """Every cell's levels, one per axis: the product of the axes."""
+    return list(itertools.product(*(axis.levels for axis in self.axes)))
+
+
+def from_config(config: ConfigDict) -> GridSettings:
+  """The grid's settings from its config, checked (the cells' configs: :func:`grid_cells`)."""
+  return GridSettings(
+      variant=config.variant, axes=tuple(Axis.read(axis) for axis in config.axes),
+      heatmap=Heatmap(config.heatmap.rows, config.heatmap.cols), cross_init=config.cross_init,
+      min_seeds=config.min_seeds, only=config.only, base=copy.deepcopy(config.base))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the cells
+
+
+def grid_cells(grid: GridSettings) -> list[Cell]:
+  """Every cell of the product of the axes (restricted to ``grid.only``), validated."""
   cells = []
-  for levels in itertools.product(*(axis.levels for axis in config.axes)):
-    name = LEVEL_SEPARATOR.join(level["label"] for level in levels)
+  for levels in grid.level_combinations():
+    name = _cell_name(levels)
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    for axis, level in zip(config.axes, levels):
-      for key, value in level["set"].items():
+    for axis, level in zip(grid.axes, levels):
+      for key, value in level.set.items():
         if key in merged and merged[key] != value:
           raise ValueError(f"cell {name}: axes {origin[key]!r} and {axis.name!r} both set {key!r} "
                            f"({merged[key]!r} vs {value!r})")
         merged[key], origin[key] = value, axis.name
-    cell_config = config_files.apply_overrides(config.base, merged, f"cell {name}")
+    cell_config = config_files.apply_overrides(grid.base, merged, f"cell {name}")
     cell_config.report_dir = f"{CELLS_DIR}/{name}"
-    cells.append(Cell(name, {a.name: l["label"] for a, l in zip(config.axes, levels)}, merged,
+    cells.append(Cell(name, {a.name: l.label for a, l in zip(grid.axes, levels)}, merged,
                       cell_config))
-  if config.only:
-    wanted = [n.strip() for n in config.only.split(",") if n.strip()]
-    known = [c.name for c in cells]
-    unknown = [n for n in wanted if n not in known]
-    if unknown:
-      raise ValueError(f"only={config.only!r} names no cells {unknown}; cells: {known}")
-    cells = [c for c in cells if c.name in wanted]
+  if grid.only_cells:
+    cells = [c for c in cells if c.name in grid.only_cells]
   for cell in cells:
     seeds = tuple(cell.config.student.seeds)
-    if len(seeds) < config.min_seeds:
+    if len(seeds) < grid.min_seeds:
       raise ValueError(f"cell {cell.name}: student.seeds={seeds} has fewer than min_seeds="
-                       f"{config.min_seeds} seeds")
+                       f"{grid.min_seeds} seeds")
     try:
       animal_numbers.validate(cell.config, None)
     except ValueError as e:
@@ -355,7 +422,8 @@ def _run_cell(cell: Cell, workdir: str, stages: Sequence[str] | None) -> dict[st
 def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs every cell (then the cross-init control of the best) in ``workdir``; returns grid.json's
   record."""
-  cells = grid_cells(config)  # every cell validated before any work
+  grid = from_config(config)
+  cells = grid_cells(grid)  # every cell validated before any work
   if stages:
     animal_numbers.validate(cells[0].config, stages)
   out = pathlib.Path(workdir)
@@ -372,9 +440,9 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
 
     best = best_cell(summaries)
     cross["of"] = best["name"]
-    if config.cross_init == "never":
+    if grid.cross_init == "never":
       cross["reason"] = "cross_init='never'"
-    elif config.cross_init == "if_positive" and best["shift_logprob"]["low"] <= 0:
+    elif grid.cross_init == "if_positive" and best["shift_logprob"]["low"] <= 0:
       cross["reason"] = (f"no cell's lower CI bound is above zero (best {best['name']}: "
                          f"{_number(best['shift_logprob']['low'])})")
     else:
@@ -390,14 +458,15 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
         cross.update(status="ran", summary=_run_cell(control, workdir, stages))
         bar.update(1)
 
-  base = config.base
+  base = grid.base
   record = {
-      "experiment": "regime_grid", "variant": config.variant, "target": base.targets[0],
+      "experiment": "regime_grid", "variant": grid.variant, "target": base.targets[0],
       "category": base.category, "panel": list(base.evaluation.panel),
       "confidence": summaries[0]["shift_logprob"].get("confidence", 0.95),
-      "min_seeds": config.min_seeds,
-      "axes": [{"name": a.name, "levels": [dict(level) for level in a.levels]} for a in config.axes],
-      "heatmap": dict(zip(("rows", "cols"), heatmap_axes(config))),
+      "min_seeds": grid.min_seeds,
+      "axes": [{"name": a.name, "levels": [dataclasses.asdict(level) for level in a.levels]}
+               for a in grid.axes],
+      "heatmap": dict(zip(("rows", "cols"), grid.heatmap_axes)),
       "cells": summaries,
       "best_cell": {"name": best["name"], "low": best["shift_logprob"]["low"]} if best else None,
       "cross_init": cross,
