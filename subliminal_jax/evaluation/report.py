@@ -230,7 +230,11 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, conf
         f"({n_resamples} resamples, seed {seed}; seeds and questions resampled).", "", table, ""]
   panel = estimates["panel_share_mean"]
   if panel:
-    words = list(next(iter(panel.values())))
+    # The evaluation's panel order when the results name it: a results.json written with sorted
+    # keys and read back reports the same columns as the run that wrote it.
+    found = list(next(iter(panel.values())))
+    configured = results.get("notes", {}).get("config", {}).get("evaluation", {}).get("panel", ())
+    words = [w for w in configured if w in found] + [w for w in found if w not in configured]
     md += ["## Panel shares (exact, mean over questions and seeds)", "",
            markdown_table(["row"] + words,
                            [[row] + [format_number(panel[row].get(w, float("nan"))) for w in words]

@@ -328,11 +328,12 @@ def _markdown(record: Mapping[str, Any], table: str) -> str:
             + (f" ({cross['reason']})" if cross.get("reason") else "") + ".")
   md += ["", "![shift heatmap](grid_heatmap.png)", "", "## Cells", ""]
   for s in record["cells"] + ([cross["summary"]] if cross.get("summary") else []):
-    knobs = ", ".join(f"`{k}={v!r}`" for k, v in s["overrides"].items()) or "(the base config)"
+    # Sorted: grid.json is written with sorted keys, and a report regenerated from it must match.
+    knobs = ", ".join(f"`{k}={v!r}`" for k, v in sorted(s["overrides"].items())) or "(the base config)"
     md.append(f"- {s['name']}: {knobs}; seeds {s['student_seeds']}; "
               f"[report]({s['report_dir']}/report.md); {s['seconds']} s")
   md += ["", "## Artifacts per stage (shared stages are built once)", "",
-         ", ".join(f"{k}: {v}" for k, v in record["artifacts"].items()), ""]
+         ", ".join(f"{k}: {v}" for k, v in sorted(record["artifacts"].items())), ""]
   return "\n".join(md)
 
 
