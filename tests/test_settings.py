@@ -3,6 +3,7 @@ stage fingerprints equal to those hashed from the ConfigDict before the settings
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -70,23 +71,41 @@ def test_stage_fingerprints_equal_those_before_the_settings_were_typed(key):
 @pytest.mark.parametrize("override, message", [
     ("--config.student.learning_rate=-1", r"student.learning_rate=-1.0; expected a number > 0"),
     ("--config.sampling.temperature=-0.5", r"sampling.temperature must be a finite number >= 0"),
-    ("--config.teacher.finetune.warmup_steps=-2", r"teacher.finetune.warmup_steps=-2"),
-    ("--config.student.lora.rank=-1", r"student.lora.rank must be >= 0"),
-    ("--config.student.kl.top_k=0", r"student.kl.top_k must be an int >= 1"),
-    ("--config.student.optimizer=adagrad", r"student.optimizer='adagrad'; expected one of"),
-    ("--config.matrix.replicates=0", r"matrix.replicates=0; expected an integer >= 1"),
 ])
-def test_a_bad_setting_is_refused_with_nothing_built(tmp_path, override, message):
-  """On the command line, as a user types it: the job stops before the model loads or the
-  workdir is made, naming the key and what was expected."""
+def test_a_bad_setting_on_the_command_line_is_refused_with_nothing_built(tmp_path, override,
+                                                                         message):
+  """As a user types it: the job stops before the model loads or the workdir is made, naming the
+  key and what was expected."""
   workdir = tmp_path / "wd"
   result = subprocess.run(
       [sys.executable, "-m", "subliminal_jax.main",
        f"--config={CONFIGS / 'transfer_matrix.py'}:tiny", f"--workdir={workdir}", override],
       capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert pytest.importorskip("re").search(message, result.stderr), result.stderr[-2000:]
+  assert re.search(message, result.stderr), result.stderr[-2000:]
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("teacher.finetune.warmup_steps", -2, r"teacher.finetune.warmup_steps=-2; expected an integer"),
+    ("student.lora.rank", -1, r"student.lora.rank must be >= 0"),
+    ("student.kl.top_k", 0, r"student.kl.top_k must be an int >= 1"),
+    ("student.optimizer", "adagrad", r"student.optimizer='adagrad'; expected one of"),
+    ("student.schedule", "step", r"student.schedule='step'; expected one of"),
+    ("sampling.top_p", 1.5, r"sampling.top_p"),
+    ("matrix.replicates", 0, r"matrix.replicates=0; expected an integer >= 1"),
+    ("matrix.criterion.alpha", 1.5, r"matrix.criterion alpha=1.5 must be in \(0, 1\)"),
+])
+def test_every_section_refuses_a_bad_value_naming_it(tmp_path, key, value, message):
+  config = matrix_config.get_config("tiny")
+  *path, leaf = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    transfer_matrix.run(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
 
 
 def test_config_files_import_no_jax():
