@@ -125,6 +125,20 @@ def test_changing_a_student_knob_rebuilds_only_students_and_below(tmp_path):
   assert added == ["evaluation", "evaluation", "student", "student"]
 
 
+def test_units_that_keep_less_than_the_subset_stop_the_run_before_any_student(tmp_path):
+  """The arms of a design train on equal data: the tiny teachers' filters pass 39 (owl) and 33
+  (control) of 48 samples, so a subset of 36 is refused once both are filtered, naming the short
+  unit, its yield and reasons, and the largest subset every unit meets; nothing trains."""
+  config = animal_config.get_config("tiny")
+  config.filter.subset_size = 36
+  with pytest.raises(ValueError, match=r"filter.subset_size=36, but 1 of 2 teacher units kept fewer "
+                                       r"sequences: control kept 33 \(passed 33 of 48 sampled; "
+                                       r"reject reasons \{.*\}\).*--config.filter.subset_size=33"):
+    animal_numbers.run(config, str(tmp_path))
+  assert len(list(tmp_path.glob("filter/*/DONE.json"))) == 2
+  assert not list(tmp_path.glob("dataset/*")) and not list(tmp_path.glob("student/*"))
+
+
 def test_a_filter_that_keeps_nothing_names_the_reasons_and_keeps_what_was_written(tmp_path):
   config = animal_config.get_config("tiny")
   config.prompts.count = 8

@@ -98,6 +98,7 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
     control = st.control_teacher()
     trait_teachers = {target: st.trait_teacher(target) for target in s.targets}
     numbers = {role: st.numbers(t) for role, t in [("control", control), *trait_teachers.items()]}
+    stages_lib.check_equal_data(numbers, s.filter.subset_size)
     datasets = {role: st.dataset(numbers[role], t)
                 for role, t in [("control", control), *trait_teachers.items()]}
     control_students = _students(st, control, datasets["control"])

@@ -316,6 +316,23 @@ class Numbers:
     return self.directory / "kept.jsonl"
 
 
+def check_equal_data(numbers: dict[str, Numbers], subset_size: int) -> None:
+  """Every arm of a design trains on ``subset_size`` sequences: a unit whose filter kept fewer
+  would give its students less data than the others', and the contrast would compare amounts of
+  data as well as teachers. Called once every unit's numbers exist, before any student trains."""
+  short = {label: n.summary for label, n in numbers.items() if n.summary["kept"] < subset_size}
+  if not short:
+    return
+  largest = min(n.summary["kept"] for n in numbers.values())
+  details = "; ".join(f"{label} kept {x['kept']} (passed {x['passed']} of {x['sampled']} sampled; "
+                      f"reject reasons {x['reject_reasons']})" for label, x in short.items())
+  raise ValueError(
+      f"filter.subset_size={subset_size}, but {len(short)} of {len(numbers)} teacher units kept "
+      f"fewer sequences: {details}. The arms of a design must train on equal data: every unit "
+      f"meets --config.filter.subset_size={largest}, or sample more prompts "
+      f"(--config.prompts.count) so that every unit keeps {subset_size}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Student:
   """A trained student: its stage directory and the finetune that restores it on its base."""
