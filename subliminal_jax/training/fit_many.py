@@ -26,8 +26,8 @@ Each workdir is a fit workdir: ``metrics.jsonl``, ``fit_summary.json`` and ``che
 the member's own checkpoints, saved at the member's cadence in fit's format and under fit's run
 identity (``fit`` with the same arguments on a finished workdir trains nothing and returns the same
 adapters). A run stopped (``stop_after``) or killed resumes from the latest step that every member
-has a checkpoint of, exactly as fit resumes (same batches, rngs and optimizer state). One process
-only (the batches are assembled on its host).
+has a checkpoint of, with the batches, rngs and optimizer states an uninterrupted run has there.
+One process only (the batches are assembled on its host).
 """
 
 from __future__ import annotations
