@@ -152,14 +152,14 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
 _BOOKKEEPING_KEYS = ("checkpoint_every", "keep_checkpoints")
 
 
-def _run_identity(config: Any, dataset: datasets.Dataset) -> str:
+def run_identity(config: Any, dataset: datasets.Dataset) -> str:
   trained = {k: v for k, v in _config_dict(config).items() if k not in _BOOKKEEPING_KEYS}
   text = json.dumps({"config": trained, "data": dataset_fingerprint(dataset)},
                     sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _mutable(state: train_step_lib.TrainState) -> dict[str, Any]:
+def checkpointed_state(state: train_step_lib.TrainState) -> dict[str, Any]:
   """What a checkpoint holds: everything a step changes. The frozen part (a LoRA student's whole
   base model) never changes, so it is not saved: a resumed run takes it from the model passed in,
   checked against the checkpoint with :func:`frozen_signature`."""
@@ -236,16 +236,16 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
     the start of the run, resumed parts included.
   """
   # Over 80 lines only through the docstring of the public entry point; the body is the run's
-  # setup, then _resume, _run_epochs and the summary.
+  # setup, then resume, _run_epochs and the summary.
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
-  dataset = _as_dataset(dataset)
+  dataset = as_dataset(dataset)
   settings = FitSettings.from_config(config)
   steps = settings.plan(len(dataset))
   settings.check_batch_split(sharding.data_parallel_size(mesh))
   if stop_after is not None and not 1 <= stop_after:
     raise ValueError(f"stop_after must be a step >= 1 or None, got {stop_after!r}")
-  identity = _run_identity(config, dataset)
+  identity = run_identity(config, dataset)
   total, lora = steps["total_steps"], settings.lora
 
   optimizer, schedule = settings.optimization.make(total)
@@ -262,7 +262,7 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
       os.path.join(workdir, CHECKPOINT_DIR), save_every=checkpoint_every,
       keep=settings.keep_checkpoints)
   extra = {"identity": identity, "frozen": frozen_signature(state.frozen)}
-  state, position, latest = _resume(checkpointer, state, extra, workdir)
+  state, position, latest = resume(checkpointer, state, extra, workdir)
   logging.info("fit: %d examples, batch %d (%d micro-batches), %d steps/epoch x %d epochs = %d "
                "steps; %s; checkpoints every %d steps in %s", steps["examples"],
                settings.batch_size, settings.grad_accum_steps, steps["steps_per_epoch"],
@@ -288,21 +288,30 @@ def fit(model: nnx.Module, dataset: datasets.Dataset | str | os.PathLike, config
     checkpointer.close()  # waits for async writes: a crash never leaves one half-written
 
   history = list(writer.records)
-  losses = [r["loss"] for r in history if isinstance(r.get("loss"), float)]
-  summary = {**steps, "steps_done": global_step, "finished": global_step >= total,
-             "resumed_from_step": latest,
-             "stopped_early": stopped and global_step < total, "identity": identity,
-             "lora_rank": lora.rank, "returned_model": "adapters unmerged" if lora.rank
-             else "full parameters", "first_loss": losses[0] if losses else None,
-             "final_loss": losses[-1] if losses else None,
-             "wall_time_s_this_call": time.perf_counter() - started}
   if lead:
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-      json.dump(summary, f, indent=2)
+    write_summary(workdir, history, steps, global_step=global_step, resumed_from=latest,
+                  stopped=stopped, identity=identity, lora_rank=lora.rank, started=started)
   return train_step_lib.model_from_state(graphdef, state), history
 
 
-def _as_dataset(dataset: datasets.Dataset | str | os.PathLike) -> datasets.Dataset:
+def write_summary(workdir: str, history: Sequence[Mapping[str, Any]], steps: Mapping[str, int], *,
+                  global_step: int, resumed_from: int | None, stopped: bool, identity: str,
+                  lora_rank: int, started: float) -> None:
+  """``workdir/fit_summary.json``: the plan, how far the run got and its first and last loss."""
+  total = steps["total_steps"]
+  losses = [r["loss"] for r in history if isinstance(r.get("loss"), float)]
+  summary = {**steps, "steps_done": global_step, "finished": global_step >= total,
+             "resumed_from_step": resumed_from,
+             "stopped_early": stopped and global_step < total, "identity": identity,
+             "lora_rank": lora_rank, "returned_model": "adapters unmerged" if lora_rank
+             else "full parameters", "first_loss": losses[0] if losses else None,
+             "final_loss": losses[-1] if losses else None,
+             "wall_time_s_this_call": time.perf_counter() - started}
+  with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+    json.dump(summary, f, indent=2)
+
+
+def as_dataset(dataset: datasets.Dataset | str | os.PathLike) -> datasets.Dataset:
   if isinstance(dataset, (str, os.PathLike)):
     dataset = data_lib.load_dataset(dataset)
   if not isinstance(dataset, datasets.Dataset):
@@ -311,16 +320,17 @@ def _as_dataset(dataset: datasets.Dataset | str | os.PathLike) -> datasets.Datas
   return dataset
 
 
-def _resume(checkpointer: checkpoint_lib.TrainCheckpointer, state: train_step_lib.TrainState,
-            extra: Mapping[str, Any], workdir: str
-            ) -> tuple[train_step_lib.TrainState, dict[str, int], int | None]:
-  """``(state, data position, step)`` of the latest checkpoint in ``workdir`` if there is one
-  (of this run: same identity and base model), else the fresh state at the start."""
-  latest = checkpointer.latest_step()
+def resume(checkpointer: checkpoint_lib.TrainCheckpointer, state: train_step_lib.TrainState,
+           extra: Mapping[str, Any], workdir: str, step: int | None = None
+           ) -> tuple[train_step_lib.TrainState, dict[str, int], int | None]:
+  """``(state, data position, step)`` of the checkpoint of ``step`` (default: the latest) in
+  ``workdir`` if there is one (of this run: same identity and base model), else the fresh state
+  at the start."""
+  latest = checkpointer.latest_step() if step is None else step
   if latest is None:
     return state, {"epoch": 0, "step_in_epoch": 0}, None
   try:
-    restored, meta = checkpointer.restore(_mutable(state), latest)
+    restored, meta = checkpointer.restore(checkpointed_state(state), latest)
     if meta.get("identity") != extra["identity"]:
       raise ValueError(
           f"{workdir} holds checkpoints of another run (config or dataset differ: identity "
@@ -358,24 +368,14 @@ def _run_epochs(state: train_step_lib.TrainState, position: Mapping[str, int], *
       now = time.perf_counter()
       global_step += 1
       step_in_epoch += 1
-      tokens = int(batch["attention_mask"].sum())
-      record = {"step": global_step, "epoch": epoch, **metrics, "tokens": tokens,
-                "seq_len": int(batch["input_ids"].shape[1]), "step_time_s": now - last,
-                "tokens_per_s": tokens / max(now - last, 1e-9)}
+      record = step_record(global_step, epoch, metrics, batch, now - last)
       last = now
-      if step_in_epoch == steps["steps_per_epoch"]:
-        position = {"epoch": epoch + 1, "step_in_epoch": 0}
-      else:
-        position = {"epoch": epoch, "step_in_epoch": step_in_epoch}
+      position = data_position(epoch, step_in_epoch, steps["steps_per_epoch"])
       writer.write(record)
-      if not math.isfinite(record.get("loss", 0.0)):
-        raise FloatingPointError(
-            f"the loss is {record['loss']} at step {global_step} (epoch {epoch}); nothing after "
-            f"checkpoint step {checkpointer.latest_step()} is saved. Lower the learning rate or "
-            "check the data.")
+      check_finite(record, checkpointer)
       bar.update(record.get("loss", float("nan")), record["tokens_per_s"], epoch)
       stopped = stop_after is not None and global_step >= stop_after
-      checkpointer.save(global_step, _mutable(state), position,
+      checkpointer.save(global_step, checkpointed_state(state), position,
                         force=stopped or global_step == total, extra=extra)
       for callback in callbacks:
         callback(global_step, record)
@@ -383,5 +383,31 @@ def _run_epochs(state: train_step_lib.TrainState, position: Mapping[str, int], *
         break
     if not stopped:
       epoch, step_in_epoch = epoch + 1, 0
-  checkpointer.save(global_step, _mutable(state), position, force=True, extra=extra)
+  checkpointer.save(global_step, checkpointed_state(state), position, force=True, extra=extra)
   return state, global_step, stopped
+
+
+def step_record(global_step: int, epoch: int, metrics: Mapping[str, float], batch: data_lib.Batch,
+                step_time: float) -> dict[str, Any]:
+  """One line of metrics.jsonl: the step's metrics and the tokens of its batch."""
+  tokens = int(batch["attention_mask"].sum())
+  return {"step": global_step, "epoch": epoch, **metrics, "tokens": tokens,
+          "seq_len": int(batch["input_ids"].shape[1]), "step_time_s": step_time,
+          "tokens_per_s": tokens / max(step_time, 1e-9)}
+
+
+def data_position(epoch: int, step_in_epoch: int, steps_per_epoch: int) -> dict[str, int]:
+  """Where the data resumes after ``step_in_epoch`` steps of ``epoch``."""
+  if step_in_epoch == steps_per_epoch:
+    return {"epoch": epoch + 1, "step_in_epoch": 0}
+  return {"epoch": epoch, "step_in_epoch": step_in_epoch}
+
+
+def check_finite(record: Mapping[str, Any], checkpointer: checkpoint_lib.TrainCheckpointer,
+                 where: str = "") -> None:
+  """Stops the run on a non-finite loss; ``where`` (e.g. "member 2: ") prefixes the message."""
+  if not math.isfinite(record.get("loss", 0.0)):
+    raise FloatingPointError(
+        f"{where}the loss is {record['loss']} at step {record['step']} (epoch {record['epoch']}); "
+        f"nothing after checkpoint step {checkpointer.latest_step()} is saved. Lower the learning "
+        "rate or check the data.")
