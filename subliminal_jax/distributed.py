@@ -33,8 +33,8 @@ _TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300, "Seconds a process waits for the coordinator (and process 0 for "
     "every peer) before the run fails.", lower_bound=1)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "distributed_heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts "
-    "as dead; jax then aborts the others instead of leaving them waiting in a collective.",
+    "distributed_heartbeat_timeout", 100, "Seconds without a heartbeat after which a process "
+    "counts as dead; jax then aborts the others instead of leaving them waiting in a collective.",
     lower_bound=1)
 
 
@@ -45,7 +45,8 @@ def _host_and_port(address: str) -> tuple[str, int]:
   return host.strip("[]"), int(port)  # brackets of an IPv6 literal such as [::1]:1234
 
 
-def _wait_for_coordinator(address: str, process_id: int, num_processes: int, timeout_s: int) -> float:
+def _wait_for_coordinator(address: str, process_id: int, num_processes: int,
+                          timeout_s: int) -> float:
   """Waits until the coordinator's port accepts connections; returns the seconds left of timeout_s.
 
   jax's own client aborts the process (no Python exception) when the coordinator never answers, so

@@ -25,8 +25,8 @@ def test_unreachable_coordinator_fails_after_the_timeout_naming_the_address(tmp_
   address = f"127.0.0.1:{_free_port()}"
   started = time.monotonic()
   result = subprocess.run(
-      [sys.executable, "-m", "subliminal_jax.main", f"--config={ROOT}/configs/animal_numbers.py:tiny",
-       f"--workdir={tmp_path / 'wd'}", f"--coordinator_address={address}", "--num_processes=2",
+      [sys.executable, "-m", "subliminal_jax.main",
+       f"--config={ROOT}/configs/animal_numbers.py:tiny", f"--workdir={tmp_path / 'wd'}", f"--coordinator_address={address}", "--num_processes=2",
        "--process_id=1", "--distributed_timeout=5"],
       capture_output=True, text=True, env=ENV, timeout=60, cwd=ROOT)
   elapsed = time.monotonic() - started
