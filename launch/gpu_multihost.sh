@@ -5,7 +5,8 @@
 # auto-detects). Each process drives all GPUs of its host; the mesh spans every GPU of every host.
 # Each host installs jax's CUDA build first (make setup-cuda; the plain setup is the CPU build).
 #   launch/gpu_multihost.sh configs/animal_numbers.py:paper /shared/run1 [extra flags]
-# Append --dry_run to print what the flags resolve to without starting the job.
+# Append --dry_run to print what the flags resolve to without starting the job, and
+# --distributed_timeout=SECONDS (default 300) to bound the wait for hosts that start late.
 set -euo pipefail
 config=${1:?usage: launch/gpu_multihost.sh CONFIG WORKDIR [extra flags]}
 workdir=${2:?workdir on storage shared by every host}

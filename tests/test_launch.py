@@ -48,7 +48,8 @@ def test_local_launcher_parses(tmp_path):
   assert parsed["experiment"] == "animal_numbers" and parsed["workdir"] == str(tmp_path / "wd")
   assert parsed["config"]["student"]["seeds"] == [3]
   assert parsed["distributed"] == {"coordinator_address": None, "num_processes": None,
-                                   "process_id": None, "auto": False}
+                                   "process_id": None, "auto": False, "timeout_s": 300,
+                                   "heartbeat_timeout_s": 100}
   assert not (tmp_path / "wd").exists()
 
 
@@ -56,9 +57,10 @@ def test_gpu_multihost_launcher_passes_the_jax_distributed_flags(tmp_path):
   env = {**_stand_ins(tmp_path), "JAX_COORDINATOR_ADDRESS": "host0:1234", "JAX_NUM_PROCESSES": "4",
          "JAX_PROCESS_ID": "2"}
   parsed = _launch("gpu_multihost.sh", [CONFIG, str(tmp_path / "wd"), "--stages=prompts",
-                                        "--dry_run"], env)
+                                        "--distributed_timeout=600", "--dry_run"], env)
   assert parsed["distributed"] == {"coordinator_address": "host0:1234", "num_processes": 4,
-                                   "process_id": 2, "auto": False}
+                                   "process_id": 2, "auto": False, "timeout_s": 600,
+                                   "heartbeat_timeout_s": 100}
   assert parsed["stages"] == ["prompts"]
   assert (tmp_path / "calls.log").read_text().splitlines() == ["make setup-cuda"]
 
