@@ -111,6 +111,15 @@ def test_every_section_refuses_a_bad_value_naming_it(tmp_path, key, value, messa
   assert not (tmp_path / "wd").exists()
 
 
+def test_a_section_key_that_nothing_reads_is_refused(tmp_path):
+  config = matrix_config.get_config("tiny")
+  with config.unlocked():
+    config.sampling.temprature = 0.5  # a typo in a config file: it would change nothing
+  with pytest.raises(ValueError, match=r"sampling has keys \['temprature'\] that nothing reads"):
+    transfer_matrix.run(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 def test_config_files_import_no_jax():
   """Config files hold values: loading every one of them imports neither jax nor the library's
   heavier modules."""

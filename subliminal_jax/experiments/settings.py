@@ -486,10 +486,14 @@ def _matrix(c: dict[str, Any]) -> MatrixSettings | None:
       permutation_samples=m["permutations"]["samples"])
 
 
-def _section(cls, values: dict[str, Any]):
+def _section(cls, name: str, values: dict[str, Any]):
+  """``cls`` from the config section ``name``; a key no field reads is refused (a knob that
+  silently changes nothing is worse than an error)."""
   fields = {f.name for f in dataclasses.fields(cls)}
-  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
-                if k in fields})
+  unread = sorted(set(values) - fields)
+  if unread:
+    raise ValueError(f"{name} has keys {unread} that nothing reads; expected {sorted(fields)}")
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def from_config(config: ConfigDict) -> Settings:
@@ -503,10 +507,10 @@ def from_config(config: ConfigDict) -> Settings:
         chat_system=SystemTurn.parse(c["chat_system"]),
         eval_system=SystemTurn.parse(c["evaluation"]["system"] or c["chat_system"]),
         teacher=_teacher(c),
-        prompts=_section(PromptSettings, c["prompts"]),
-        sampling=_section(SamplingSettings, c["sampling"]),
-        filter=_section(FilterSettings, c["filter"]), student=_student(c),
-        evaluation=_section(EvaluationSettings, c["evaluation"]),
+        prompts=_section(PromptSettings, "prompts", c["prompts"]),
+        sampling=_section(SamplingSettings, "sampling", c["sampling"]),
+        filter=_section(FilterSettings, "filter", c["filter"]), student=_student(c),
+        evaluation=_section(EvaluationSettings, "evaluation", c["evaluation"]),
         checkpoints=CheckpointSettings(every=c["training_checkpoints"]["every"],
                                        keep=c["training_checkpoints"]["keep"],
                                        tensorboard=c["tensorboard"]),
