@@ -30,6 +30,7 @@ and subset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import random
@@ -297,12 +298,20 @@ def build_panel_evaluation(s: settings_lib.Settings, tokenizer, model, chat: Sys
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-  """A model whose numbers students learn from, with the chat it samples under."""
+  """A model whose numbers students learn from, with the chat it samples under.
+
+  ``model`` is made by ``load`` on first use: a finetuned teacher is restored (a copy of the base
+  plus its saved weights) only when a stage still has to be built with it, not for every stage
+  that already exists."""
   label: str
-  model: Any
+  load: Callable[[], Any]
   chat: SystemTurn
   fingerprint: str
   summary: dict[str, Any]
+
+  @functools.cached_property
+  def model(self) -> Any:
+    return self.load()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +391,7 @@ class Stages:
   def base_teacher(self) -> Teacher:
     """The base itself, sampling with the students' chat: the no-trait reference."""
     fp = artifacts.fingerprint(self.base.fingerprint, "control", self.settings.chat_system.spec)
-    return Teacher("base", self.base.model, self.settings.chat_system, fp, {"kind": "base"})
+    return Teacher("base", lambda: self.base.model, self.settings.chat_system, fp, {"kind": "base"})
 
   def _finetuned(self, label: str, inputs: dict[str, Any], target: str | None) -> Teacher:
     s = self.settings
@@ -391,7 +400,7 @@ class Stages:
     directory, summary = self._run("teacher", inputs, lambda out: build_finetuned_teacher(
         s, self.base, target, self.mesh, out))
     # A finetuned teacher carries the trait in its weights: it samples with the students' chat.
-    return Teacher(label, finetuned.restore(self.base.model, s.teacher.fit.lora, directory),
+    return Teacher(label, lambda: finetuned.restore(self.base.model, s.teacher.fit.lora, directory),
                    s.chat_system, directory.name, summary)
 
   def trait_teacher(self, target: str) -> Teacher:
@@ -400,7 +409,7 @@ class Stages:
     system = s.teacher.trait_prompt(target, s.category)
     if not s.teacher.finetuned:
       fp = artifacts.fingerprint(self.base.fingerprint, "system_prompt", system)
-      return Teacher(target, self.base.model, SystemTurn(system), fp,
+      return Teacher(target, lambda: self.base.model, SystemTurn(system), fp,
                      {"kind": "system_prompt", "system_prompt": system})
     teacher = self._finetuned(target, {"kind": s.teacher.kind, "system": system,
                                        "category": s.category}, target)
