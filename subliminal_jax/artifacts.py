@@ -288,50 +288,97 @@ class Workdir:
     ``allowed`` false (a stage left out of ``--stages``) requires the artifact to exist already; a
     :class:`Selection` also names the selectable stage in messages and progress bars.
     """
-    fp = fingerprint(stage, inputs)
-    final = self.artifact_dir(stage, fp)
-    if self.has(stage, fp):
-      self.check(stage, fp)
-      logging.info("stage %s: artifact %s exists, skipped", stage, fp)
-      self.skipped.append(stage)
-      return final, self.summary(stage, fp)
-    if not allowed:
-      name = allowed.name if isinstance(allowed, Selection) else stage
-      part = f" (part of {name!r})" if name != stage else ""
-      raise RuntimeError(f"stage {stage!r}{part} was not selected by --stages, but its artifact "
-                         f"{final} does not exist yet: add {name!r} to --stages")
+    [(directory, summary)] = self.run_stages(stage, [inputs], lambda outs: [build(outs[0])],
+                                             allowed=allowed)
+    return directory, summary
+
+  def run_stages(self, stage: str, inputs: Sequence[Mapping[str, Any]],
+                 build: Callable[[list[pathlib.Path]], Sequence[Mapping[str, Any]]], *,
+                 allowed: bool | Selection = True) -> list[tuple[pathlib.Path, dict[str, Any]]]:
+    """Several artifacts of one stage, the missing ones built together by one ``build`` call.
+
+    ``build(outs)`` gets one directory per missing artifact (in the order of ``inputs``) and
+    returns one summary each: K students trained in one program, K models evaluated in one batch.
+    Each artifact is still its own fingerprinted directory with its own DONE.json, written once
+    the whole batch is built; a kill in the middle leaves every member's partial directory (with
+    its checkpoints) for the rerun, whatever members that rerun batches together. The batch's
+    seconds are shared out evenly among its members (``batch`` in DONE.json says how many).
+    Returns (artifact dir, summary) per input, existing artifacts included.
+    """
+    fps = [fingerprint(stage, one) for one in inputs]
+    results: dict[str, tuple[pathlib.Path, dict[str, Any]]] = {}
+    missing = []
+    for fp in dict.fromkeys(fps):  # one build per fingerprint, even if asked for twice
+      if self.has(stage, fp):
+        self.check(stage, fp)
+        logging.info("stage %s: artifact %s exists, skipped", stage, fp)
+        self.skipped.append(stage)
+        results[fp] = (self.artifact_dir(stage, fp), self.summary(stage, fp))
+      else:
+        missing.append(fp)
+    if missing:
+      if not allowed:
+        name = allowed.name if isinstance(allowed, Selection) else stage
+        part = f" (part of {name!r})" if name != stage else ""
+        raise RuntimeError(f"stage {stage!r}{part} was not selected by --stages, but its artifact "
+                           f"{self.artifact_dir(stage, missing[0])} does not exist yet: add "
+                           f"{name!r} to --stages")
+      by_fp = {fp: one for fp, one in zip(fps, inputs)}
+      results.update(self._build(stage, [(fp, by_fp[fp]) for fp in missing], build, allowed))
+    return [results[fp] for fp in fps]
+
+  def _build(self, stage: str, members: list[tuple[str, Mapping[str, Any]]],
+             build: Callable[[list[pathlib.Path]], Sequence[Mapping[str, Any]]],
+             allowed: bool | Selection) -> dict[str, tuple[pathlib.Path, dict[str, Any]]]:
+    """Builds the artifacts ``members`` ((fingerprint, inputs) each) in their partial
+    directories with one ``build`` call, then marks each done and moves it into place."""
+    names = " ".join(fp for fp, _ in members)
     # One name per fingerprint, not per process: a rerun after a crash builds in the same
     # directory, where the trainer finds its checkpoints.
-    partial = final.with_name(f"{fp}.partial")
-    _sync_processes(f"{stage} {fp} start")  # every process has looked before any creates it
+    partials = [self.artifact_dir(stage, fp).with_name(f"{fp}.partial") for fp, _ in members]
+    _sync_processes(f"{stage} {names} start")  # every process has looked before any creates it
     if jax.process_index() == 0:
-      self._adopt_unfinished(final, partial)
-    if partial.exists():
-      logging.info("stage %s: continuing in %s, left by an interrupted run", stage, partial)
-    _sync_processes(f"{stage} {fp} adopted")
-    partial.mkdir(parents=True, exist_ok=True)
+      for (fp, _), partial in zip(members, partials):
+        self._adopt_unfinished(self.artifact_dir(stage, fp), partial)
+    for partial in partials:
+      if partial.exists():
+        logging.info("stage %s: continuing in %s, left by an interrupted run", stage, partial)
+    _sync_processes(f"{stage} {names} adopted")
+    for partial in partials:
+      partial.mkdir(parents=True, exist_ok=True)
     start, compile_start = time.time(), compilation_cache.compile_seconds()
     # With several processes (one per host) every process builds: the stage's computations are
     # collective. Each writes the same files; only the first marks the artifact done, after all
     # have finished writing, and the others wait until it is in place.
     label = (f"{stage} (stage {allowed.index} of {allowed.total})"
              if isinstance(allowed, Selection) else stage)
-    logging.info("%s: building %s", label, fp)
+    logging.info("%s: building %s", label, names)
     with progress.in_stage(label):
-      summary = dict(build(partial))
-    _sync_processes(f"{stage} {fp} built")
+      summaries = [dict(summary) for summary in build(partials)]
+    if len(summaries) != len(members):
+      raise RuntimeError(f"stage {stage}: the build returned {len(summaries)} summaries for "
+                         f"{len(members)} artifacts")
+    _sync_processes(f"{stage} {names} built")
     seconds = round(time.time() - start, 2)
     compile_seconds = round(compilation_cache.compile_seconds() - compile_start, 2)
-    if jax.process_index() == 0:
-      record = {"stage": stage, "fingerprint": fp, "inputs": inputs, "summary": summary,
-                "seconds": seconds, "compile_seconds": compile_seconds, "files": manifest(partial)}
-      files.write_json(partial / DONE_FILE, record, default=_jsonable)
-      partial.rename(final)
-    _sync_processes(f"{stage} {fp} done")
-    self.ran.append(stage)
-    logging.info("stage %s: built %s in %.1f s (compiling %.1f s, running %.1f s)", stage, fp,
+    share = len(members)
+    results = {}
+    for (fp, inputs), partial, summary in zip(members, partials, summaries):
+      final = self.artifact_dir(stage, fp)
+      if jax.process_index() == 0:
+        record = {"stage": stage, "fingerprint": fp, "inputs": inputs, "summary": summary,
+                  "seconds": round(seconds / share, 2),
+                  "compile_seconds": round(compile_seconds / share, 2), "files": manifest(partial)}
+        if share > 1:
+          record["batch"] = share
+        files.write_json(partial / DONE_FILE, record, default=_jsonable)
+        partial.rename(final)
+      self.ran.append(stage)
+      results[fp] = (final, summary)
+    _sync_processes(f"{stage} {names} done")
+    logging.info("stage %s: built %s in %.1f s (compiling %.1f s, running %.1f s)", stage, names,
                  seconds, compile_seconds, seconds - compile_seconds)
-    return final, summary
+    return results
 
   @staticmethod
   def _adopt_unfinished(final: pathlib.Path, partial: pathlib.Path) -> None:

@@ -203,3 +203,32 @@ def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
     files.write_atomic(tmp_path / "results.json", fail)
   assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
   assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_batch_of_artifacts_is_built_together_and_a_kill_in_it_resumes_each(tmp_path):
+  wd = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  existing, _ = wd.run_stage("student", {"seed": 1}, lambda out: {"seed": 1})
+  calls = []
+
+  def killed(outs):  # writes a checkpoint into each member's directory, then dies
+    calls.append([o.name for o in outs])
+    for out in outs:
+      (out / "checkpoint").write_text(out.name)
+    raise KeyboardInterrupt("killed")
+
+  inputs = [{"seed": 0}, {"seed": 1}, {"seed": 2}]
+  with pytest.raises(KeyboardInterrupt):
+    wd.run_stages("student", inputs, killed)
+  assert len(calls[0]) == 2 and not any(
+      (tmp_path / "student" / name / "DONE.json").exists() for name in calls[0])
+
+  built = wd.run_stages("student", inputs, lambda outs: [
+      {"resumed": (o / "checkpoint").read_text() == o.name} for o in outs])
+  assert [d for d, _ in built][1] == existing
+  assert [s for _, s in built] == [{"resumed": True}, {"seed": 1}, {"resumed": True}]
+  records = [json.loads((d / "DONE.json").read_text()) for d, _ in built]
+  assert [r.get("batch") for r in records] == [2, None, 2]
+  assert records[0]["seconds"] == records[2]["seconds"]  # the batch's time, shared out
+  # Asked again (in any grouping), nothing is built.
+  again = wd.run_stages("student", inputs[::-1], lambda outs: pytest.fail("rebuilt"))
+  assert [d for d, _ in again] == [d for d, _ in built][::-1]
