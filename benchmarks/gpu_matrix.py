@@ -358,7 +358,6 @@ def _parser() -> argparse.ArgumentParser:
   steps = parser.add_subparsers(dest="step", required=True)
   p = steps.add_parser("prepare", help="here: wheels, tokenizer or chunks; prints the call(s)")
   p.add_argument("--model", choices=("random", "smollm2"), default="random")
-  p.add_argument("--out", default=str(PREPARED))
   p.add_argument("--wheels_dir", default="", help="copy wheels from here instead of downloading")
   p.add_argument("run_options", nargs="*", help="options of the last call's run step")
   s = steps.add_parser("stash", help="there: copy the carried files out of the repository copy")
@@ -382,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
   args = _parser().parse_args(argv)
   if args.step == "prepare":
-    calls = prepare(args.model, pathlib.Path(args.out), args.run_options,
+    calls = prepare(args.model, PREPARED, args.run_options,
                     pathlib.Path(args.wheels_dir) if args.wheels_dir else None)
     print(json.dumps(calls, indent=1))
   elif args.step == "stash":
