@@ -271,6 +271,10 @@ def make_model(stash_dir: pathlib.Path, model_dir: pathlib.Path) -> str:
   manifest = json.loads(manifest_path.read_text())
   model_dir.mkdir(parents=True, exist_ok=True)
   if manifest["model"] == "random":
+    import jax
+    # The weights are made on the CPU: a GPU client here would take most of the memory the job
+    # (a separate process) needs.
+    jax.config.update("jax_platforms", "cpu")
     from benchmarks import engines
     return write_random_model(model_dir / "hf", stash_dir / "tokenizer", engines.smollm2_shape())
   return str(join_chunks(stash_dir, manifest["chunks"], model_dir / manifest["gguf"],
@@ -345,8 +349,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   log_path = workdir.with_name(workdir.name + ".log")
   job = run_job(command, log_path, args.budget_s)
   record = {"benchmark": "gpu_matrix", "model": route, "config": args.config,
-            "science": ("none: random weights measure the stage times of SmolLM2's shape and the "
-                        "config's data sizes, not transfer") if route == "random" else "real weights",
+            "science": {"random": "none: random weights measure the stage times of SmolLM2's "
+                                  "shape and the config's data sizes, not transfer",
+                        "smollm2": "real SmolLM2-135M-Instruct weights",
+                        "config": "the config's own model"}[route],
             "adapters_per_step": args.adapters_per_step if knob_flags else
             f"not passed: {knob} is not in this checkout's config",
             "setup_seconds": setup_s, **job}
