@@ -54,6 +54,7 @@ from absl import app, flags  # noqa: E402  (after the allocator setting, before 
 
 from benchmarks import engines  # noqa: E402
 from benchmarks import flops as flops_lib  # noqa: E402
+from benchmarks import gpu_matrix  # noqa: E402
 from subliminal_jax import compilation_cache  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -217,16 +218,10 @@ def _job_model_dir(workdir: pathlib.Path) -> str:
   """An HF directory with the run's weights and SmolLM2's tokenizer (random weights) or --model."""
   if FLAGS.model != "random":
     return FLAGS.model
-  from subliminal_jax.tokenizer import Tokenizer
-  from subliminal_jax.weights import export
   tokenizer_dir = FLAGS.tokenizer_dir or str(workdir / "tokenizer")
   if not FLAGS.tokenizer_dir:
-    _write_tokenizer(tokenizer_dir)
-  model_dir = workdir / "model"
-  config = _config().replace(dtype="float32")
-  export.export_hf(engines.random_model(config), model_dir, Tokenizer.from_hf_dir(tokenizer_dir),
-                   overwrite=True)
-  return str(model_dir)
+    gpu_matrix.write_tokenizer(tokenizer_dir)
+  return gpu_matrix.write_random_model(workdir / "model", tokenizer_dir, _config())
 
 
 def _job_part(timeout_s: float) -> dict[str, Any]:
@@ -247,21 +242,11 @@ def _job_part(timeout_s: float) -> dict[str, Any]:
     stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
     finished, log = False, f"stopped after {timeout_s:.0f} s: " + stderr[-2000:]
   seconds = time.perf_counter() - start
-  stages = []
-  for path in sorted(job_dir.glob("*/*/DONE.json"), key=os.path.getmtime):
-    record = json.loads(path.read_text())
-    stages.append({"stage": record["stage"], "seconds": record["seconds"],
-                   "compile_seconds": record.get("compile_seconds")})
+  stages = gpu_matrix.stage_times(job_dir)
   return {"config": FLAGS.job_config, "flags": FLAGS.job_flag, "finished": finished,
           "seconds": seconds, "target_s": FLAGS.target_job_s,
           "ratio_to_target": FLAGS.target_job_s / seconds if finished else None,
           "stages": stages, "log_tail": None if finished else log}
-
-
-def _write_tokenizer(directory: str) -> None:
-  from subliminal_jax.tokenizer import Tokenizer
-  from subliminal_jax.weights import embedded
-  Tokenizer.from_gguf(embedded.smollm2_path()).save(directory)
 
 
 def _collect(lines: str) -> dict[str, Any]:
@@ -313,7 +298,7 @@ def _compare(entry: dict[str, Any], target: float) -> None:
 def main(argv):
   del argv
   if FLAGS.write_tokenizer:
-    _write_tokenizer(FLAGS.write_tokenizer)
+    gpu_matrix.write_tokenizer(FLAGS.write_tokenizer)
     return
   compilation_cache.enable_from_flags()
   if FLAGS.part == "job":
