@@ -79,9 +79,10 @@ def _assert_same(together, alone):
     for field in ("tokens", "lengths", "ended", "forced_end"):
       np.testing.assert_array_equal(getattr(many, field), getattr(one, field), err_msg=f"{k} {field}")
     assert many.num_steps == one.num_steps, k
-    # Bit-equal on CPU in practice; vmap may reorder sums elsewhere.
-    np.testing.assert_allclose(many.model_logprobs, one.model_logprobs, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(many.logprobs, one.logprobs, rtol=1e-6, atol=1e-6)
+    # Not bit-equal: the common shapes (a member's batch padded to the largest, or split over
+    # devices) and vmap change XLA's order of sums; on CPU by at most 1.2e-6 here (a few ulps).
+    np.testing.assert_allclose(many.model_logprobs, one.model_logprobs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(many.logprobs, one.logprobs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
