@@ -131,3 +131,44 @@ def test_bad_members_are_refused_by_name(members):
     run(models, grammar_initial_states=[[0] * 5] + initial_states[1:])
   with pytest.raises(TypeError, match="reference_model"):
     run(models, reference_model=base)
+
+
+def test_generate_chat_many_equals_generate_chat_per_member(smollm2_tokenizer_model):
+  from subliminal_jax.sampling import chat, grammar as grammar_lib
+  from subliminal_jax.tokenizer import SystemTurn
+  base, tokenizer = smollm2_tokenizer_model
+  models = [_adapted(base, seed=3), base, _adapted(base, seed=4)]
+  grammar = grammar_lib.number_grammar(tokenizer, max_count=3, max_digits=2)
+  prompts = [["Continue: 12, 7", "List numbers.", "More numbers: 5, 6, 7", "Go on: 40",
+              "Three numbers please."], ["Numbers, now."], ["Continue: 1, 2", "Again: 9, 9"]]
+  systems = [SystemTurn("You love owls."), SystemTurn(), SystemTurn("You love wolves.")]
+  seeds = [5, 5, 9]
+  settings = dict(n_per_prompt=2, batch_size=4, max_new_tokens=grammar.max_output_tokens() + 1,
+                  temperature=1.0, grammar=grammar, return_details=True, progress=False)
+  together = chat.generate_chat_many(models, tokenizer, prompts, seeds=seeds, systems=systems,
+                                     **settings)
+  for k, answers in enumerate(together):
+    alone = chat.generate_chat((models[k], tokenizer), prompts[k], system=systems[k],
+                               seed=seeds[k], **settings)
+    assert len(answers) == len(alone) == 2 * len(prompts[k])
+    assert [a["token_ids"] for a in answers] == [a["token_ids"] for a in alone], k
+    assert all(a["ended"] and grammar.accepts(a["token_ids"]) for a in answers)
+    for many, one in zip(answers, alone):
+      np.testing.assert_allclose(many["logprobs"], one["logprobs"], rtol=1e-5, atol=1e-5)
+  assert together[0][0]["text"] != together[1][0]["text"]
+  with pytest.raises(ValueError, match=r"does not support \['reference_model'\]"):
+    chat.generate_chat_many(models, tokenizer, prompts, seeds=seeds, reference_model=base)
+  with pytest.raises(ValueError, match="systems has 2 entries for 3 members"):
+    chat.generate_chat_many(models, tokenizer, prompts, seeds=seeds, systems=systems[:2])
+  with pytest.raises(ValueError, match="member 1: grammar_initial_states has 2 entries for 1 "
+                                       "prompts"):
+    chat.generate_chat_many(models, tokenizer, prompts, seeds=seeds, grammar=grammar,
+                            grammar_initial_states=[None, [0, 0], None])
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_model():
+  """A tiny random model over SmolLM2's tokenizer (``loading.load("tiny-random")``)."""
+  from subliminal_jax import loading
+  loaded = loading.load("tiny-random")
+  return loaded.model, loaded.tokenizer
