@@ -27,6 +27,11 @@ flagged in ``forced_end`` (its ``logprobs`` entry is 0, never NaN).
 With ``mesh``, the batch is sharded over the mesh's data-parallel axes and the parameters are
 placed by their logical axes (``sharding.state_shardings``); the batch is padded internally to a
 multiple of the data-parallel size.
+
+``sample_many`` samples K members that are one base model with different LoRA adapters (or none)
+in ONE program: the same prefill and decode loop under ``jax.vmap`` over the members' stacked
+adapters and inputs, the base not mapped (stored once, read once per step for all K), one loop
+predicate for all members. Member k gets what ``sample`` gives it alone, up to float rounding.
 """
 
 from __future__ import annotations
