@@ -27,6 +27,11 @@ flagged in ``forced_end`` (its ``logprobs`` entry is 0, never NaN).
 With ``mesh``, the batch is sharded over the mesh's data-parallel axes and the parameters are
 placed by their logical axes (``sharding.state_shardings``); the batch is padded internally to a
 multiple of the data-parallel size.
+
+``sample_many`` samples K members that are one base model with different LoRA adapters (or none)
+in ONE program: the same prefill and decode loop under ``jax.vmap`` over the members' stacked
+adapters and inputs, the base not mapped (stored once, read once per step for all K), one loop
+predicate for all members. Member k gets what ``sample`` gives it alone, up to float rounding.
 """
 
 from __future__ import annotations
@@ -41,12 +46,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from subliminal_jax import padding, sharding
+from subliminal_jax import lora, padding, sharding
 from subliminal_jax.models.transformer import KVCache
 from subliminal_jax.sampling import divergence as divergence_lib
 from subliminal_jax.sampling import logit_processors as lp
 
-__all__ = ["SampleOutput", "sample", "prefill", "prompt_bucket_length", "DEFAULT_PROMPT_BUCKET"]
+__all__ = ["SampleOutput", "sample", "sample_many", "prefill", "prompt_bucket_length", "DEFAULT_PROMPT_BUCKET"]
 
 # Prompt lengths are padded up to a multiple of this, so varying prompts reuse one compilation.
 DEFAULT_PROMPT_BUCKET = 32
@@ -349,12 +354,14 @@ def _initial_state(plan: _Plan, inputs: _Inputs, cache: KVCache, ref_cache: KVCa
       reference=reference)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, inputs: _Inputs
+def _decode_program(plan: _Plan, model, ref_model, inputs: _Inputs, members_axis: str | None = None
                     ) -> dict[str, jax.Array]:
-  """Prefill, the first token, then one-token decode steps until every row ended or N tokens."""
-  model = nnx.merge(graphdef, state)
-  ref_model = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
+  """Prefill, the first token, then one-token decode steps until every row ended or N tokens.
+
+  Traced code. ``members_axis``: the name of a ``jax.vmap`` axis over members (``sample_many``):
+  the loop then runs until every member's rows ended, one loop for all (a member whose rows all
+  ended steps on with pad tokens, which changes none of its outputs).
+  """
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(inputs.seed),
                                                      inputs.sample_ids)
   choose = functools.partial(_choose, plan, inputs, row_keys)
@@ -368,7 +375,12 @@ def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, input
   loop = _record(loop, choose(loop.step, logits, ref_logits, loop.done, loop.grammar_state))
 
   def cond(loop: _State):
-    return (loop.step < plan.max_new_tokens) & ~jnp.all(loop.done)
+    all_done = jnp.all(loop.done)
+    if members_axis is not None:
+      # One predicate for all members (a collective over the vmap axis): a per-member one would
+      # make vmap select between every member's old and new carry, KV caches included, each step.
+      all_done = jax.lax.pmin(all_done.astype(jnp.int32), members_axis) > 0
+    return (loop.step < plan.max_new_tokens) & ~all_done
 
   def body(loop: _State) -> _State:
     live = ~loop.done
@@ -381,14 +393,45 @@ def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, input
     return _record(loop, choose(loop.step, logits, ref_logits, loop.done, loop.grammar_state))
 
   loop = jax.lax.while_loop(cond, body, loop)
+  # A row's length counts the steps it was live, so the steps a member's own loop would have run
+  # (until its last row ended, or N) are its longest row's length.
+  num_steps = loop.step if members_axis is None else jnp.max(loop.lengths)
   out = dict(tokens=loop.tokens, logprobs=loop.logprobs, model_logprobs=loop.model_logprobs,
-             lengths=loop.lengths, ended=loop.done, forced_end=loop.forced, num_steps=loop.step)
+             lengths=loop.lengths, ended=loop.done, forced_end=loop.forced, num_steps=num_steps)
   if loop.reference is not None:
     out.update(divergent=loop.reference.divergence.divergent,
                kl_raw=loop.reference.divergence.kl_raw,
                kl_allowed=loop.reference.divergence.kl_allowed,
                num_masked=loop.reference.num_masked)
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sample_program(plan: _Plan, graphdef, ref_graphdef, state, ref_state, inputs: _Inputs
+                    ) -> dict[str, jax.Array]:
+  """The program of ``sample``: one model (and an optional reference)."""
+  model = nnx.merge(graphdef, state)
+  ref_model = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
+  return _decode_program(plan, model, ref_model, inputs)
+
+
+_MEMBERS_AXIS = "members"
+# The fields of _Inputs that differ between members of sample_many (mapped by its vmap); the
+# others are settings, shared.
+_MEMBER_FIELDS = ("ids", "mask", "seed", "sample_ids", "grammar_start")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sample_many_program(plan: _Plan, graphdef, adapters, base, inputs: _Inputs
+                         ) -> dict[str, jax.Array]:
+  """The program of ``sample_many``: ``_decode_program`` under ``jax.vmap`` over the members'
+  stacked adapters and inputs ``[K, ...]``; the base is not mapped (stored and read once)."""
+  def member(adapter, member_inputs):
+    return _decode_program(plan, nnx.merge(graphdef, adapter, base), None, member_inputs,
+                           members_axis=_MEMBERS_AXIS)
+  in_axes = _Inputs(**{field.name: 0 if field.name in _MEMBER_FIELDS else None
+                       for field in dataclasses.fields(_Inputs)})
+  return jax.vmap(member, in_axes=(0, in_axes), axis_name=_MEMBERS_AXIS)(adapters, inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,34 +583,77 @@ def _grammar_start(grammar, initial_states, batch: int) -> np.ndarray | None:
 _BATCH_FIELDS = ("ids", "mask", "sample_ids", "grammar_start", "ref_ids", "ref_mask")
 
 
+def _pad_batch(inputs: _Inputs, padded_batch: int) -> _Inputs:
+  """``inputs`` with ``padded_batch`` rows: the extra rows repeat row 0 (dropped from the output)."""
+  batch = inputs.ids.shape[0]
+  if padded_batch == batch:
+    return inputs
+  return dataclasses.replace(inputs, **{
+      name: np.concatenate([value, np.repeat(value[:1], padded_batch - batch, 0)], 0)
+      for name in _BATCH_FIELDS if (value := getattr(inputs, name)) is not None})
+
+
+def _execute(program, inputs: _Inputs, mesh: Mesh | None, batch_axis: int = 0) -> dict[str, np.ndarray]:
+  """``program(inputs)`` on the host's or the mesh's devices (the batch fields split over the
+  data-parallel axes along ``batch_axis``, the rest replicated); its outputs on the host."""
+  if mesh is None:
+    return sharding.to_host(program(inputs))
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def batch_split(ndim: int) -> NamedSharding:
+    spec = sharding.batch_sharding(mesh, ndim - batch_axis).spec
+    return NamedSharding(mesh, PartitionSpec(*(None,) * batch_axis, *spec))
+  batch_fields = {name: sharding.put_host_array(np.asarray(value), batch_split(np.ndim(value)))
+                  for name in _BATCH_FIELDS if (value := getattr(inputs, name)) is not None}
+  inputs = jax.device_put(dataclasses.replace(inputs, **{n: None for n in batch_fields}),
+                          replicated)
+  inputs = dataclasses.replace(inputs, **batch_fields)
+  with jax.set_mesh(mesh):
+    return sharding.to_host(program(inputs))
+
+
+def _output(out: dict[str, np.ndarray], batch: int) -> SampleOutput:
+  """The first ``batch`` rows of a program's host outputs."""
+  fields = {k: np.asarray(v)[:batch] for k, v in out.items() if k != "num_steps"}
+  return SampleOutput(num_steps=int(out["num_steps"]), **fields)
+
+
 def _run(plan: _Plan, inputs: _Inputs, model, reference_model, mesh: Mesh | None) -> SampleOutput:
   """Places the inputs (batch padded to the data-parallel size), runs the program, returns the
   batch's rows on the host."""
   batch = inputs.ids.shape[0]
-  padded_batch = padding.round_up(batch, sharding.data_parallel_size(mesh))
-  if padded_batch != batch:  # extra rows repeat row 0; they are dropped from the output
-    inputs = dataclasses.replace(inputs, **{
-        name: np.concatenate([value, np.repeat(value[:1], padded_batch - batch, 0)], 0)
-        for name in _BATCH_FIELDS if (value := getattr(inputs, name)) is not None})
+  inputs = _pad_batch(inputs, padding.round_up(batch, sharding.data_parallel_size(mesh)))
   graphdef, state = _split_model(model, mesh)
   ref_graphdef = ref_state = None
   if reference_model is not None:
     ref_graphdef, ref_state = _split_model(reference_model, mesh)
-  if mesh is None:
-    out = _sample_program(plan, graphdef, ref_graphdef, state, ref_state, inputs)
-  else:
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_fields = {name: sharding.put_host_array(
-        np.asarray(value), sharding.batch_sharding(mesh, np.ndim(value)))
-        for name in _BATCH_FIELDS if (value := getattr(inputs, name)) is not None}
-    inputs = jax.device_put(dataclasses.replace(inputs, **{n: None for n in batch_fields}),
-                            replicated)
-    inputs = dataclasses.replace(inputs, **batch_fields)
-    with jax.set_mesh(mesh):
-      out = _sample_program(plan, graphdef, ref_graphdef, state, ref_state, inputs)
-  out = sharding.to_host(out)
-  fields = {k: np.asarray(v)[:batch] for k, v in out.items() if k != "num_steps"}
-  return SampleOutput(num_steps=int(out["num_steps"]), **fields)
+  out = _execute(lambda inputs: _sample_program(plan, graphdef, ref_graphdef, state, ref_state,
+                                                inputs), inputs, mesh)
+  return _output(out, batch)
+
+
+def _prompt_inputs(model, prompt_ids, prompt_mask, *, seed, sample_ids, grammar,
+                   grammar_initial_states, banned_token_ids, temperature, top_p, min_p, fit
+                   ) -> _Inputs:
+  """The checked, bucketed device inputs of one model's prompts (no reference fields)."""
+  vocab = _model_vocab(model)
+  ids, mask = fit(*_checked_prompts(prompt_ids, prompt_mask, "prompt", vocab),
+                  name="prompt", max_positions=int(model.config.max_position_embeddings))
+  batch = ids.shape[0]
+  banned = np.asarray(list(banned_token_ids), np.int64)
+  return _Inputs(
+      ids=ids.astype(np.int32), mask=mask, seed=np.uint32(seed), sample_ids=_sample_ids(sample_ids, batch),
+      temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p), min_p=np.float32(min_p),
+      allowed_vocab=lp.banned_token_mask(vocab, banned) if banned.size else None,
+      grammar=None if grammar is None else _grammar_input(grammar, vocab),
+      grammar_start=_grammar_start(grammar, grammar_initial_states, batch))
+
+
+def _plan(*, max_new_tokens, end_token_ids, pad_id, temperature, top_k, top_p, min_p,
+          mask_divergent) -> _Plan:
+  return _Plan(max_new_tokens=int(max_new_tokens), end_token_ids=end_token_ids, pad_id=pad_id,
+               greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0,
+               use_min_p=min_p > 0.0, mask_divergent=bool(mask_divergent))
 
 
 def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
@@ -613,32 +699,164 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens: int, seed: int,
       end_token_ids=end_token_ids, pad_id=pad_id, reference_model=reference_model,
       mask_divergent=mask_divergent, reference_prompt_ids=reference_prompt_ids,
       reference_prompt_mask=reference_prompt_mask, cache_length=cache_length)
-  vocab = _model_vocab(model)
   fit = functools.partial(_fit_prompt, max_new_tokens=max_new_tokens, bucket=prompt_bucket,
                           cache_length=cache_length, pad_id=pad_id)
-  ids, mask = fit(*_checked_prompts(prompt_ids, prompt_mask, "prompt", vocab),
-                  name="prompt", max_positions=int(model.config.max_position_embeddings))
-  batch = ids.shape[0]
-  ref_ids = ref_mask = None
+  inputs = _prompt_inputs(
+      model, prompt_ids, prompt_mask, seed=seed, sample_ids=sample_ids, grammar=grammar,
+      grammar_initial_states=grammar_initial_states, banned_token_ids=banned_token_ids,
+      temperature=temperature, top_p=top_p, min_p=min_p, fit=fit)
   if reference_model is not None:
-    ref_ids, ref_mask = ids, mask
+    ref_ids, ref_mask = inputs.ids, inputs.mask
     if reference_prompt_ids is not None:
       ref_ids, ref_mask = _checked_prompts(reference_prompt_ids, reference_prompt_mask,
-                                           "reference_prompt", vocab)
-      if ref_ids.shape[0] != batch:
-        raise ValueError(f"reference_prompt_ids has {ref_ids.shape[0]} rows, prompt_ids {batch}")
+                                           "reference_prompt", _model_vocab(model))
+      if ref_ids.shape[0] != inputs.ids.shape[0]:
+        raise ValueError(f"reference_prompt_ids has {ref_ids.shape[0]} rows, prompt_ids "
+                         f"{inputs.ids.shape[0]}")
       ref_ids, ref_mask = fit(ref_ids, ref_mask, name="reference_prompt",
                               max_positions=int(reference_model.config.max_position_embeddings))
-  banned = np.asarray(list(banned_token_ids), np.int64)
-  inputs = _Inputs(
-      ids=ids.astype(np.int32), mask=mask, seed=np.uint32(seed), sample_ids=_sample_ids(sample_ids, batch),
-      temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p), min_p=np.float32(min_p),
-      allowed_vocab=lp.banned_token_mask(vocab, banned) if banned.size else None,
-      grammar=None if grammar is None else _grammar_input(grammar, vocab),
-      grammar_start=_grammar_start(grammar, grammar_initial_states, batch),
-      ref_ids=None if ref_ids is None else ref_ids.astype(np.int32), ref_mask=ref_mask)
-  plan = _Plan(max_new_tokens=int(max_new_tokens), end_token_ids=end_token_ids, pad_id=pad_id,
-               greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0,
-               use_min_p=min_p > 0.0, mask_divergent=bool(mask_divergent))
+    inputs = dataclasses.replace(inputs, ref_ids=ref_ids.astype(np.int32), ref_mask=ref_mask)
+  plan = _plan(max_new_tokens=max_new_tokens, end_token_ids=end_token_ids, pad_id=pad_id,
+               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+               mask_divergent=mask_divergent)
   return _run(plan, inputs, model, reference_model, mesh)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Many adapters over one base in one program
+
+
+def _adapter_signature(model) -> dict[str, tuple[int, float]]:
+  """``{target: (rank, scale)}`` of a model's LoRA adapters (empty without adapters)."""
+  return {name: (int(linear.lora_a.get_value().shape[-1]), float(linear.lora_scale))
+          for name in lora.lora_targets(model) if (linear := getattr(model.layers, name))}
+
+
+def _same_arrays(a: nnx.State, b: nnx.State) -> bool:
+  """Whether two states hold the same arrays: the same objects (clones of one base), else equal
+  shapes, dtypes and values."""
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  return tree_a == tree_b and all(
+      x is y or (x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y)))
+      for x, y in zip(leaves_a, leaves_b))
+
+
+def _split_members(models: Sequence, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef of an adapted member, the K adapter states stacked ``[K, ...]``, the shared base
+  state). A member without adapters gets zero ones (x @ 0 @ 0 adds exactly 0); a member whose
+  base or adapters (targets, rank, scale) differ from the others' is refused, named."""
+  signatures = [_adapter_signature(m) for m in models]
+  adapted = [k for k, s in enumerate(signatures) if s]
+  reference = adapted[0] if adapted else 0
+  graphdef, reference_adapter, base = nnx.split(models[reference], nnx.LoRAParam, ...)
+  adapters = []
+  for k, (model, signature) in enumerate(zip(models, signatures)):
+    if signature and signature != signatures[reference]:
+      raise ValueError(f"member {k}: LoRA adapters {signature} ({{target: (rank, scale)}}) differ "
+                       f"from member {reference}'s {signatures[reference]}; sample_many runs all "
+                       "members in one program, so their adapters must have the same targets, "
+                       "rank and scale")
+    member_graphdef, adapter, member_base = nnx.split(model, nnx.LoRAParam, ...)
+    if not _same_arrays(member_base, base):
+      raise ValueError(f"member {k}: its non-adapter weights are not member {reference}'s; "
+                       "sample_many samples adapters (or none) over one shared base model")
+    if signature and member_graphdef != graphdef:
+      raise ValueError(f"member {k}: its model has another structure than member {reference}'s")
+    adapters.append(adapter if signature else jax.tree.map(jnp.zeros_like, reference_adapter))
+  stacked = jax.tree.map(lambda *arrays: jnp.stack(arrays), *adapters)
+  if mesh is not None:
+    placement = sharding.state_shardings(
+        sharding.add_leading_axis(stacked, sharding.ENSEMBLE_AXIS), mesh)
+    stacked = jax.device_put(stacked, placement)
+    base = jax.device_put(base, sharding.state_shardings(base, mesh))
+  return graphdef, stacked, base
+
+
+def _per_member(name: str, values, count: int) -> list:
+  if values is None:
+    return [None] * count
+  if len(values) != count:
+    raise ValueError(f"{name} has {len(values)} entries for {count} members; give one per member")
+  return list(values)
+
+
+def _stack_members(members: Sequence[_Inputs], pad_id: int, data_parallel: int) -> _Inputs:
+  """The members' inputs as one ``[K, ...]`` input: each member's batch padded (repeating its row
+  0) to the largest, rounded up to the data-parallel size; its prompts left-padded to the longest
+  bucket."""
+  batch = padding.round_up(max(m.ids.shape[0] for m in members), data_parallel)
+  length = max(m.ids.shape[1] for m in members)
+  padded = []
+  for member in members:
+    member = _pad_batch(member, batch)
+    ids, mask = _pad_left(member.ids, member.mask, length, pad_id)
+    padded.append(dataclasses.replace(member, ids=ids, mask=mask))
+  return dataclasses.replace(members[0], **{
+      name: np.stack([getattr(m, name) for m in padded])
+      for name in _MEMBER_FIELDS if getattr(members[0], name) is not None})
+
+
+def sample_many(models: Sequence, prompt_ids: Sequence, prompt_masks: Sequence, *,
+                seeds: Sequence[int], max_new_tokens: int, sample_ids: Sequence | None = None,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                banned_token_ids: Sequence[int] = (), grammar=None, end_token_ids: Sequence[int],
+                mesh: Mesh | None = None, pad_id: int | None = None,
+                prompt_bucket: int = DEFAULT_PROMPT_BUCKET, cache_length: int | None = None,
+                grammar_initial_states: Sequence | None = None) -> list[SampleOutput]:
+  """``sample`` for K members, one base model with different LoRA adapters (or none), in ONE
+  program: the members' adapters and inputs are stacked ``[K, ...]`` and the program runs under
+  ``jax.vmap`` with the base not mapped, so it is stored once and read once per decode step for
+  all K.
+
+  Member k's output is ``sample(models[k], prompt_ids[k], prompt_masks[k], seed=seeds[k],
+  sample_ids=sample_ids[k], grammar_initial_states=grammar_initial_states[k], <the settings>)``,
+  up to float rounding: vmap and the common shapes (every member's prompts left-padded to the
+  longest member's bucket, batches to the largest) may change the order of sums.
+
+  Args:
+    models: K Transformers: clones of one base (the same arrays, or equal ones), each with LoRA
+      adapters of the same targets, rank and scale, or none (sampled as the base).
+    prompt_ids, prompt_masks: member k's left-padded ``[B_k, P_k]`` prompts.
+    seeds: member k's seed (row b: ``fold_in(fold_in(key(seeds[k]), sample_ids[k][b]), step)``).
+    sample_ids, grammar_initial_states: one per member (or None), as ``sample`` takes them.
+    The other settings are ``sample``'s, shared by all members (the reference model and the
+    divergence fields are not supported here: use ``sample``).
+
+  Returns:
+    One :class:`SampleOutput` per member.
+  """
+  count = len(models)
+  if count < 1:
+    raise ValueError("sample_many needs at least one model")
+  prompt_ids = _per_member("prompt_ids", prompt_ids, count)
+  prompt_masks = _per_member("prompt_masks", prompt_masks, count)
+  seeds = _per_member("seeds", seeds, count)
+  sample_ids = _per_member("sample_ids", sample_ids, count)
+  starts = _per_member("grammar_initial_states", grammar_initial_states, count)
+  lp.check_sampling_settings(temperature, top_k, top_p, min_p)
+  members = []
+  for k, model in enumerate(models):
+    try:
+      end_ids, pad = _check_settings(
+          model, max_new_tokens=max_new_tokens, seed=seeds[k], prompt_bucket=prompt_bucket,
+          end_token_ids=end_token_ids, pad_id=pad_id, reference_model=None, mask_divergent=False,
+          reference_prompt_ids=None, reference_prompt_mask=None, cache_length=cache_length)
+      fit = functools.partial(_fit_prompt, max_new_tokens=max_new_tokens, bucket=prompt_bucket,
+                              cache_length=cache_length, pad_id=pad)
+      members.append(_prompt_inputs(
+          model, prompt_ids[k], prompt_masks[k], seed=seeds[k], sample_ids=sample_ids[k],
+          grammar=grammar, grammar_initial_states=starts[k], banned_token_ids=banned_token_ids,
+          temperature=temperature, top_p=top_p, min_p=min_p, fit=fit))
+    except ValueError as error:
+      raise ValueError(f"member {k}: {error}") from None
+  graphdef, adapters, base = _split_members(models, mesh)
+  plan = _plan(max_new_tokens=max_new_tokens, end_token_ids=end_ids, pad_id=pad,
+               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+               mask_divergent=False)
+  inputs = _stack_members(members, pad, sharding.data_parallel_size(mesh))
+  out = _execute(lambda inputs: _sample_many_program(plan, graphdef, adapters, base, inputs),
+                 inputs, mesh, batch_axis=1)
+  return [_output({name: value[k] for name, value in out.items()}, member.ids.shape[0])
+          for k, member in enumerate(members)]
