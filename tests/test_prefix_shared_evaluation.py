@@ -80,7 +80,8 @@ def test_packed_continuations_equal_per_pair_path(sliding):
   model = _tiny(vocab=97, seed=1, **changes)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 97, size=n).tolist() for n in (9, 23, 14)]
-  continuations = [(5, 6), (5, 6, 7, 8), (5, 8), (9,), (5,), (11, 12, 13)]
+  # Deep nodes come late in the packed row (slot order != depth), as in a real panel.
+  continuations = [(9,), (11, 12, 13), (5, 8), (5, 6), (5,), (5, 6, 7, 8)]
   boundary = np.zeros(97, bool)
   boundary[[0, 1, 2, 7, 40]] = True
   for mask in (boundary, None):
@@ -94,14 +95,13 @@ def test_packed_continuations_equal_per_pair_path(sliding):
 
 def test_packed_exact_preference_equals_exact_preference(base, tokenizer):
   histories = [NUMBERS, [], NUMBERS[:1] + [{"role": "assistant", "content": "7, 8"}]]
-  for event in ("first_word", "prefix"):
-    for hist in (None, histories):
-      expected = tm.exact_preference(base, tokenizer, QUESTIONS, PANEL, event=event,
-                                     histories=hist).logprob
-      (got,) = tm.exact_preference_many([base], tokenizer, QUESTIONS, PANEL, event=event,
-                                        histories=[hist])
-      assert got.event == event and got.panel == PANEL
-      np.testing.assert_allclose(got.logprob, expected, rtol=1e-5, atol=1e-4)
+  for event, hist in (("first_word", histories), ("prefix", None)):
+    expected = tm.exact_preference(base, tokenizer, QUESTIONS, PANEL, event=event,
+                                   histories=hist).logprob
+    (got,) = tm.exact_preference_many([base], tokenizer, QUESTIONS, PANEL, event=event,
+                                      histories=[hist])
+    assert got.event == event and got.panel == PANEL
+    np.testing.assert_allclose(got.logprob, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_members_equal_each_member_alone(base, tokenizer):
