@@ -28,6 +28,11 @@ distribution); the cache rows are then gathered for every (question, variant) pa
 variant's few tokens are run, in fixed-shape batches under ``jax.jit``. The chat prompt comes from
 ``tokenizer.render_chat`` with the system choice passed through explicitly as a ``SystemTurn``
 (the default, ``SystemTurn()``, is no system turn at all).
+
+``*_many`` (K LoRA adapters of one base in one program, e.g. a matrix's students): the same
+quantities, prefix-shared: all variants of a prompt run in one row after its cache as a token
+trie with a tree mask, and the forward is vmapped over the stacked adapters (see the section
+"Prefix-shared evaluation of many adapters of one base").
 """
 
 from __future__ import annotations
