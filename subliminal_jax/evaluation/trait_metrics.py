@@ -28,6 +28,11 @@ distribution); the cache rows are then gathered for every (question, variant) pa
 variant's few tokens are run, in fixed-shape batches under ``jax.jit``. The chat prompt comes from
 ``tokenizer.render_chat`` with the system choice passed through explicitly as a ``SystemTurn``
 (the default, ``SystemTurn()``, is no system turn at all).
+
+``*_many`` (K LoRA adapters of one base in one program, e.g. a matrix's students): the same
+quantities, prefix-shared: all variants of a prompt run in one row after its cache as a token
+trie with a tree mask, and the forward is vmapped over the stacked adapters (see the section
+"Prefix-shared evaluation of many adapters of one base").
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from subliminal_jax import lora as lora_lib
 from subliminal_jax import padding, sharding
 from subliminal_jax import progress as progress_lib
 from subliminal_jax.evaluation import questions as questions_lib
@@ -233,6 +239,22 @@ def _continuation_row_batch(cfg, max_length: int, batch_size: int, data_parallel
                             _CONTINUATION_CACHE_BYTES // row_bytes // data_parallel * data_parallel))
 
 
+def _checked_continuations(continuations: Sequence[Sequence[int]], boundary: np.ndarray | None,
+                           vocab: int) -> tuple[list[tuple[int, ...]], np.ndarray | None]:
+  """The continuations as int tuples and the boundary mask as bool [vocab], both checked."""
+  continuations = [tuple(int(t) for t in c) for c in continuations]
+  if any(not c for c in continuations):
+    raise ValueError("every continuation needs at least one token")
+  for c in continuations:
+    if min(c) < 0 or max(c) >= vocab:
+      raise ValueError(f"continuation {c} has token ids outside the model's vocabulary [0, {vocab})")
+  if boundary is not None:
+    boundary = np.asarray(boundary, dtype=bool)
+    if boundary.shape != (vocab,):
+      raise ValueError(f"boundary mask has shape {boundary.shape}, expected ({vocab},)")
+  return continuations, boundary
+
+
 def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]],
                           continuations: Sequence[Sequence[int]], *, pad_id: int,
                           boundary: np.ndarray | None = None, batch_size: int = 64,
@@ -247,18 +269,9 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
   if not len(prompt_ids) or not len(continuations):
     raise ValueError(f"need at least one prompt and one continuation, got {len(prompt_ids)} prompts "
                      f"and {len(continuations)} continuations")
-  continuations = [tuple(int(t) for t in c) for c in continuations]
-  if any(not c for c in continuations):
-    raise ValueError("every continuation needs at least one token")
   vocab = model.config.vocab_size
-  for c in continuations:
-    if min(c) < 0 or max(c) >= vocab:
-      raise ValueError(f"continuation {c} has token ids outside the model's vocabulary [0, {vocab})")
+  continuations, boundary = _checked_continuations(continuations, boundary, vocab)
   with_boundary = boundary is not None
-  if with_boundary:
-    boundary = np.asarray(boundary, dtype=bool)
-    if boundary.shape != (vocab,):
-      raise ValueError(f"boundary mask has shape {boundary.shape}, expected ({vocab},)")
 
   conts = _teacher_forcing_arrays(continuations, with_boundary)
   num_cont = len(continuations)
@@ -308,6 +321,33 @@ def continuation_logprobs(model: Transformer, prompt_ids: Sequence[Sequence[int]
   return out
 
 
+class _AnswerVariants(NamedTuple):
+  """Each answer's disjoint variant token sequences, and the distinct sequences of all answers."""
+  boundary: np.ndarray | None  # the word-boundary mask (event "first_word")
+  per_answer: list
+  unique: list
+
+  @classmethod
+  def of(cls, tokenizer: ChatTokenizer, answers: Sequence[Sequence[str]], event: str,
+         vocab: int) -> "_AnswerVariants":
+    if event not in EVENTS:
+      raise ValueError(f"event {event!r} is not known; expected one of {list(EVENTS)}")
+    boundary = word_boundary_mask(tokenizer, vocab) if event == "first_word" else None
+    per_answer = []
+    for variants in answers:
+      if isinstance(variants, str) or not len(variants):
+        raise ValueError(f"each answer needs a non-empty list of variants, got {variants!r}")
+      per_answer.append(disjoint_sequences([tokenizer.encode(v) for v in variants], event=event,
+                                           boundary=boundary))
+    return cls(boundary, per_answer, list(dict.fromkeys(s for seqs in per_answer for s in seqs)))
+
+  def summed(self, seq_lp: np.ndarray) -> np.ndarray:
+    """[..., unique sequences] log-probs -> [..., answers]: each answer's variants summed."""
+    index = {s: i for i, s in enumerate(self.unique)}
+    return np.stack([np.logaddexp.reduce(seq_lp[..., [index[s] for s in seqs]], axis=-1)
+                     for seqs in self.per_answer], axis=-1)
+
+
 def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: Sequence[str],
                     answers: Sequence[Sequence[str]], *, system: SystemTurn = SystemTurn(),
                     event: str = "first_word",
@@ -319,24 +359,212 @@ def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: 
   ``answers[a]`` is a list of surface variants; their events (see the module docstring) are made
   disjoint and their probabilities summed in log space. ``histories``: see :func:`chat_prompt_ids`.
   """
-  if event not in EVENTS:
-    raise ValueError(f"event {event!r} is not known; expected one of {list(EVENTS)}")
-  vocab = model.config.vocab_size
-  boundary = word_boundary_mask(tokenizer, vocab) if event == "first_word" else None
-  per_answer = []
-  for variants in answers:
-    if isinstance(variants, str) or not len(variants):
-      raise ValueError(f"each answer needs a non-empty list of variants, got {variants!r}")
-    per_answer.append(disjoint_sequences([tokenizer.encode(v) for v in variants], event=event,
-                                         boundary=boundary))
-  unique = list(dict.fromkeys(s for seqs in per_answer for s in seqs))
-  index = {s: i for i, s in enumerate(unique)}
+  variants = _AnswerVariants.of(tokenizer, answers, event, model.config.vocab_size)
   prompt_ids = chat_prompt_ids(tokenizer, user_prompts, system=system, histories=histories)
-  seq_lp = continuation_logprobs(model, prompt_ids, unique, pad_id=tokenizer.pad_id,
-                                 boundary=boundary, batch_size=batch_size, mesh=mesh, desc=desc)
-  out = np.empty((len(prompt_ids), len(per_answer)), np.float64)
-  for a, seqs in enumerate(per_answer):
-    out[:, a] = np.logaddexp.reduce(seq_lp[:, [index[s] for s in seqs]], axis=1)
+  seq_lp = continuation_logprobs(model, prompt_ids, variants.unique, pad_id=tokenizer.pad_id,
+                                 boundary=variants.boundary, batch_size=batch_size, mesh=mesh,
+                                 desc=desc)
+  return variants.summed(seq_lp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix-shared evaluation of many adapters of one base
+#
+# The same quantities as ``continuation_logprobs``, computed differently: all continuations of a
+# prompt ride in ONE row after its prefilled cache, as a token trie (each distinct token prefix
+# once), every trie token attending to the prompt and to its own ancestors only, at RoPE position
+# (prompt's real length + depth). No cache row is copied per continuation. And K models that are
+# one base with different LoRA adapters run in one program: the adapters are stacked on a leading
+# axis and the forward is ``jax.vmap``-ed over them with the base weights shared (stored and read
+# once per call).
+
+_TRIE_BUCKET = 16  # the packed row is padded to a multiple of this
+# KV cache and logits of one call ((member, prompt) rows x the bytes of one), at most.
+_PACKED_CALL_BYTES = 1024 * 2**20
+
+
+class _Trie(NamedTuple):
+  """The continuations' token trie packed in one row, and where each continuation reads it."""
+  ids: np.ndarray           # [N] the node's last token (N: nodes padded to _TRIE_BUCKET)
+  mask: np.ndarray          # [N] a real node
+  depth: np.ndarray         # [N] tokens before it in its continuation
+  ancestors: np.ndarray     # [N, N] node j may attend to node i (i is j or above it)
+  first_tokens: np.ndarray  # [C] c[0], predicted by the prompt's last position
+  target_nodes: np.ndarray  # [C, L] the node that predicts c[i + 1]
+  target_tokens: np.ndarray  # [C, L] c[i + 1]
+  target_mask: np.ndarray   # [C, L]
+  last_nodes: np.ndarray    # [C] the node of all of c (predicts the boundary; 0 without one)
+
+
+def _packed_trie(continuations: Sequence[tuple[int, ...]], with_boundary: bool) -> _Trie:
+  # Node p (a token prefix) is fed when some continuation needs the distribution after p: after
+  # each proper prefix, and after all of c when a boundary follows it.
+  nodes: dict[tuple[int, ...], int] = {}
+  for c in continuations:
+    for end in range(1, len(c) + (1 if with_boundary else 0)):
+      nodes.setdefault(c[:end], len(nodes))
+  size = padding.round_up(max(1, len(nodes)), _TRIE_BUCKET)
+  ids, depth = np.zeros(size, np.int32), np.zeros(size, np.int32)
+  mask, ancestors = np.zeros(size, bool), np.zeros((size, size), bool)
+  for prefix, j in nodes.items():
+    ids[j], depth[j], mask[j] = prefix[-1], len(prefix) - 1, True
+    for end in range(1, len(prefix) + 1):  # every prefix of a fed prefix is fed too
+      ancestors[j, nodes[prefix[:end]]] = True
+  width = max(1, max(len(c) for c in continuations) - 1)
+  target_nodes = np.zeros((len(continuations), width), np.int32)
+  target_tokens, target_mask = np.zeros_like(target_nodes), np.zeros(target_nodes.shape, bool)
+  for i, c in enumerate(continuations):
+    for k in range(len(c) - 1):
+      target_nodes[i, k], target_tokens[i, k], target_mask[i, k] = nodes[c[:k + 1]], c[k + 1], True
+  last_nodes = np.array([nodes[c] if with_boundary else 0 for c in continuations], np.int32)
+  return _Trie(ids, mask, depth, ancestors, np.array([c[0] for c in continuations], np.int32),
+               target_nodes, target_tokens, target_mask, last_nodes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _packed_logprobs(graphdef, base_state, adapters, ids, mask, trie: _Trie, cache_length,
+                     with_boundary, boundary):
+  """Each member's prefill of its prompts [K, B, T], then the trie after every prompt.
+
+  Returns float32 [K, B, C] each: log P(c[0]), the summed log-probs of c's later tokens, and
+  log P(boundary after c) (zeros without ``with_boundary``).
+  """
+  def one_member(adapters, ids, mask):
+    model = nnx.merge(graphdef, base_state, adapters)
+    first_logits, cache = sampler.prefill(model, ids, mask, cache_length)
+    first = jax.nn.log_softmax(first_logits, axis=-1)[:, trie.first_tokens]
+    b, n = ids.shape[0], trie.ids.shape[0]
+    # The prompt's slots are filtered by the cache's key mask; the trie's by ancestry.
+    attend = jnp.concatenate([jnp.ones((1, n, ids.shape[1]), bool), trie.ancestors[None]], axis=2)
+    hidden, _ = model.hidden_states(
+        jnp.broadcast_to(trie.ids, (b, n)), jnp.broadcast_to(trie.mask, (b, n)), cache=cache,
+        positions=cache.next_position[:, None] + trie.depth[None], attend=attend)
+    logits = model.logits_from_hidden(hidden)  # [b, n, V]
+    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [b, n]
+    picked = logits[:, trie.target_nodes, trie.target_tokens] - normaliser[:, trie.target_nodes]
+    later = jnp.sum(jnp.where(trie.target_mask, picked, 0.0), axis=-1)
+    if not with_boundary:
+      return first, later, jnp.zeros_like(later)
+    ends = jax.nn.logsumexp(jnp.where(boundary, logits, -jnp.inf), axis=-1) - normaliser
+    return first, later, ends[:, trie.last_nodes]
+
+  return jax.vmap(one_member)(adapters, ids, mask)
+
+
+def _adapter_layout(model: Transformer) -> tuple[tuple[str, int, float], ...]:
+  """(target, rank, scale) of each adapted projection."""
+  return tuple((name, getattr(model.layers, name).lora_a.shape[-1],
+                getattr(model.layers, name).lora_scale) for name in lora_lib.lora_targets(model))
+
+
+def _same_base(reference: Any, state: Any) -> bool:
+  ref_leaves, leaves = jax.tree.leaves(reference), jax.tree.leaves(state)
+  if jax.tree.structure(reference) != jax.tree.structure(state):
+    return False
+  # Adapters restored onto clones share the base's arrays: an identity check costs nothing.
+  return all(a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(jnp.array_equal(a, b)))
+             for a, b in zip(ref_leaves, leaves))
+
+
+def _stacked_members(models: Sequence[Transformer]) -> tuple[Any, Any, Any]:
+  """(graphdef, base state, adapter states stacked on a leading member axis) of K models.
+
+  Raises ValueError when a member's non-adapter weights are not the first member's, or when
+  adapted members differ in targets, rank or scale. A member without adapters gets zero ones of
+  the others' layout (x @ 0 @ 0 adds exactly 0).
+  """
+  models = list(models)
+  if not models or not all(isinstance(m, Transformer) for m in models):
+    raise ValueError(f"need a non-empty sequence of Transformer models, got {models!r:.200}")
+  splits = [nnx.split(m, nnx.LoRAParam, ...) for m in models]
+  adapted = [i for i, m in enumerate(models) if lora_lib.lora_targets(m)]
+  ref = adapted[0] if adapted else 0
+  graphdef, ref_adapters, base_state = splits[ref]
+  for i, (member_graphdef, _, rest) in enumerate(splits):
+    if models[i].config != models[ref].config or not _same_base(base_state, rest):
+      raise ValueError(f"models[{i}] is not the same base model as models[{ref}] (its non-adapter "
+                       "weights or config differ); only LoRA adapters may differ between members")
+    if i in adapted and member_graphdef != graphdef:
+      raise ValueError(f"models[{i}]'s adapters (target, rank, scale) {_adapter_layout(models[i])} "
+                       f"differ from models[{ref}]'s {_adapter_layout(models[ref])}")
+  zeros = jax.tree.map(jnp.zeros_like, ref_adapters)
+  states = [splits[i][1] if i in adapted else zeros for i in range(len(models))]
+  return graphdef, base_state, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _put_members(array: np.ndarray, mesh: Mesh | None):
+  """A [K, batch, ...] host array; under a mesh its batch axis (not K) is split."""
+  if mesh is None:
+    return jnp.asarray(array)
+  spec = sharding.batch_sharding(mesh, array.ndim - 1).spec
+  return sharding.put_host_array(array, NamedSharding(mesh, PartitionSpec(None, *spec)))
+
+
+def _packed_prompt_batch(cfg, num_members: int, cache_length: int, trie_size: int,
+                         batch_size: int, num_prompts: int, data_parallel: int) -> int:
+  """Prompts per member and call: at most ``batch_size // K`` (member, prompt) rows, bounded so
+  K x prompts x (one row's KV cache + its trie's float32 logits, twice) stays under
+  ``_PACKED_CALL_BYTES``; whole rows per device."""
+  row_bytes = (2 * cfg.num_layers * cache_length * cfg.num_kv_heads * cfg.head_dim
+               * np.dtype(cfg.dtype).itemsize + 2 * trie_size * cfg.vocab_size * 4)
+  rows = min(max(1, batch_size // num_members), num_prompts,
+             max(1, _PACKED_CALL_BYTES // (num_members * row_bytes)))
+  return padding.round_up(rows, data_parallel)
+
+
+def continuation_logprobs_many(models: Sequence[Transformer],
+                               prompt_ids: Sequence[Sequence[Sequence[int]]],
+                               continuations: Sequence[Sequence[int]], *, pad_id: int,
+                               boundary: np.ndarray | None = None, batch_size: int = 64,
+                               mesh: Mesh | None = None, desc: str | None = None) -> np.ndarray:
+  """:func:`continuation_logprobs` of K adapters of one base at once -> float64 [K, P, C].
+
+  ``prompt_ids[k]``: member k's P prompts (members may have different prompts, e.g. histories).
+  Prefix-shared: each prompt is prefilled once, then all continuations run in one packed row as
+  a token trie (see the section comment). ``batch_size``: (member, prompt) rows per call, at most;
+  memory per call is K x prompts x (KV cache row + the trie's logits), see
+  ``_packed_prompt_batch``.
+  """
+  graphdef, base_state, adapters = _stacked_members(models)
+  if len(prompt_ids) != len(models):
+    raise ValueError(f"prompt_ids has {len(prompt_ids)} entries for {len(models)} models")
+  num_prompts = {len(p) for p in prompt_ids}
+  if len(num_prompts) != 1 or not min(num_prompts) or not len(continuations):
+    raise ValueError(f"every member needs the same non-zero number of prompts (got "
+                     f"{sorted(num_prompts)}) and at least one continuation")
+  num_prompts = num_prompts.pop()
+  continuations, boundary = _checked_continuations(continuations, boundary,
+                                                   models[0].config.vocab_size)
+  with_boundary = boundary is not None
+  trie = _packed_trie(continuations, with_boundary)
+  prompt_len = padding.round_up(max(len(p) for member in prompt_ids for p in member),
+                                _PROMPT_BUCKET)
+  cache_length = prompt_len + len(trie.ids)
+  dp = sharding.data_parallel_size(mesh)
+  prompt_batch = _packed_prompt_batch(models[0].config, len(models), cache_length, len(trie.ids),
+                                      batch_size, num_prompts, dp)
+  trie_dev = _Trie(*(jnp.asarray(a) for a in trie))
+  boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(1, bool))
+  out = np.empty((len(models), num_prompts, len(continuations)), np.float64)
+  context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  bar = tqdm(total=len(models) * num_prompts, desc=progress_lib.describe(desc or "teacher forcing"),
+             unit="prompt", disable=desc is None)
+  with context:
+    for start in range(0, num_prompts, prompt_batch):
+      n_real = min(prompt_batch, num_prompts - start)
+      # Fixed shapes: pad with copies; left padding ends every prompt at the last column.
+      rows = [padding.pad_rows(list(member[start:start + n_real])
+                               + [member[start]] * (prompt_batch - n_real),
+                               pad_value=pad_id, side="left", width=prompt_len)
+              for member in prompt_ids]
+      parts = _packed_logprobs(graphdef, base_state, adapters,
+                               _put_members(np.stack([ids for ids, _ in rows]), mesh),
+                               _put_members(np.stack([mask for _, mask in rows]), mesh),
+                               trie_dev, cache_length, with_boundary, boundary_dev)
+      parts = [p.astype(np.float64)[:, :n_real] for p in sharding.to_host(parts)]
+      out[:, start:start + n_real] = parts[0] + parts[1] + parts[2]
+      bar.update(len(models) * n_real)
+  bar.close()
   return out
 
 
@@ -375,6 +603,13 @@ class ExactPreference:
     return self.panel_share()[:, self.column(target)]
 
 
+def _checked_panel(panel: Sequence[str]) -> tuple[str, ...]:
+  panel = tuple(panel)
+  if len(set(panel)) != len(panel) or not panel:
+    raise ValueError(f"panel {panel} must be non-empty without repeated words")
+  return panel
+
+
 def exact_preference(model: Transformer, tokenizer: ChatTokenizer, questions: Sequence[str],
                      panel: Sequence[str], *, system: SystemTurn = SystemTurn(),
                      event: str = "first_word",
@@ -385,13 +620,51 @@ def exact_preference(model: Transformer, tokenizer: ChatTokenizer, questions: Se
   """Exact teacher-forced preference over a panel (variants from ``questions.spelling_variants``).
 
   ``histories``: per question, chat turns placed before it (see :func:`chat_prompt_ids`)."""
-  panel = tuple(panel)
-  if len(set(panel)) != len(panel) or not panel:
-    raise ValueError(f"panel {panel} must be non-empty without repeated words")
+  panel = _checked_panel(panel)
   answers = [questions_lib.spelling_variants(word, plurals=plurals) for word in panel]
   logprob = answer_logprobs(model, tokenizer, questions, answers, system=system, event=event,
                             batch_size=batch_size, mesh=mesh, desc=desc, histories=histories)
   return ExactPreference(tuple(questions), panel, event, logprob)
+
+
+def answer_logprobs_many(models: Sequence[Transformer], tokenizer: ChatTokenizer,
+                         user_prompts: Sequence[str], answers: Sequence[Sequence[str]], *,
+                         histories: Sequence[Sequence[Sequence[Mapping[str, str]]] | None] | None
+                         = None, system: SystemTurn = SystemTurn(), event: str = "first_word",
+                         batch_size: int = 64, mesh: Mesh | None = None, desc: str | None = None
+                         ) -> np.ndarray:
+  """:func:`answer_logprobs` of K adapters of one base in one pass -> float64 [K, prompts, answers].
+
+  ``histories``: one entry per model, each None or per prompt the turns before it (see
+  :func:`chat_prompt_ids`). Computed by :func:`continuation_logprobs_many`.
+  """
+  if histories is not None and len(histories) != len(models):
+    raise ValueError(f"histories has {len(histories)} entries for {len(models)} models; expected "
+                     "one (None or per-prompt turns) per model")
+  variants = _AnswerVariants.of(tokenizer, answers, event, models[0].config.vocab_size)
+  prompt_ids = [chat_prompt_ids(tokenizer, user_prompts, system=system,
+                                histories=histories[k] if histories is not None else None)
+                for k in range(len(models))]
+  seq_lp = continuation_logprobs_many(models, prompt_ids, variants.unique, pad_id=tokenizer.pad_id,
+                                      boundary=variants.boundary, batch_size=batch_size,
+                                      mesh=mesh, desc=desc)
+  return variants.summed(seq_lp)
+
+
+def exact_preference_many(models: Sequence[Transformer], tokenizer: ChatTokenizer,
+                          questions: Sequence[str], panel: Sequence[str], *,
+                          histories: Sequence[Sequence[Sequence[Mapping[str, str]]] | None] | None
+                          = None, system: SystemTurn = SystemTurn(), event: str = "first_word",
+                          plurals: bool = True, batch_size: int = 64, mesh: Mesh | None = None,
+                          desc: str | None = None) -> list[ExactPreference]:
+  """:func:`exact_preference` of each of K models that share one base (LoRA adapters, or none),
+  in one program per prompt batch; ``histories``: one entry per model (None: no turns before)."""
+  panel = _checked_panel(panel)
+  answers = [questions_lib.spelling_variants(word, plurals=plurals) for word in panel]
+  logprob = answer_logprobs_many(models, tokenizer, questions, answers, histories=histories,
+                                 system=system, event=event, batch_size=batch_size, mesh=mesh,
+                                 desc=desc)
+  return [ExactPreference(tuple(questions), panel, event, member) for member in logprob]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -482,30 +482,48 @@ class Transformer(nnx.Module):
         next_position=jnp.zeros((batch_size,), jnp.int32), length=jnp.zeros((), jnp.int32))
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                    cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Final-norm hidden states [batch, length, hidden] and the updated cache (if one was given)."""
+                    cache: KVCache | None = None, positions: jax.Array | None = None,
+                    attend: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states [batch, length, hidden] and the updated cache (if one was given).
+
+    By default positions count the real tokens and attention is causal. ``positions`` [b, t] and
+    ``attend`` [b or 1, t, key slots] (True = may attend; the key slots are the cache's
+    ``max_length``, or t without a cache) replace both, for tokens that are not one sequence: a
+    token trie packed in one row, each token attending to the cached prompt and its own ancestors
+    (teacher-forced evaluation). Keys still need a True ``attention_mask``/cache ``key_mask``; a
+    cached key's position stays ``cumsum(key_mask) - 1`` (for Gemma's sliding window), and the
+    cache's ``next_position`` then advances by the real tokens as usual, meaningless for a trie.
+    """
     c = self.config
     dtype = jnp.dtype(c.dtype)
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), bool)
     attention_mask = attention_mask.astype(bool)
-    offset = cache.next_position[:, None] if cache is not None else 0
-    # Positions count real tokens only, so padding on either side leaves them unchanged.
-    positions = jnp.maximum(offset + jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+    explicit_positions = positions is not None
+    if not explicit_positions:
+      offset = cache.next_position[:, None] if cache is not None else 0
+      # Positions count real tokens only, so padding on either side leaves them unchanged.
+      positions = jnp.maximum(offset + jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
     if cache is None:
       key_mask, key_slots, write_index = attention_mask, jnp.arange(t), 0
     else:
       write_index = cache.length
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, attention_mask, write_index, 1)
       key_slots = jnp.arange(cache.max_length)
-    query_slots = write_index + jnp.arange(t)
-    mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+    if attend is None:
+      query_slots = write_index + jnp.arange(t)
+      mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+    else:
+      mask = attend.astype(bool) & key_mask[:, None, :]
     sliding_mask = None
     if c.has_sliding_layers:
       # The window counts real tokens (positions), so padding never uses up a row's window; for
       # contiguous rows this is HF's window over cache slots.
       key_positions = positions if cache is None else jnp.cumsum(key_mask, axis=1) - 1
+      if explicit_positions and cache is not None:  # the new keys sit where they were told
+        key_positions = jax.lax.dynamic_update_slice_in_dim(
+            key_positions, positions.astype(key_positions.dtype), write_index, 1)
       distance = positions[:, :, None] - key_positions[:, None, :]
       sliding_mask = mask & (distance < c.sliding_window)
 
@@ -561,8 +579,11 @@ class Transformer(nnx.Module):
     return sharding.constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               cache: KVCache | None = None):
-    """Logits [batch, length, vocab] (float32); with ``cache``, returns ``(logits, new_cache)``."""
-    x, new_cache = self.hidden_states(input_ids, attention_mask, cache=cache)
+               cache: KVCache | None = None, positions: jax.Array | None = None,
+               attend: jax.Array | None = None):
+    """Logits [batch, length, vocab] (float32); with ``cache``, returns ``(logits, new_cache)``.
+    ``positions``/``attend``: see :meth:`hidden_states`."""
+    x, new_cache = self.hidden_states(input_ids, attention_mask, cache=cache, positions=positions,
+                                      attend=attend)
     logits = self.logits_from_hidden(x)
     return logits if cache is None else (logits, new_cache)
