@@ -26,6 +26,11 @@ teachers are shared):
   full-finetune students   --config.student.lora.rank=0 --config.student.lora.init=fresh
                            --config.student.learning_rate=3e-5 --config.report_dir=full
   students of another family   --config.matrix.student_models="('gemma3-270m',)"
+
+Execution, not design: ``matrix.adapters_per_step`` (default 8) LoRA adapters over the one base
+train, sample and evaluate together in one program; ``--config.matrix.adapters_per_step=1`` runs one
+model at a time (the path every committed result before 2026-12-07 was made with). Any value finds
+the artifacts of any other.
 """
 
 from ml_collections import ConfigDict
@@ -52,6 +57,11 @@ def matrix_section() -> ConfigDict:
       criterion=ConfigDict(dict(alpha=0.05, min_positive_fraction=0.6)),
       # Label assignments: enumerated when there are at most max_exact, else this many sampled.
       permutations=ConfigDict(dict(max_exact=2_000_000, samples=100_000)),
+      # LoRA adapters over the one base that train, sample and evaluate together in one program
+      # (1 = one model at a time). Execution only: no fingerprint or design depends on it, so any
+      # value reuses every artifact; results agree up to float rounding. Size it by memory on an
+      # accelerator (each adapter adds its own KV cache and activations).
+      adapters_per_step=8,
   ))
 
 

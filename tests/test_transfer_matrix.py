@@ -3,6 +3,7 @@
 import itertools
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -147,3 +148,42 @@ def test_bad_matrix_settings_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="in_context.sequences=99 exceeds filter.subset_size=16"):
     transfer_matrix.run(config, str(tmp_path / "d"))
   assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_adapters_together_reuse_every_artifact_and_agree_with_one_at_a_time(tiny_matrix,
+                                                                              tmp_path):
+  """The fixture ran with ``matrix.adapters_per_step`` = 8 (the default): teachers, samples,
+  students and evaluations K at a time. K is in no fingerprint: a rerun with K = 1 builds nothing.
+  Students and evaluations rebuilt one at a time from the same numbers agree with the batched
+  ones up to float rounding, not bit for bit: K students in one vmapped step sum their gradients
+  and the base's matmuls in another order than one student's step, and the batched evaluation
+  scores each panel word from one shared prefill (a trie of the words after the question) rather
+  than from a copy of the prompt's cache per word; so the verdict and S must agree, the last
+  digits need not."""
+  config, workdir, results = tiny_matrix
+  assert config.matrix.adapters_per_step == 8
+  one = matrix_config.get_config("tiny")
+  one.matrix.student_models = config.matrix.student_models
+  one.matrix.adapters_per_step = 1
+  before = _done_records(workdir)
+  transfer_matrix.run(one, str(workdir))
+  assert _done_records(workdir) == before
+  batched_students = [json.loads(p.read_text()) for p in workdir.glob("student/*/DONE.json")]
+  assert {r.get("batch") for r in batched_students} == {4}  # 4 units' students per family
+  copy = tmp_path / "one_at_a_time"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("student", "panel_evaluation"))
+  (copy / ".lock").unlink(missing_ok=True)
+  alone = transfer_matrix.run(one, str(copy))
+  assert sorted(_done_records(copy)) == sorted(before)  # the same artifacts, by fingerprint
+  for family, analysis in results["analyses"]["families"].items():
+    other = alone["analyses"]["families"][family]
+    assert other["verdict"]["text"] == analysis["verdict"]["text"]
+    s = other["statistic"]
+    assert s["low"] <= analysis["statistic"]["S"] <= s["high"]
+    assert analysis["statistic"]["S"] == pytest.approx(s["S"], abs=1e-3)
+  pairs = zip(results["measured"]["units"], alone["measured"]["units"])
+  for batched, single in pairs:
+    for family, records in batched["students"].items():
+      for a, b in zip(records, single["students"][family]):
+        assert a["label"] == b["label"]
+        np.testing.assert_allclose(a["logprob"], b["logprob"], rtol=1e-4, atol=1e-3)

@@ -315,9 +315,13 @@ class MatrixSettings:
   min_positive_fraction: float
   max_exact_permutations: int
   permutation_samples: int
+  # How many LoRA adapters over the one base train, sample and evaluate together (1 = one model at
+  # a time). Execution only: in no fingerprint and no design, so any K reuses every artifact.
+  adapters_per_step: int = 1
 
   def __post_init__(self):
     _count("matrix.replicates", self.replicates, 1)
+    _count("matrix.adapters_per_step", self.adapters_per_step, 1)
     if not 0 < self.alpha < 1 or not 0 <= self.min_positive_fraction <= 1:
       raise ValueError(f"matrix.criterion alpha={self.alpha!r} must be in (0, 1) and "
                        f"min_positive_fraction={self.min_positive_fraction!r} in [0, 1]")
@@ -483,7 +487,8 @@ def _matrix(c: dict[str, Any]) -> MatrixSettings | None:
       in_context_seed=m["in_context"]["seed"], student_models=tuple(m["student_models"]),
       alpha=m["criterion"]["alpha"], min_positive_fraction=m["criterion"]["min_positive_fraction"],
       max_exact_permutations=m["permutations"]["max_exact"],
-      permutation_samples=m["permutations"]["samples"])
+      permutation_samples=m["permutations"]["samples"],
+      adapters_per_step=m.get("adapters_per_step", 1))
 
 
 def _section(cls, name: str, values: dict[str, Any]):

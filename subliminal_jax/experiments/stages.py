@@ -52,7 +52,7 @@ from subliminal_jax.sampling import chat as chat_lib
 from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.prompts import number_formats
 from subliminal_jax.training import data as data_lib
-from subliminal_jax.training import distillation, distillation_data
+from subliminal_jax.training import distillation, distillation_data, fit_many
 from subliminal_jax.training import trainer
 from subliminal_jax.weights import finetuned
 
@@ -87,10 +87,28 @@ def fit_in_stage(fit: trainer.FitSettings, checkpoints: settings_lib.CheckpointS
   fit = dataclasses.replace(fit, checkpoint_every=checkpoints.every)
   model, history = trainer.fit(model, dataset, fit, str(out / "training"), mesh=mesh,
                                tensorboard=checkpoints.tensorboard, **fit_kwargs)
+  _keep_trained(model, fit, checkpoints, out)
+  return model, history
+
+
+def _keep_trained(model, fit: trainer.FitSettings, checkpoints: settings_lib.CheckpointSettings,
+                  out: pathlib.Path) -> None:
   finetuned.save(model, fit.lora, out)
   if not checkpoints.keep and jax.process_index() == 0:
     shutil.rmtree(out / "training" / trainer.CHECKPOINT_DIR, ignore_errors=True)
-  return model, history
+
+
+def fit_many_in_stages(fits: Sequence[trainer.FitSettings],
+                       checkpoints: settings_lib.CheckpointSettings, base_model, datasets,
+                       outs: Sequence[pathlib.Path], mesh) -> list[list[dict[str, Any]]]:
+  """:func:`fit_in_stage` for K LoRA finetunes of one base trained together
+  (:func:`fit_many.fit_many`), each in its own stage directory; returns each one's history."""
+  fits = [dataclasses.replace(fit, checkpoint_every=checkpoints.every) for fit in fits]
+  trained = fit_many.fit_many(base_model, datasets, fits, [str(out / "training") for out in outs],
+                              mesh=mesh, tensorboard=checkpoints.tensorboard)
+  for (model, _), fit, out in zip(trained, fits, outs):
+    _keep_trained(model, fit, checkpoints, out)
+  return [history for _, history in trained]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,21 +124,26 @@ def build_prompts(prompts: settings_lib.PromptSettings, out: pathlib.Path) -> di
       f"{r['separator']!r}{r['brackets'] or ''}" for r in records))}
 
 
-def build_samples(sampling: settings_lib.SamplingSettings, tokenizer, model, chat: SystemTurn,
-                  prompts: list[dict[str, Any]], out: pathlib.Path, mesh) -> dict[str, Any]:
-  extra: dict[str, Any] = {}
-  max_new_tokens = sampling.max_new_tokens
-  if sampling.constrained:
-    formats = sampling_grammar(sampling, tokenizer)
-    extra = dict(grammar=formats.grammar,
-                 grammar_initial_states=[formats.start(p) for p in prompts])
-    if not max_new_tokens:  # room for the longest answer the grammar admits, and its end token
-      max_new_tokens = formats.longest_answer + 1
-  answers = chat_lib.generate_chat(
-      (model, tokenizer), [p["text"] for p in prompts], n_per_prompt=1,
-      batch_size=sampling.batch_size, max_new_tokens=max_new_tokens, seed=sampling.seed,
+def _sampling_plan(sampling: settings_lib.SamplingSettings, tokenizer,
+                   prompts: list[dict[str, Any]]) -> tuple[dict[str, Any], list | None]:
+  """The sampler settings of a sampling stage (shared by every teacher of a matrix) and the
+  grammar's start state of each prompt (None unconstrained)."""
+  shared: dict[str, Any] = dict(
+      n_per_prompt=1, batch_size=sampling.batch_size, max_new_tokens=sampling.max_new_tokens,
       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-      min_p=sampling.min_p, mesh=mesh, return_details=True, system=chat, **extra)
+      min_p=sampling.min_p, return_details=True)
+  if not sampling.constrained:
+    return shared, None
+  formats = sampling_grammar(sampling, tokenizer)
+  shared["grammar"] = formats.grammar
+  if not shared["max_new_tokens"]:  # room for the longest answer the grammar admits, and its end
+    shared["max_new_tokens"] = formats.longest_answer + 1
+  return shared, [formats.start(p) for p in prompts]
+
+
+def _write_samples(sampling: settings_lib.SamplingSettings, prompts: list[dict[str, Any]],
+                   answers: list[dict[str, Any]], max_new_tokens: int, out: pathlib.Path
+                   ) -> dict[str, Any]:
   lines = [json.dumps({"prompt_index": i, "prompt": prompt["text"], "completion": answer["text"],
                        "ended": answer["ended"], "separator": prompt["separator"],
                        "brackets": prompt["brackets"]})
@@ -129,6 +152,38 @@ def build_samples(sampling: settings_lib.SamplingSettings, tokenizer, model, cha
   unfinished = sum(not a["ended"] for a in answers)
   return {"count": len(answers), "constrained": bool(sampling.constrained),
           "unfinished": unfinished, "max_new_tokens": max_new_tokens}
+
+
+def build_samples(sampling: settings_lib.SamplingSettings, tokenizer, model, chat: SystemTurn,
+                  prompts: list[dict[str, Any]], out: pathlib.Path, mesh) -> dict[str, Any]:
+  shared, starts = _sampling_plan(sampling, tokenizer, prompts)
+  extra = {} if starts is None else {"grammar_initial_states": starts}
+  answers = chat_lib.generate_chat(
+      (model, tokenizer), [p["text"] for p in prompts], seed=sampling.seed, mesh=mesh,
+      system=chat, **shared, **extra)
+  return _write_samples(sampling, prompts, answers, shared["max_new_tokens"], out)
+
+
+def build_samples_together(members: Sequence[tuple[settings_lib.SamplingSettings, Any, SystemTurn,
+                                                   list[dict[str, Any]]]],
+                           tokenizer, mesh, outs: Sequence[pathlib.Path]) -> list[dict[str, Any]]:
+  """:func:`build_samples` for K teachers of one base ((sampling settings of its replicate, model,
+  chat, prompts) each) in one decode batch: member k's row r draws from member k's own seed and
+  r, as alone. The members share every sampler setting but the seed."""
+  plans = [_sampling_plan(sampling, tokenizer, prompts) for sampling, _, _, prompts in members]
+  shared = plans[0][0]
+  for k, (other, _) in enumerate(plans):
+    if other != shared:
+      raise ValueError(f"member {k}'s sampler settings {other} differ from member 0's {shared}; "
+                       "teachers sampled together share every setting but the seed")
+  starts = [start for _, start in plans]
+  answers = chat_lib.generate_chat_many(
+      [model for _, model, _, _ in members], tokenizer,
+      [[p["text"] for p in prompts] for *_, prompts in members],
+      seeds=[sampling.seed for sampling, *_ in members], systems=[chat for _, _, chat, _ in members],
+      grammar_initial_states=None if starts[0] is None else starts, mesh=mesh, **shared)
+  return [_write_samples(sampling, prompts, member_answers, shared["max_new_tokens"], out)
+          for (sampling, _, _, prompts), member_answers, out in zip(members, answers, outs)]
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -223,6 +278,29 @@ def build_finetuned_teacher(s: settings_lib.Settings, base: loading.Loaded, targ
   answer naming another panel {category} (``'matched_finetune'``), so the control students' teacher
   differs from the base by a finetune without the trait.
   """
+  dataset, info, target = _teacher_dataset(s, base, target, mesh)
+  model, history = fit_in_stage(s.teacher.fit, s.checkpoints, nnx.clone(base.model), dataset,
+                                out, mesh)
+  return _teacher_summary(s, base, model, target, info, history, mesh)
+
+
+def build_teachers_together(members: Sequence[tuple[settings_lib.Settings, str]],
+                            base: loading.Loaded, mesh, outs: Sequence[pathlib.Path]
+                            ) -> list[dict[str, Any]]:
+  """:func:`build_finetuned_teacher` for K LoRA trait teachers of one base ((settings of its
+  replicate, target) each), their finetunes trained in one program per step."""
+  made = [_teacher_dataset(s, base, target, mesh) for s, target in members]
+  fits = [s.teacher.fit for s, _ in members]
+  histories = fit_many_in_stages(fits, members[0][0].checkpoints, base.model,
+                                 [dataset for dataset, _, _ in made], outs, mesh)
+  models = [finetuned.restore(base.model, fit.lora, out) for fit, out in zip(fits, outs)]
+  return [_teacher_summary(s, base, model, target, info, history, mesh)
+          for (s, _), model, (_, info, target), history in zip(members, models, made, histories)]
+
+
+def _teacher_dataset(s: settings_lib.Settings, base: loading.Loaded, target: str | None, mesh):
+  """The teacher's finetuning data (see :func:`build_finetuned_teacher`), what it is, and the
+  target its strength is measured on."""
   chat = s.chat_system
   if target is None:
     target = s.targets[0]  # strength is still measured, on the first target
@@ -237,9 +315,11 @@ def build_finetuned_teacher(s: settings_lib.Settings, base: loading.Loaded, targ
     generate = lambda prompts, **kw: chat_lib.generate_chat((base.model, base.tokenizer), prompts,
                                                             mesh=mesh, **kw)
     examples, info = _teacher_examples(s, target, generate=generate, system=chat.text)
-  dataset = data_lib.tokenize_chat_examples(examples, base.tokenizer, system=chat)
-  model, history = fit_in_stage(s.teacher.fit, s.checkpoints, nnx.clone(base.model), dataset,
-                                out, mesh)
+  return data_lib.tokenize_chat_examples(examples, base.tokenizer, system=chat), info, target
+
+
+def _teacher_summary(s: settings_lib.Settings, base: loading.Loaded, model, target: str,
+                     info: dict[str, Any], history: list[dict[str, Any]], mesh) -> dict[str, Any]:
   before = teacher_strength(s, base, base.model, target, mesh)
   after = teacher_strength(s, base, model, target, mesh)
   return {"kind": s.teacher.kind, **info, **_loss_summary(history),
@@ -261,6 +341,15 @@ def build_student(s: settings_lib.Settings, fit: trainer.FitSettings, base: load
     fit_kwargs = dict(loss_fn=loss_fn, aux=aux, batches=distillation_data.paired_batches)
   _, history = fit_in_stage(fit, s.checkpoints, student, dataset, out, mesh, **fit_kwargs)
   return {"objective": s.student.objective, **_loss_summary(history)}
+
+
+def build_students_together(s: settings_lib.Settings, fits: Sequence[trainer.FitSettings],
+                            base: loading.Loaded, dataset_dirs: Sequence[pathlib.Path], mesh,
+                            outs: Sequence[pathlib.Path]) -> list[dict[str, Any]]:
+  """:func:`build_student` for K SFT LoRA students of ``base`` in one program per step."""
+  datasets = [data_lib.load_dataset(d / "dataset") for d in dataset_dirs]
+  histories = fit_many_in_stages(fits, s.checkpoints, base.model, datasets, outs, mesh)
+  return [{"objective": s.student.objective, **_loss_summary(h)} for h in histories]
 
 
 def build_evaluation(s: settings_lib.Settings, tokenizer, model, target: str,
@@ -286,10 +375,30 @@ def build_panel_evaluation(s: settings_lib.Settings, tokenizer, model, chat: Sys
   exact = trait_metrics.exact_preference(
       model, tokenizer, questions, tuple(e.panel), batch_size=e.batch_size, mesh=mesh,
       desc=f"panel {label}", histories=histories, system=chat)
-  record = {"label": label, "questions": list(questions), "panel": list(e.panel),
+  return _write_panel_record(exact, out, label)
+
+
+def _write_panel_record(exact: trait_metrics.ExactPreference, out: pathlib.Path, label: str
+                        ) -> dict[str, Any]:
+  record = {"label": label, "questions": list(exact.questions), "panel": list(exact.panel),
             "logprob": exact.logprob.tolist()}
   files.write_json(out / "record.json", record, indent=1)
   return {"label": label, "mean_logprob": float(exact.logprob.mean())}
+
+
+def build_panel_evaluations_together(
+    s: settings_lib.Settings, tokenizer, models: Sequence[Any], chat: SystemTurn, mesh,
+    outs: Sequence[pathlib.Path], labels: Sequence[str],
+    histories: Sequence[Sequence[Sequence[dict[str, str]]] | None]) -> list[dict[str, Any]]:
+  """:func:`build_panel_evaluation` for K adapters of one base (or the base itself) in one
+  batch, each question's prompt prefilled once and its panel words scored from that cache."""
+  e = s.evaluation
+  questions = questions_lib.preference_questions(s.category)[:e.num_questions]
+  exacts = trait_metrics.exact_preference_many(
+      models, tokenizer, questions, tuple(e.panel), batch_size=e.batch_size, mesh=mesh,
+      desc=f"panel of {len(models)} models", histories=histories, system=chat)
+  return [_write_panel_record(exact, out, label)
+          for exact, out, label in zip(exacts, outs, labels)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,10 +484,17 @@ class Stages:
     self.selected = tuple(selected or ())
     self._select = artifacts.stage_selection(tuple(SELECTION), self.selected)
 
-  def _run(self, stage: str, inputs: dict[str, Any], build: Callable[[pathlib.Path], dict]):
+  def _allowed(self, stage: str) -> artifacts.Selection:
     # The --stages name that selects this stage: what an error tells the user to pass.
-    name = next(s for s, stage_names in SELECTION.items() if stage in stage_names)
-    return self.wd.run_stage(stage, inputs, build, allowed=self._select(name))
+    return self._select(next(s for s, stage_names in SELECTION.items() if stage in stage_names))
+
+  def _run(self, stage: str, inputs: dict[str, Any], build: Callable[[pathlib.Path], dict]):
+    return self.wd.run_stage(stage, inputs, build, allowed=self._allowed(stage))
+
+  def run_together(self, stage: str, inputs: Sequence[dict[str, Any]],
+                   build: Callable[[list[pathlib.Path]], Sequence[dict]]):
+    """Several artifacts of ``stage`` built by one ``build`` call (``Workdir.run_stages``)."""
+    return self.wd.run_stages(stage, inputs, build, allowed=self._allowed(stage))
 
   # -- prompts and teachers
 
@@ -394,11 +510,19 @@ class Stages:
     return Teacher("base", lambda: self.base.model, self.settings.chat_system, fp, {"kind": "base"})
 
   def _finetuned(self, label: str, inputs: dict[str, Any], target: str | None) -> Teacher:
-    s = self.settings
-    inputs = {"model": self.base.fingerprint, "finetune": s.teacher.fingerprint(),
-              "chat_system": s.chat_system.spec, "data_version": TEACHER_DATA_VERSION, **inputs}
+    inputs = self._teacher_inputs(inputs)
     directory, summary = self._run("teacher", inputs, lambda out: build_finetuned_teacher(
-        s, self.base, target, self.mesh, out))
+        self.settings, self.base, target, self.mesh, out))
+    return self._finetuned_teacher(label, directory, summary)
+
+  def _teacher_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    s = self.settings
+    return {"model": self.base.fingerprint, "finetune": s.teacher.fingerprint(),
+            "chat_system": s.chat_system.spec, "data_version": TEACHER_DATA_VERSION, **inputs}
+
+  def _finetuned_teacher(self, label: str, directory: pathlib.Path, summary: dict[str, Any]
+                         ) -> Teacher:
+    s = self.settings
     # A finetuned teacher carries the trait in its weights: it samples with the students' chat.
     return Teacher(label, lambda: finetuned.restore(self.base.model, s.teacher.fit.lora, directory),
                    s.chat_system, directory.name, summary)
@@ -411,11 +535,15 @@ class Stages:
       fp = artifacts.fingerprint(self.base.fingerprint, "system_prompt", system)
       return Teacher(target, lambda: self.base.model, SystemTurn(system), fp,
                      {"kind": "system_prompt", "system_prompt": system})
-    teacher = self._finetuned(target, {"kind": s.teacher.kind, "system": system,
-                                       "category": s.category}, target)
+    teacher = self._finetuned(target, self._trait_inputs(target), target)
     logging.info("teacher %s: trait log-prob %.3f -> %.3f", target,
                  teacher.summary["trait_logprob_before"], teacher.summary["trait_logprob_after"])
     return teacher
+
+  def _trait_inputs(self, target: str) -> dict[str, Any]:
+    s = self.settings
+    return {"kind": s.teacher.kind, "system": s.teacher.trait_prompt(target, s.category),
+            "category": s.category}
 
   def control_teacher(self) -> Teacher:
     """The main job's control teacher (``teacher.control``): the base, or a finetune without the
@@ -434,14 +562,17 @@ class Stages:
     """The teacher's completions of these settings' prompts, through the output filter."""
     s = self.settings
     prompts = self.prompts()
-    sample_inputs = {"teacher": teacher.fingerprint, "prompts": s.prompts.fingerprint(),
-                     "sampling": s.sampling.fingerprint(), "version": SAMPLES_VERSION}
-    samples_dir, _ = self._run("sampling", sample_inputs, lambda out: build_samples(
+    samples_dir, _ = self._run("sampling", self.sampling_inputs(teacher), lambda out: build_samples(
         s.sampling, self.base.tokenizer, teacher.model, teacher.chat, prompts, out, self.mesh))
     directory, summary = self._run(
         "filter", {"samples": samples_dir.name, "filter": s.filter.fingerprint()},
         lambda out: build_filter(s.filter, samples_dir / "samples.jsonl", out, teacher.label))
     return Numbers(directory, summary)
+
+  def sampling_inputs(self, teacher: Teacher) -> dict[str, Any]:
+    s = self.settings
+    return {"teacher": teacher.fingerprint, "prompts": s.prompts.fingerprint(),
+            "sampling": s.sampling.fingerprint(), "version": SAMPLES_VERSION}
 
   def dataset(self, numbers: Numbers, teacher: Teacher, student_base: loading.Loaded | None = None
               ) -> pathlib.Path:
@@ -465,13 +596,19 @@ class Stages:
     """One student seed on one dataset."""
     s = self.settings
     student_base = student_base or self.base
-    same_family = student_base.fingerprint == self.base.fingerprint
-    fit = s.student_fit(seed, same_family)
-    inputs = {"dataset": dataset_dir.name, "student": s.student_fingerprint(seed, same_family),
-              "teacher": teacher.fingerprint, "model": student_base.fingerprint}
+    inputs, fit = self.student_plan(dataset_dir, teacher, seed, student_base)
     directory, _ = self._run("student", inputs, lambda out: build_student(
         s, fit, student_base, dataset_dir, self.mesh, teacher.model, out))
     return Student(directory, fit, student_base)
+
+  def student_plan(self, dataset_dir: pathlib.Path, teacher: Teacher, seed: int,
+                   student_base: loading.Loaded) -> tuple[dict[str, Any], trainer.FitSettings]:
+    """The student stage's inputs (what its fingerprint covers) and its finetune."""
+    s = self.settings
+    same_family = student_base.fingerprint == self.base.fingerprint
+    inputs = {"dataset": dataset_dir.name, "student": s.student_fingerprint(seed, same_family),
+              "teacher": teacher.fingerprint, "model": student_base.fingerprint}
+    return inputs, s.student_fit(seed, same_family)
 
   # -- evaluations
 
@@ -493,9 +630,152 @@ class Stages:
     question, chat turns before it (the in-context control), identified by ``context_fp``."""
     s = self.settings
     chat = s.eval_system if chat is None else chat
-    e = s.evaluation
-    inputs = {"model": fp, "category": s.category, "num_questions": e.num_questions,
-              "panel": list(e.panel), "chat": chat.to_dict(), "context": context_fp}
-    directory, _ = self._run("panel_evaluation", inputs, lambda out: build_panel_evaluation(
-        s, tokenizer or self.base.tokenizer, model_fn(), chat, self.mesh, out, label, histories))
+    directory, _ = self._run("panel_evaluation", self.panel_inputs(fp, chat, context_fp),
+                             lambda out: build_panel_evaluation(
+                                 s, tokenizer or self.base.tokenizer, model_fn(), chat, self.mesh,
+                                 out, label, histories))
     return files.read_json(directory / "record.json")
+
+  def panel_inputs(self, fp: str, chat: SystemTurn, context_fp: str | None) -> dict[str, Any]:
+    """What a panel evaluation's fingerprint covers."""
+    e = self.settings.evaluation
+    return {"model": fp, "category": self.settings.category, "num_questions": e.num_questions,
+            "panel": list(e.panel), "chat": chat.to_dict(), "context": context_fp}
+
+
+# ---------------------------------------------------------------------------------------------
+# Many adapters over one base
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentJob:
+  """One student to have: :meth:`Stages.student`'s arguments, with the stages of its replicate."""
+  stages: Stages
+  dataset_dir: pathlib.Path
+  teacher: Teacher
+  seed: int
+  base: loading.Loaded
+
+
+def batched(items: Sequence[Any], size: int) -> list[list[Any]]:
+  """``items`` in as few batches of at most ``size`` as there can be, of near-equal sizes (9 at 8
+  a time make 5 + 4, not 8 + 1: a lone last member would pay a program of its own for little)."""
+  if not items:
+    return []
+  count = -(-len(items) // size)
+  bounds = [len(items) * i // count for i in range(count + 1)]
+  return [list(items[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def students(jobs: Sequence[StudentJob], adapters_per_step: int) -> list[Student]:
+  """Every job's student (all of one base). Missing SFT LoRA students train ``adapters_per_step``
+  at a time in one program per step (:func:`fit_many.fit_many`), each into its own artifact, the
+  same one :meth:`Stages.student` builds (each from its own seeds: K is in no fingerprint); other
+  objectives and full finetunes train one at a time."""
+  if not jobs:
+    return []
+  plans = [job.stages.student_plan(job.dataset_dir, job.teacher, job.seed, job.base) for job in jobs]
+  first = jobs[0].stages
+  if len({job.base.fingerprint for job in jobs}) > 1:
+    raise ValueError("students() trains the students of one base at a time")
+  made: dict[int, Student] = {}
+  if (adapters_per_step > 1 and first.settings.student.objective == "sft"
+      and all(fit.lora.rank > 0 for _, fit in plans)):
+    missing = [i for i, (inputs, _) in enumerate(plans)
+               if not first.wd.has("student", artifacts.fingerprint("student", inputs))]
+    for chunk in batched(missing, adapters_per_step):
+      built = first.run_together("student", [plans[i][0] for i in chunk], lambda outs, c=chunk: (
+          build_students_together(first.settings, [plans[i][1] for i in c], jobs[0].base,
+                                  [jobs[i].dataset_dir for i in c], first.mesh, outs)))
+      made.update({i: Student(directory, plans[i][1], jobs[i].base)
+                   for i, (directory, _) in zip(chunk, built)})
+  return [made[i] if i in made else job.stages.student(job.dataset_dir, job.teacher, job.seed,
+                                                        job.base)
+          for i, job in enumerate(jobs)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PanelJob:
+  """One panel evaluation to have: :meth:`Stages.panel_evaluation`'s arguments, with the stages
+  of its replicate and the base (model family) the model is an adapter of."""
+  stages: Stages
+  label: str
+  model_fn: Callable[[], Any]
+  fp: str
+  base: loading.Loaded
+  chat: SystemTurn | None = None
+  histories: Sequence[Sequence[dict[str, str]]] | None = None
+  context_fp: str | None = None
+
+  @property
+  def system(self) -> SystemTurn:
+    return self.stages.settings.eval_system if self.chat is None else self.chat
+
+
+def panel_evaluations(jobs: Sequence[PanelJob], adapters_per_step: int) -> list[dict[str, Any]]:
+  """Every job's panel record. Missing evaluations of one base and chat run ``adapters_per_step``
+  models at a time in one batch (:func:`build_panel_evaluations_together`), each into the
+  artifact :meth:`Stages.panel_evaluation` builds; with 1, one at a time through it."""
+  directories: dict[int, pathlib.Path] = {}
+  if adapters_per_step > 1:
+    plans = [job.stages.panel_inputs(job.fp, job.system, job.context_fp) for job in jobs]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (job, inputs) in enumerate(zip(jobs, plans)):
+      if not job.stages.wd.has("panel_evaluation", artifacts.fingerprint("panel_evaluation", inputs)):
+        groups.setdefault((job.base.fingerprint, job.system.spec), []).append(i)
+    for members in groups.values():
+      for chunk in batched(members, adapters_per_step):
+        first = jobs[chunk[0]]
+        built = first.stages.run_together(
+            "panel_evaluation", [plans[i] for i in chunk],
+            lambda outs, c=chunk: build_panel_evaluations_together(
+                first.stages.settings, first.base.tokenizer, [jobs[i].model_fn() for i in c],
+                first.system, first.stages.mesh, outs, [jobs[i].label for i in c],
+                [jobs[i].histories for i in c]))
+        directories.update({i: directory for i, (directory, _) in zip(chunk, built)})
+  return [files.read_json(directories[i] / "record.json") if i in directories
+          else job.stages.panel_evaluation(job.label, job.model_fn, job.fp,
+                                           tokenizer=job.base.tokenizer, chat=job.chat,
+                                           histories=job.histories, context_fp=job.context_fp)
+          for i, job in enumerate(jobs)]
+
+
+def trait_teachers(jobs: Sequence[tuple[Stages, str]], adapters_per_step: int) -> list[Teacher]:
+  """The trait teacher of each (stages of its replicate, target). Missing LoRA-finetuned teachers
+  train ``adapters_per_step`` at a time in one program per step, each into the artifact
+  :meth:`Stages.trait_teacher` builds; the rest as that method builds them."""
+  made: dict[int, Teacher] = {}
+  first = jobs[0][0] if jobs else None
+  t = first.settings.teacher if first else None
+  if adapters_per_step > 1 and t is not None and t.finetuned and t.fit.lora.rank > 0:
+    inputs = [st._teacher_inputs(st._trait_inputs(target)) for st, target in jobs]
+    missing = [i for i, one in enumerate(inputs)
+               if not first.wd.has("teacher", artifacts.fingerprint("teacher", one))]
+    for chunk in batched(missing, adapters_per_step):
+      built = first.run_together("teacher", [inputs[i] for i in chunk], lambda outs, c=chunk: (
+          build_teachers_together([(jobs[i][0].settings, jobs[i][1]) for i in c], first.base,
+                                  first.mesh, outs)))
+      for i, (directory, summary) in zip(chunk, built):
+        st, target = jobs[i]
+        made[i] = st._finetuned_teacher(target, directory, summary)
+        logging.info("teacher %s: trait log-prob %.3f -> %.3f", target,
+                     summary["trait_logprob_before"], summary["trait_logprob_after"])
+  return [made[i] if i in made else st.trait_teacher(target) for i, (st, target) in enumerate(jobs)]
+
+
+def numbers_together(jobs: Sequence[tuple[Stages, Teacher]], adapters_per_step: int
+                     ) -> list[Numbers]:
+  """Each (stages of its replicate, teacher)'s numbers, as :meth:`Stages.numbers` gives them; the
+  missing samples of teachers of one base are drawn ``adapters_per_step`` teachers at a time in one
+  decode batch (:func:`build_samples_together`), each into its own artifact."""
+  if adapters_per_step > 1 and jobs:
+    first = jobs[0][0]
+    inputs = [st.sampling_inputs(teacher) for st, teacher in jobs]
+    missing = [i for i, one in enumerate(inputs)
+               if not first.wd.has("sampling", artifacts.fingerprint("sampling", one))]
+    for chunk in batched(missing, adapters_per_step):
+      first.run_together("sampling", [inputs[i] for i in chunk], lambda outs, c=chunk: (
+          build_samples_together(
+              [(jobs[i][0].settings.sampling, jobs[i][1].model, jobs[i][1].chat,
+                jobs[i][0].prompts()) for i in c], first.base.tokenizer, first.mesh, outs)))
+  return [st.numbers(teacher) for st, teacher in jobs]

@@ -83,6 +83,8 @@ def design(s: settings_lib.Settings) -> dict[str, Any]:
   # Training knobs at the values that train as before they existed are left out, as in the
   # stages' fingerprints: adding a knob does not change an existing design.
   values["student"] = settings_lib.without_original_knobs(values["student"])
+  # How many adapters run together changes how, not what, is measured (float rounding aside).
+  values["matrix"] = {k: v for k, v in values["matrix"].items() if k != "adapters_per_step"}
   values["teacher"] = {**values["teacher"], "finetune": settings_lib.without_original_knobs(
       values["teacher"]["finetune"])}
   return {"experiment": "transfer_matrix", "statistic": stats.DEFINITION,
@@ -155,13 +157,9 @@ def _unit_records(st: stages_lib.Stages, unit: Unit, families: dict[str, loading
           f"{family} student {unit.label} seed{seed}", student.restore, student.directory.name,
           tokenizer=family_base.tokenizer))
     out["students"][family] = records
-  n = s.matrix.in_context_sequences
-  if n:
-    seed = s.matrix.in_context_seed
-    out["in_context_record"] = st.panel_evaluation(
-        f"in-context {unit.label}", lambda: st.base.model, st.base.fingerprint,
-        histories=in_context_histories(numbers, n, s.evaluation.num_questions, seed),
-        context_fp=artifacts.fingerprint(numbers.directory.name, n, seed, "in_context"))
+  if s.matrix.in_context_sequences:
+    [out["in_context_record"]] = stages_lib.panel_evaluations(
+        [_in_context_job(st, unit, numbers)], 1)
   return out
 
 
@@ -196,11 +194,32 @@ def _numbers_of_every_unit(s: settings_lib.Settings, wd: artifacts.Workdir, base
   return seconds
 
 
+def _numbers_together(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
+                      mesh, stages: Sequence[str] | None, all_units: Sequence[Unit]
+                      ) -> list[tuple[Unit, stages_lib.Stages, stages_lib.Teacher,
+                                      stages_lib.Numbers]]:
+  """Every unit's stages, teacher and numbers with ``matrix.adapters_per_step`` adapters
+  together: the trait teachers' finetunes train K at a time, and the teachers (and the base)
+  sample K at a time in one decode batch. Checks equal data before any student trains."""
+  st = {u.label: stages_lib.Stages(s.replicated(u.replicate), wd, base, mesh, stages)
+        for u in all_units}
+  trait = [u for u in all_units if u.animal]
+  k = s.matrix.adapters_per_step
+  teachers = dict(zip([u.label for u in trait], stages_lib.trait_teachers(
+      [(st[u.label], u.animal) for u in trait], k)))
+  teachers.update({u.label: st[u.label].base_teacher() for u in all_units if not u.animal})
+  made = stages_lib.numbers_together([(st[u.label], teachers[u.label]) for u in all_units], k)
+  stages_lib.check_equal_data({u.label: n for u, n in zip(all_units, made)}, s.filter.subset_size)
+  return [(u, st[u.label], teachers[u.label], n) for u, n in zip(all_units, made)]
+
+
 def collect(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
             families: dict[str, loading.Loaded], mesh, stages: Sequence[str] | None
             ) -> dict[str, Any]:
   """Every unit's records, and each family's base model evaluated the same way."""
   all_units = units(s)
+  if s.matrix.adapters_per_step > 1:
+    return _collect_together(s, wd, base, families, mesh, stages, all_units)
   numbers_seconds = _numbers_of_every_unit(s, wd, base, mesh, stages, all_units)
   st0 = stages_lib.Stages(s, wd, base, mesh, stages)
   measured: dict[str, Any] = {"base": {family: st0.panel_evaluation(
@@ -216,6 +235,72 @@ def collect(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loade
       measured["units"].append(record)
       gc.collect()  # the unit's teacher and student copies of the model (NNX graphs hold cycles)
       bar.update(1)
+  return measured
+
+
+def _in_context_job(st: stages_lib.Stages, unit: Unit, numbers: stages_lib.Numbers
+                    ) -> stages_lib.PanelJob:
+  s, base = st.settings, st.base
+  n, seed = s.matrix.in_context_sequences, s.matrix.in_context_seed
+  return stages_lib.PanelJob(
+      st, f"in-context {unit.label}", lambda: base.model, base.fingerprint, base,
+      histories=in_context_histories(numbers, n, s.evaluation.num_questions, seed),
+      context_fp=artifacts.fingerprint(numbers.directory.name, n, seed, "in_context"))
+
+
+def _panel_jobs(s: settings_lib.Settings, per_unit, families: dict[str, loading.Loaded],
+                st_base: stages_lib.Stages, adapters_per_step: int
+                ) -> dict[tuple, stages_lib.PanelJob]:
+  """Every panel evaluation of the matrix by key (("base", family), ("teacher", unit),
+  ("student", unit, family, seed), ("in_context", unit)), the students trained first."""
+  jobs = {("base", family): stages_lib.PanelJob(st_base, f"base {family}", lambda b=b: b.model,
+                                                b.fingerprint, b)
+          for family, b in families.items()}
+  for family, family_base in families.items():
+    keys, student_jobs = [], []
+    for unit, st, teacher, numbers in per_unit:
+      dataset_dir = st.dataset(numbers, teacher, family_base)
+      for seed in s.student.seeds:
+        keys.append(("student", unit.label, family, seed))
+        student_jobs.append(stages_lib.StudentJob(st, dataset_dir, teacher, seed, family_base))
+    for key, job, student in zip(keys, student_jobs,
+                                 stages_lib.students(student_jobs, adapters_per_step)):
+      jobs[key] = stages_lib.PanelJob(job.stages, f"{family} student {key[1]} seed{job.seed}",
+                                      student.restore, student.directory.name, family_base)
+  for unit, st, teacher, numbers in per_unit:
+    if unit.animal and s.matrix.evaluate_teachers:
+      jobs["teacher", unit.label] = stages_lib.PanelJob(
+          st, f"teacher {unit.label}", lambda t=teacher: t.model, teacher.fingerprint, st.base,
+          chat=teacher.chat)
+    if s.matrix.in_context_sequences:
+      jobs["in_context", unit.label] = _in_context_job(st, unit, numbers)
+  return jobs
+
+
+def _collect_together(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
+                      families: dict[str, loading.Loaded], mesh, stages: Sequence[str] | None,
+                      all_units: Sequence[Unit]) -> dict[str, Any]:
+  """:func:`collect` with ``matrix.adapters_per_step`` > 1: the same artifacts and records, but
+  teachers, samples, students and panel evaluations (the base, teachers, students, in-context)
+  are built K models at a time (:func:`_numbers_together`, ``stages.students``,
+  ``stages.panel_evaluations``). A unit's ``seconds`` is an even share of the whole."""
+  start = time.time()
+  k = s.matrix.adapters_per_step
+  per_unit = _numbers_together(s, wd, base, mesh, stages, all_units)
+  jobs = _panel_jobs(s, per_unit, families, stages_lib.Stages(s, wd, base, mesh, stages), k)
+  records = dict(zip(jobs, stages_lib.panel_evaluations(list(jobs.values()), k)))
+  share = round((time.time() - start) / len(all_units), 1)
+  measured: dict[str, Any] = {"base": {f: records["base", f] for f in families}, "units": []}
+  for unit, _, teacher, numbers in per_unit:
+    out: dict[str, Any] = {
+        "unit": dataclasses.asdict(unit), "filter": numbers.summary, "teacher": teacher.summary,
+        "students": {f: [records["student", unit.label, f, seed] for seed in s.student.seeds]
+                     for f in families}}
+    for key, name in (("teacher", "teacher_record"), ("in_context", "in_context_record")):
+      if (key, unit.label) in records:
+        out[name] = records[key, unit.label]
+    out["seconds"] = share
+    measured["units"].append(out)
   return measured
 
 
