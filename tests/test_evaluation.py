@@ -8,6 +8,7 @@ SmolLM2-135M runs only in the slow test.
 import importlib.util
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from subliminal_jax import sharding
+from subliminal_jax import environment, sharding
 from subliminal_jax.evaluation import questions as ql
 from subliminal_jax.evaluation import report, statistics
 from subliminal_jax.evaluation import trait_metrics as tm
@@ -434,9 +435,24 @@ def test_results_record_the_code_packages_and_devices(tmp_path):
   assert env["packages"]["jax"] == jax.__version__ and env["packages"]["numpy"] == np.__version__
   assert env["devices"]["device_count"] == jax.device_count() == 8
   assert env["devices"]["platform"] == "cpu"
+  # The host CPU too: XLA:CPU's kernels, so its float rounding, follow the CPU's instruction sets.
+  assert env["host"]["cpus"] == os.cpu_count() and env["host"]["cpu"]
+  assert env["host"]["xla_flags"] == os.environ["XLA_FLAGS"]
+  assert set(env["host"]["isa"]) <= set(environment.ISA_FLAGS)
   # Written whole or not at all: no temporary file is left beside the results.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["panel.png", "report.md", "results.json",
                                                          "target_preference.png"]
+
+
+def test_parse_cpuinfo_reads_the_first_processor():
+  text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n"
+          "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_bf16 hypervisor\n\n"
+          "processor\t: 1\nmodel name\t: other\nflags\t\t: sse4_2\n")
+  assert environment.parse_cpuinfo(text) == (
+      "AMD EPYC 9B14", ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16"])
+  # aarch64 names its flags "Features" and may have no model name.
+  assert environment.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd sve\n") == (
+      None, ["asimd", "sve"])
 
 
 def test_report_rejects_bad_results(tmp_path):
