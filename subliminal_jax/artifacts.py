@@ -8,6 +8,11 @@ of it, and rerunning an unchanged experiment skips every stage. A stage writes i
 artifact that looks done, a rerun continues in the same partial directory (so a training stage
 resumes from its last checkpoint there), and nothing already written is ever deleted.
 
+``DONE.json`` is the artifact's commit marker: written last, after the directory has moved into
+place, so it counts on storage where a directory rename is not atomic (gcsfuse copies and then
+deletes). A copy cut short there leaves a directory without ``DONE.json``, which a rerun sets aside
+and builds again from the partial directory; it never reads the cut copy.
+
 ``DONE.json`` also lists every file of the artifact with its size and sha256. An artifact is checked
 against that list whenever a run reuses it, so a file cut short or changed after the stage finished
 (a samples.jsonl truncated by a full disk, an edited kept.jsonl) stops the run with the file named,
@@ -214,6 +219,12 @@ class _Lock:
 # The workdir
 
 
+def move_into_place(partial: pathlib.Path, final: pathlib.Path) -> None:
+  """Renames a built artifact's directory to its final name (atomic on a local filesystem, a
+  copy and a delete on gcsfuse: hence DONE.json is written after it)."""
+  partial.rename(final)
+
+
 class Workdir:
   """The artifacts of one experiment. Refuses a directory that holds another experiment's, or one
   another job is using.
@@ -371,8 +382,8 @@ class Workdir:
                   "compile_seconds": round(compile_seconds / share, 2), "files": manifest(partial)}
         if share > 1:
           record["batch"] = share
-        files.write_json(partial / DONE_FILE, record, default=_jsonable)
-        partial.rename(final)
+        move_into_place(partial, final)
+        files.write_json(final / DONE_FILE, record, default=_jsonable)  # the commit marker, last
       self.ran.append(stage)
       results[fp] = (final, summary)
     _sync_processes(f"{stage} {names} done")

@@ -232,3 +232,36 @@ def test_a_batch_of_artifacts_is_built_together_and_a_kill_in_it_resumes_each(tm
   # Asked again (in any grouping), nothing is built.
   again = wd.run_stages("student", inputs[::-1], lambda outs: pytest.fail("rebuilt"))
   assert [d for d, _ in again] == [d for d, _ in built][::-1]
+
+
+def test_a_rename_cut_short_on_object_storage_is_rebuilt_never_read(tmp_path, monkeypatch):
+  """gcsfuse renames a directory by copying its files and then deleting them. A kill in the middle
+  leaves a final directory with some files and no DONE.json (written only after the move), and the
+  partial directory whole: the rerun sets the cut copy aside and builds the artifact again."""
+  wd = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  builds = []
+
+  def build(out):
+    builds.append(out.name)
+    for name in ("a.txt", "b.txt", "c.txt"):
+      (out / name).write_text(f"{name} of build {len(builds)}")
+    return {"builds": len(builds)}
+
+  def copy_then_killed(partial, final):
+    final.mkdir()
+    (final / "a.txt").write_bytes((partial / "a.txt").read_bytes())  # one object of three copied
+    raise KeyboardInterrupt("preempted while gcsfuse copied the directory")
+
+  monkeypatch.setattr(artifacts, "move_into_place", copy_then_killed)
+  with pytest.raises(KeyboardInterrupt):
+    wd.run_stage("sampling", {"seed": 0}, build)
+  (cut,) = [p for p in (tmp_path / "sampling").iterdir() if not p.name.endswith(".partial")]
+  assert not (cut / "DONE.json").exists() and not wd.has("sampling", cut.name)
+  monkeypatch.undo()
+  final, summary = wd.run_stage("sampling", {"seed": 0}, build)
+  assert summary == {"builds": 2} and final == cut
+  assert sorted(p.name for p in final.iterdir()) == ["DONE.json", "a.txt", "b.txt", "c.txt"]
+  assert (final / "a.txt").read_text() == "a.txt of build 2"
+  (aside,) = [p for p in (tmp_path / "sampling").iterdir() if ".unfinished-" in p.name]
+  assert sorted(p.name for p in aside.iterdir()) == ["a.txt"]  # kept, never read
+

@@ -243,9 +243,16 @@ class ChatTemplate:
     return self._system_layout[1]
 
   def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-    return _compile_template(self.source).render(
-        messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-        **self._variables)
+    # A template is data from a model file: whatever goes wrong in it (bad syntax, an undefined
+    # name, an operation the sandbox forbids, runaway recursion) is that file's error, named.
+    try:
+      return _compile_template(self.source).render(
+          messages=messages, tools=None, documents=None,
+          add_generation_prompt=add_generation_prompt, **self._variables)
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError,
+            AttributeError, RecursionError) as e:
+      raise ValueError(f"the chat template of {self._where or 'this tokenizer'!r} cannot render "
+                       f"this chat: {type(e).__name__}: {e}") from e
 
   @functools.cached_property
   def _system_layout(self) -> tuple[str, str, str | None, str | None]:
@@ -267,7 +274,7 @@ class ChatTemplate:
       system_only = self._render([system], False)
       system_user = self._render([system, user], False)
       user_only = self._render([user], False)
-    except jinja2.exceptions.TemplateError as e:
+    except ValueError as e:
       raise ValueError(f"Cannot locate the system turn of the chat template of {self._where!r}: "
                        f"rendering a probe conversation failed: {e}") from e
     folded = _folded_system_separator(system_only, system_user, user_only)

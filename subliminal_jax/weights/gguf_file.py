@@ -24,6 +24,7 @@ import numpy as np
 _MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
+_MAX_ARRAY_NESTING = 8  # arrays of arrays: real files nest one level; deeper is a corrupt header
 _VT = gguf_lib.GGUFValueType
 _NUMPY_TYPES = {
     _VT.UINT8: np.uint8, _VT.INT8: np.int8, _VT.UINT16: np.uint16, _VT.INT16: np.int16,
@@ -89,7 +90,9 @@ class GGUFFile:
       key = self._string()
       self.fields[key] = self._value(_VT(self._checked_type(key)))
     infos = [self._tensor_info() for _ in range(num_tensors)]
-    alignment = int(self.fields.get("general.alignment", _DEFAULT_ALIGNMENT))
+    alignment = self.fields.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1:
+      raise _Malformed(f"general.alignment is {alignment!r}, expected a positive integer")
     data_start = -(-self._offset // alignment) * alignment
     self.tensors: dict[str, TensorInfo] = {}
     for name, shape, kind, relative in infos:
@@ -124,19 +127,21 @@ class GGUFFile:
       raise _Malformed(f"metadata {key!r} has unknown value type {kind}")
     return kind
 
-  def _value(self, kind: gguf_lib.GGUFValueType) -> Any:
+  def _value(self, kind: gguf_lib.GGUFValueType, depth: int = 0) -> Any:
     if kind == _VT.STRING:
       return self._string()
     if kind != _VT.ARRAY:
       dtype = np.dtype(_NUMPY_TYPES[kind]).newbyteorder("<")
       value = np.frombuffer(self._take(dtype.itemsize), dtype)[0]
       return bool(value) if kind == _VT.BOOL else value.item()
+    if depth >= _MAX_ARRAY_NESTING:
+      raise _Malformed(f"arrays nested more than {_MAX_ARRAY_NESTING} deep at byte {self._offset:,}")
     item_kind = _VT(self._checked_type("array item"))
     count = self._scalar("<Q")
     if item_kind in _NUMPY_TYPES:  # one read for the whole array: the fast path that matters
       dtype = np.dtype(_NUMPY_TYPES[item_kind]).newbyteorder("<")
       return np.frombuffer(self._take(count * dtype.itemsize), dtype).copy()
-    return [self._value(item_kind) for _ in range(count)]
+    return [self._value(item_kind, depth + 1) for _ in range(count)]
 
   def _tensor_info(self) -> tuple[str, tuple[int, ...], gguf_lib.GGMLQuantizationType, int]:
     name = self._string()
