@@ -14,12 +14,14 @@ import importlib
 import json
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from subliminal_jax import compilation_cache  # defines --compilation_cache_dir
 from subliminal_jax import distributed  # defines the multi-host flags: import before parsing
+from subliminal_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/animal_numbers.py:quick", lock_config=True)
@@ -68,7 +70,12 @@ def main(argv: list[str]) -> None:
   except ModuleNotFoundError as e:
     raise app.UsageError(f"config.experiment={name!r} names no module in subliminal_jax.experiments") from e
   logging.info("experiment %s, workdir %s", name, _WORKDIR.value)
-  experiment.run(config, _WORKDIR.value, stages=_STAGES.value)
+  preemption.install()
+  try:
+    experiment.run(config, _WORKDIR.value, stages=_STAGES.value)
+  except preemption.Preempted as e:
+    logging.warning("%s (exit code %d)", e, preemption.EXIT_CODE)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import signal
 
 import datasets
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from subliminal_jax import progress, sharding
+from subliminal_jax import preemption, progress, sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.training import metrics, trainer
 
@@ -101,6 +102,33 @@ def test_resume_after_stop_and_after_crash_matches_uninterrupted_run(tmp_path):
   model_again, history_again = trainer.fit(tiny_model(), data, config, workdir, progress=False)
   assert_same_params(model_a, model_again)
   assert history_again == history_b
+
+
+def test_sigterm_saves_at_the_next_step_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path):
+  """A preemption notice (SIGTERM) during step 3 of 6: the loop finishes the step, saves a
+  checkpoint of it (not a save step: checkpoints are every 2) and raises Preempted; the rerun
+  resumes there and ends bitwise equal to the uninterrupted run."""
+  data, config = toy_dataset(), train_config()
+  model_a, history_a = trainer.fit(tiny_model(), data, config, tmp_path / "a", progress=False)
+
+  def notice_during_3(step, record):
+    if step == 2:  # the signal lands while step 3 runs; the loop looks after each step
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.getsignal(signal.SIGTERM)
+  preemption.install()
+  try:
+    with pytest.raises(preemption.Preempted, match="checkpoint of step 3") as raised:
+      trainer.fit(tiny_model(), data, config, tmp_path / "b", callbacks=[notice_during_3],
+                  progress=False)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    preemption.clear()
+  assert raised.value.step == 3
+  assert sorted(os.listdir(tmp_path / "b" / trainer.CHECKPOINT_DIR)) == ["2", "3"]
+  model_b, history_b = trainer.fit(tiny_model(), data, config, tmp_path / "b", progress=False)
+  assert_same_params(model_a, model_b)
+  assert [r["loss"] for r in history_b] == [r["loss"] for r in history_a]
 
 
 def test_lora_on_mesh_with_grad_accum_resumes_exactly(tmp_path):

@@ -47,6 +47,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from subliminal_jax import preemption
 from subliminal_jax import progress as progress_lib
 from subliminal_jax import sharding
 from subliminal_jax.training import checkpoint as checkpoint_lib
@@ -305,7 +306,13 @@ def _run_steps(state: TrainState, position: Mapping[str, int], *, global_step: i
                  sum(r["tokens"] for r in records) / max(now - last, 1e-9), epoch)
       last = now
       stopped = stop_after is not None and global_step >= stop_after
-      _save(members, state, global_step, position, force=stopped or global_step == total)
+      preempted = preemption.reached(global_step)
+      _save(members, state, global_step, position,
+            force=stopped or preempted or global_step == total)
+      if preempted:
+        for member in members:
+          member.checkpointer.wait()
+        raise preemption.Preempted(global_step, ", ".join(m.checkpointer.directory for m in members))
       if stopped:
         break
     if not stopped:

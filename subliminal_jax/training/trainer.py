@@ -39,6 +39,7 @@ from flax import nnx
 
 from subliminal_jax import config_files
 from subliminal_jax import lora as lora_lib
+from subliminal_jax import preemption
 from subliminal_jax import progress as progress_lib
 from subliminal_jax import sharding
 from subliminal_jax.training import checkpoint as checkpoint_lib
@@ -375,10 +376,14 @@ def _run_epochs(state: train_step_lib.TrainState, position: Mapping[str, int], *
       check_finite(record, checkpointer)
       bar.update(record.get("loss", float("nan")), record["tokens_per_s"], epoch)
       stopped = stop_after is not None and global_step >= stop_after
+      preempted = preemption.reached(global_step)
       checkpointer.save(global_step, checkpointed_state(state), position,
-                        force=stopped or global_step == total, extra=extra)
+                        force=stopped or preempted or global_step == total, extra=extra)
       for callback in callbacks:
         callback(global_step, record)
+      if preempted:
+        checkpointer.wait()
+        raise preemption.Preempted(global_step, checkpointer.directory)
       if stopped:
         break
     if not stopped:
