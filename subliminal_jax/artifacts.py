@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from absl import logging
 
-from subliminal_jax import compilation_cache, files, jsonable, progress
+from subliminal_jax import compilation_cache, files, jsonable, preemption, progress
 
 DONE_FILE = "DONE.json"
 LOCK_FILE = ".lock"
@@ -344,6 +344,7 @@ class Workdir:
     """Builds the artifacts ``members`` ((fingerprint, inputs) each) in their partial
     directories with one ``build`` call, then marks each done and moves it into place."""
     names = " ".join(fp for fp, _ in members)
+    preemption.check_between_stages(f"stage {stage} {names}")
     # One name per fingerprint, not per process: a rerun after a crash builds in the same
     # directory, where the trainer finds its checkpoints.
     partials = [self.artifact_dir(stage, fp).with_name(f"{fp}.partial") for fp, _ in members]

@@ -26,8 +26,9 @@ class Preempted(Exception):
   """Raised by a training loop once the checkpoint of the preemption step is on disk."""
 
   def __init__(self, step: int, where: str):
-    super().__init__(f"preempted: saved a checkpoint of step {step} in {where}; run the same "
-                     "command again to resume from it")
+    saved = (f"saved a checkpoint of step {step} in {where}" if step >= 0
+             else f"stopped before {where}; every finished stage is kept")
+    super().__init__(f"preempted: {saved}; run the same command again to resume")
     self.step = step
 
 
@@ -49,6 +50,14 @@ def reached(step: int) -> bool:
   if _multi_process():
     return multihost_utils.reached_preemption_sync_point(step)
   return _notice.is_set()
+
+
+def check_between_stages(where: str) -> None:
+  """Raises :class:`Preempted` if this process got a notice: called before a stage starts, so a
+  notice during a stage without steps (sampling, evaluation) ends the job once that stage is
+  committed instead of leaving it running. (One process: several agree through :func:`reached`.)"""
+  if not _multi_process() and _notice.is_set():
+    raise Preempted(-1, where)
 
 
 def clear() -> None:

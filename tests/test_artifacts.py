@@ -1,11 +1,13 @@
 """Fingerprinted stage artifacts: skip when unchanged, rebuild only what a change touches, lose nothing."""
 
 import json
+import os
 import pathlib
+import signal
 
 import pytest
 
-from subliminal_jax import artifacts
+from subliminal_jax import artifacts, preemption
 
 
 def test_fingerprint_ignores_key_order_and_sees_values():
@@ -265,3 +267,18 @@ def test_a_rename_cut_short_on_object_storage_is_rebuilt_never_read(tmp_path, mo
   (aside,) = [p for p in (tmp_path / "sampling").iterdir() if ".unfinished-" in p.name]
   assert sorted(p.name for p in aside.iterdir()) == ["a.txt"]  # kept, never read
 
+
+
+def test_a_preemption_notice_stops_the_job_before_the_next_stage(tmp_path):
+  wd = artifacts.Workdir(tmp_path, "exp", {"model": "m"})
+  done, _ = wd.run_stage("prompts", {"count": 1}, lambda out: {})
+  previous = signal.getsignal(signal.SIGTERM)
+  preemption.install()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(preemption.Preempted, match="stopped before stage sampling.*finished stage"):
+      wd.run_stage("sampling", {"seed": 0}, lambda out: pytest.fail("built after the notice"))
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    preemption.clear()
+  assert (done / "DONE.json").exists() and not (tmp_path / "sampling").exists()
