@@ -170,20 +170,22 @@ def test_adapters_together_reuse_every_artifact_and_agree_with_one_at_a_time(tin
   assert _done_records(workdir) == before
   batched_students = [json.loads(p.read_text()) for p in workdir.glob("student/*/DONE.json")]
   assert {r.get("batch") for r in batched_students} == {4}  # 4 units' students per family
+  # The same family's students and every evaluation again, one at a time, from the same numbers
+  # (the other family's are left out: a design of its own, to keep this test short).
   copy = tmp_path / "one_at_a_time"
-  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("student", "panel_evaluation"))
-  (copy / ".lock").unlink(missing_ok=True)
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
+      "student", "panel_evaluation", "design.json", ".lock"))
+  one.matrix.student_models = ()
   alone = transfer_matrix.run(one, str(copy))
-  assert sorted(_done_records(copy)) == sorted(before)  # the same artifacts, by fingerprint
-  for family, analysis in results["analyses"]["families"].items():
-    other = alone["analyses"]["families"][family]
-    assert other["verdict"]["text"] == analysis["verdict"]["text"]
-    s = other["statistic"]
-    assert s["low"] <= analysis["statistic"]["S"] <= s["high"]
-    assert analysis["statistic"]["S"] == pytest.approx(s["S"], abs=1e-3)
-  pairs = zip(results["measured"]["units"], alone["measured"]["units"])
-  for batched, single in pairs:
-    for family, records in batched["students"].items():
-      for a, b in zip(records, single["students"][family]):
-        assert a["label"] == b["label"]
-        np.testing.assert_allclose(a["logprob"], b["logprob"], rtol=1e-4, atol=1e-3)
+  rebuilt = set(_done_records(copy))
+  assert rebuilt <= set(before)  # every artifact one at a time has a batched one's fingerprint
+  assert len([n for n in rebuilt if n.startswith("student/")]) == 4  # one per unit
+  analysis, other = (r["analyses"]["families"]["same"] for r in (results, alone))
+  assert other["verdict"]["text"] == analysis["verdict"]["text"]
+  assert other["statistic"]["low"] <= analysis["statistic"]["S"] <= other["statistic"]["high"]
+  assert analysis["statistic"]["S"] == pytest.approx(other["statistic"]["S"], abs=1e-3)
+  for batched, single in zip(results["measured"]["units"], alone["measured"]["units"]):
+    for a, b in zip(batched["students"]["same"] + [batched["in_context_record"]],
+                    single["students"]["same"] + [single["in_context_record"]]):
+      assert a["label"] == b["label"]
+      np.testing.assert_allclose(a["logprob"], b["logprob"], rtol=1e-4, atol=1e-3)
