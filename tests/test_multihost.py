@@ -79,7 +79,10 @@ def _wait_for_all(procs: list[subprocess.Popen], timeout: float) -> None:
       if p.poll() is None:
         p.kill()
   for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+    # A crashed process's log ends in faulthandler's list of loaded modules: show its errors too.
+    errors = [line for line in log.splitlines()
+              if any(word in line for word in ("Error", "error", "Fatal", "Traceback", "F1"))]
+    assert p.returncode == 0, "\n".join(errors[-40:]) + "\n...\n" + log[-1500:]
 
 
 def _launch(num_processes: int, tmp_path: pathlib.Path) -> list[dict]:

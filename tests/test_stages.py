@@ -121,3 +121,53 @@ def test_knobs_at_their_original_behaviour_stay_out_of_fingerprints():
   config.student.length_multiple = 8  # trains differently: part of the fingerprint
   assert settings_lib.from_config(config).student_fingerprint(0)["length_multiple"] == 8
   assert "neutral_fraction" not in settings.teacher.fingerprint()
+
+
+def test_a_sampling_stage_stopped_between_batches_resumes_at_the_first_missing_one(tmp_path,
+                                                                                   monkeypatch):
+  """A preemption notice during the first of three batches: the stage stops after it, keeping it;
+  the rerun samples only the other two, and samples.jsonl is byte for byte the uninterrupted one's
+  (each row draws from its seed and row id, not from its batch)."""
+  from subliminal_jax import loading, preemption
+  from subliminal_jax.sampling import chat as chat_lib
+  config = matrix_config.get_config("tiny")
+  config.prompts.count = 20
+  config.sampling.batch_size = 8
+  settings = settings_lib.from_config(config)
+  base = loading.load("tiny-random")
+  stages.build_prompts(settings.prompts, tmp_path)
+  prompts = json.loads((tmp_path / "prompts.json").read_text())
+  build = lambda out: stages.build_samples(settings.sampling, base.tokenizer, base.model,  # noqa: E731
+                                           settings.chat_system, prompts, out, None)
+  (tmp_path / "whole").mkdir()
+  build(tmp_path / "whole")
+  # Sampled batch by batch, the stage draws what one call over all prompts draws.
+  shared, starts = stages._sampling_plan(settings.sampling, base.tokenizer, prompts)
+  one_call = chat_lib.generate_chat(base, [p["text"] for p in prompts], seed=settings.sampling.seed,
+                                    system=settings.chat_system, grammar_initial_states=starts,
+                                    **shared)
+  whole = [json.loads(line) for line in (tmp_path / "whole" / "samples.jsonl").read_text().split("\n")
+           if line]
+  assert [(r["completion"], r["ended"]) for r in whole] == [(a["text"], a["ended"]) for a in one_call]
+  calls = []
+  real = chat_lib.generate_chat
+
+  def notice_during_first_batch(*args, **kwargs):
+    calls.append(kwargs["sample_id_offset"])
+    if len(calls) == 1:
+      preemption._notice.set()  # what install()'s SIGTERM handler does
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(chat_lib, "generate_chat", notice_during_first_batch)
+  (tmp_path / "stopped").mkdir()
+  try:
+    with pytest.raises(preemption.Preempted, match="stopped before sampling prompts 8"):
+      build(tmp_path / "stopped")
+  finally:
+    preemption.clear()
+  assert calls == [0]
+  build(tmp_path / "stopped")
+  assert calls == [0, 8, 16]  # batch 0 was not sampled again
+  assert ((tmp_path / "stopped" / "samples.jsonl").read_bytes()
+          == (tmp_path / "whole" / "samples.jsonl").read_bytes())
+  assert not (tmp_path / "stopped" / "sampled_batches").exists()

@@ -43,7 +43,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from subliminal_jax import artifacts, files, filters, loading, teachers
+from subliminal_jax import artifacts, files, filters, loading, preemption, teachers
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.experiments import settings as settings_lib
@@ -154,14 +154,62 @@ def _write_samples(sampling: settings_lib.SamplingSettings, prompts: list[dict[s
           "unfinished": unfinished, "max_new_tokens": max_new_tokens}
 
 
+_SAMPLED_BATCHES = "sampled_batches"  # in a sampling stage's partial directory only
+
+
+def _sample_in_batches(outs: Sequence[pathlib.Path], count: int, batch_size: int,
+                       sample: Callable[[int, int], list[list[dict[str, Any]]]]
+                       ) -> list[list[dict[str, Any]]]:
+  """Each member's answers to prompts [0, count), sampled ``batch_size`` prompts at a time by
+  ``sample(start, stop)`` (one answer list per member, members in the order of ``outs``, their
+  stages' partial directories). Each member's batch is kept in its own directory as it finishes,
+  so a stage stopped by a preemption notice (checked between batches) or killed resumes at the
+  first batch some member lacks, whatever members it is batched with then; the answers are the
+  same, since each row draws from its member's seed and its row id. Removed once the stage's files
+  are written (:func:`_drop_sampled_batches`)."""
+  answers: list[list[dict[str, Any]]] = [[] for _ in outs]
+  path = lambda out, start: out / _SAMPLED_BATCHES / f"{start:07d}.json"  # noqa: E731
+  # Decided once, before any batch of this run: with several processes sampling is collective,
+  # and every process must skip the same batches (none can have written one of this run's yet).
+  kept = {start for start in range(0, count, batch_size)
+          if all(path(out, start).exists() for out in outs)}
+  for start in range(0, count, batch_size):
+    paths = [path(out, start) for out in outs]
+    if start in kept:
+      batch = [files.read_json(one) for one in paths]
+    else:
+      preemption.check_between_stages(f"sampling prompts {start}.. in {outs[0]}")
+      batch = [[{"text": a["text"], "ended": a["ended"]} for a in member]
+               for member in sample(start, min(start + batch_size, count))]
+      # One writer: another process's removal of the finished stage's batches must not race a
+      # late write of the same file.
+      for one, member in zip(paths, batch) if jax.process_index() == 0 else ():
+        one.parent.mkdir(exist_ok=True)
+        files.write_json(one, member)
+    for member, member_answers in zip(answers, batch):
+      member.extend(member_answers)
+  return answers
+
+
+def _drop_sampled_batches(outs: Sequence[pathlib.Path]) -> None:
+  for out in outs if jax.process_index() == 0 else ():
+    shutil.rmtree(out / _SAMPLED_BATCHES, ignore_errors=True)
+
+
 def build_samples(sampling: settings_lib.SamplingSettings, tokenizer, model, chat: SystemTurn,
                   prompts: list[dict[str, Any]], out: pathlib.Path, mesh) -> dict[str, Any]:
   shared, starts = _sampling_plan(sampling, tokenizer, prompts)
-  extra = {} if starts is None else {"grammar_initial_states": starts}
-  answers = chat_lib.generate_chat(
-      (model, tokenizer), [p["text"] for p in prompts], seed=sampling.seed, mesh=mesh,
-      system=chat, **shared, **extra)
-  return _write_samples(sampling, prompts, answers, shared["max_new_tokens"], out)
+
+  def sample(start: int, stop: int) -> list[list[dict[str, Any]]]:
+    extra = {} if starts is None else {"grammar_initial_states": starts[start:stop]}
+    return [chat_lib.generate_chat(
+        (model, tokenizer), [p["text"] for p in prompts[start:stop]], seed=sampling.seed,
+        mesh=mesh, system=chat, sample_id_offset=start, **shared, **extra)]
+
+  [answers] = _sample_in_batches([out], len(prompts), sampling.batch_size, sample)
+  summary = _write_samples(sampling, prompts, answers, shared["max_new_tokens"], out)
+  _drop_sampled_batches([out])
+  return summary
 
 
 def build_samples_together(members: Sequence[tuple[settings_lib.SamplingSettings, Any, SystemTurn,
@@ -177,13 +225,24 @@ def build_samples_together(members: Sequence[tuple[settings_lib.SamplingSettings
       raise ValueError(f"member {k}'s sampler settings {other} differ from member 0's {shared}; "
                        "teachers sampled together share every setting but the seed")
   starts = [start for _, start in plans]
-  answers = chat_lib.generate_chat_many(
-      [model for _, model, _, _ in members], tokenizer,
-      [[p["text"] for p in prompts] for *_, prompts in members],
-      seeds=[sampling.seed for sampling, *_ in members], systems=[chat for _, _, chat, _ in members],
-      grammar_initial_states=None if starts[0] is None else starts, mesh=mesh, **shared)
-  return [_write_samples(sampling, prompts, member_answers, shared["max_new_tokens"], out)
-          for (sampling, _, _, prompts), member_answers, out in zip(members, answers, outs)]
+  counts = {len(prompts) for *_, prompts in members}
+  if len(counts) != 1:
+    raise ValueError(f"teachers sampled together need as many prompts each, got {sorted(counts)}")
+
+  def sample(start: int, stop: int) -> list[list[dict[str, Any]]]:
+    return chat_lib.generate_chat_many(
+        [model for _, model, _, _ in members], tokenizer,
+        [[p["text"] for p in prompts[start:stop]] for *_, prompts in members],
+        seeds=[sampling.seed for sampling, *_ in members],
+        systems=[chat for _, _, chat, _ in members],
+        grammar_initial_states=None if starts[0] is None else [s[start:stop] for s in starts],
+        sample_id_offset=start, mesh=mesh, **shared)
+
+  answers = _sample_in_batches(outs, counts.pop(), shared["batch_size"], sample)
+  summaries = [_write_samples(sampling, prompts, member_answers, shared["max_new_tokens"], out)
+               for (sampling, _, _, prompts), member_answers, out in zip(members, answers, outs)]
+  _drop_sampled_batches(outs)
+  return summaries
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
