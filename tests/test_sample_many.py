@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from subliminal_jax import lora, sharding
+from subliminal_jax import lora, padding, sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.sampling import sampler
 from subliminal_jax.sampling.grammar import compile_token_grammar, stack_token_grammars
@@ -34,13 +34,7 @@ def _adapted(base: Transformer, seed: int, rank: int = 2, targets=lora.LORA_TARG
 
 
 def _left_pad(rows, pad_id=1):
-  width = max(len(r) for r in rows)
-  ids = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for i, row in enumerate(rows):
-    ids[i, width - len(row):] = row
-    mask[i, width - len(row):] = True
-  return ids, mask
+  return padding.pad_rows(rows, pad_value=pad_id, side="left")
 
 
 @pytest.fixture(scope="module")

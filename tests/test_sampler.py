@@ -12,7 +12,7 @@ import torch
 import transformers
 from flax import nnx
 
-from subliminal_jax import sharding
+from subliminal_jax import padding, sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.sampling import sampler
 from subliminal_jax.sampling.grammar import compile_token_grammar, stack_token_grammars
@@ -40,13 +40,7 @@ def _tiny_model(seed: int = 0, vocab: int = 64, **changes) -> Transformer:
 
 
 def _left_pad(rows, pad_id=0):
-  width = max(len(r) for r in rows)
-  ids = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for i, row in enumerate(rows):
-    ids[i, width - len(row):] = row
-    mask[i, width - len(row):] = True
-  return ids, mask
+  return padding.pad_rows(rows, pad_value=pad_id, side="left")
 
 
 def _prompts(vocab, lengths, seed=0, low=3):
