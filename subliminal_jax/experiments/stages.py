@@ -464,6 +464,11 @@ def build_panel_evaluations_together(
 # The stages of one run
 
 
+def _log_strength(target: str, summary: dict[str, Any]) -> None:
+  logging.info("teacher %s: trait log-prob %.3f -> %.3f", target,
+               summary["trait_logprob_before"], summary["trait_logprob_after"])
+
+
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   """A model whose numbers students learn from, with the chat it samples under.
@@ -595,8 +600,7 @@ class Stages:
       return Teacher(target, lambda: self.base.model, SystemTurn(system), fp,
                      {"kind": "system_prompt", "system_prompt": system})
     teacher = self._finetuned(target, self._trait_inputs(target), target)
-    logging.info("teacher %s: trait log-prob %.3f -> %.3f", target,
-                 teacher.summary["trait_logprob_before"], teacher.summary["trait_logprob_after"])
+    _log_strength(target, teacher.summary)
     return teacher
 
   def _trait_inputs(self, target: str) -> dict[str, Any]:
@@ -726,6 +730,27 @@ def batched(items: Sequence[Any], size: int) -> list[list[Any]]:
   return [list(items[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
+def build_missing_together(stages: Stages, stage: str, inputs: Sequence[dict[str, Any]],
+                           adapters_per_step: int,
+                           build: Callable[[list[int], list[pathlib.Path]], Sequence[dict]],
+                           group: Callable[[int], Any] = lambda i: None
+                           ) -> dict[int, tuple[pathlib.Path, dict[str, Any]]]:
+  """The artifacts of ``stage`` among ``inputs`` that do not exist yet, built ``adapters_per_step``
+  at a time (within each ``group(index)``) by ``build(indices, partial directories)``, through
+  :meth:`Stages.run_together`. Returns {index: (directory, summary)} of those built."""
+  groups: dict[Any, list[int]] = {}
+  for i, one in enumerate(inputs):
+    if not stages.wd.has(stage, artifacts.fingerprint(stage, one)):
+      groups.setdefault(group(i), []).append(i)
+  built: dict[int, tuple[pathlib.Path, dict[str, Any]]] = {}
+  for members in groups.values():
+    for chunk in batched(members, adapters_per_step):
+      made = stages.run_together(stage, [inputs[i] for i in chunk],
+                                 lambda outs, c=chunk: build(c, outs))
+      built.update(zip(chunk, made))
+  return built
+
+
 def students(jobs: Sequence[StudentJob], adapters_per_step: int) -> list[Student]:
   """Every job's student (all of one base). Missing SFT LoRA students train ``adapters_per_step``
   at a time in one program per step (:func:`fit_many.fit_many`), each into its own artifact, the
@@ -740,14 +765,13 @@ def students(jobs: Sequence[StudentJob], adapters_per_step: int) -> list[Student
   made: dict[int, Student] = {}
   if (adapters_per_step > 1 and first.settings.student.objective == "sft"
       and all(fit.lora.rank > 0 for _, fit in plans)):
-    missing = [i for i, (inputs, _) in enumerate(plans)
-               if not first.wd.has("student", artifacts.fingerprint("student", inputs))]
-    for chunk in batched(missing, adapters_per_step):
-      built = first.run_together("student", [plans[i][0] for i in chunk], lambda outs, c=chunk: (
-          build_students_together(first.settings, [plans[i][1] for i in c], jobs[0].base,
-                                  [jobs[i].dataset_dir for i in c], first.mesh, outs)))
-      made.update({i: Student(directory, plans[i][1], jobs[i].base)
-                   for i, (directory, _) in zip(chunk, built)})
+    built = build_missing_together(
+        first, "student", [inputs for inputs, _ in plans], adapters_per_step,
+        lambda c, outs: build_students_together(first.settings, [plans[i][1] for i in c],
+                                                jobs[0].base, [jobs[i].dataset_dir for i in c],
+                                                first.mesh, outs))
+    made = {i: Student(directory, plans[i][1], jobs[i].base)
+            for i, (directory, _) in built.items()}
   return [made[i] if i in made else job.stages.student(job.dataset_dir, job.teacher, job.seed,
                                                         job.base)
           for i, job in enumerate(jobs)]
@@ -776,22 +800,21 @@ def panel_evaluations(jobs: Sequence[PanelJob], adapters_per_step: int) -> list[
   models at a time in one batch (:func:`build_panel_evaluations_together`), each into the
   artifact :meth:`Stages.panel_evaluation` builds; with 1, one at a time through it."""
   directories: dict[int, pathlib.Path] = {}
-  if adapters_per_step > 1:
-    plans = [job.stages.panel_inputs(job.fp, job.system, job.context_fp) for job in jobs]
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, (job, inputs) in enumerate(zip(jobs, plans)):
-      if not job.stages.wd.has("panel_evaluation", artifacts.fingerprint("panel_evaluation", inputs)):
-        groups.setdefault((job.base.fingerprint, job.system.spec), []).append(i)
-    for members in groups.values():
-      for chunk in batched(members, adapters_per_step):
-        first = jobs[chunk[0]]
-        built = first.stages.run_together(
-            "panel_evaluation", [plans[i] for i in chunk],
-            lambda outs, c=chunk: build_panel_evaluations_together(
-                first.stages.settings, first.base.tokenizer, [jobs[i].model_fn() for i in c],
-                first.system, first.stages.mesh, outs, [jobs[i].label for i in c],
-                [jobs[i].histories for i in c]))
-        directories.update({i: directory for i, (directory, _) in zip(chunk, built)})
+  if adapters_per_step > 1 and jobs:
+
+    def build(chunk: list[int], outs: list[pathlib.Path]) -> list[dict[str, Any]]:
+      first = jobs[chunk[0]]
+      return build_panel_evaluations_together(
+          first.stages.settings, first.base.tokenizer, [jobs[i].model_fn() for i in chunk],
+          first.system, first.stages.mesh, outs, [jobs[i].label for i in chunk],
+          [jobs[i].histories for i in chunk])
+
+    built = build_missing_together(
+        jobs[0].stages, "panel_evaluation",
+        [job.stages.panel_inputs(job.fp, job.system, job.context_fp) for job in jobs],
+        adapters_per_step, build,
+        group=lambda i: (jobs[i].base.fingerprint, jobs[i].system.spec))
+    directories = {i: directory for i, (directory, _) in built.items()}
   return [files.read_json(directories[i] / "record.json") if i in directories
           else job.stages.panel_evaluation(job.label, job.model_fn, job.fp,
                                            tokenizer=job.base.tokenizer, chat=job.chat,
@@ -807,18 +830,14 @@ def trait_teachers(jobs: Sequence[tuple[Stages, str]], adapters_per_step: int) -
   first = jobs[0][0] if jobs else None
   t = first.settings.teacher if first else None
   if adapters_per_step > 1 and t is not None and t.finetuned and t.fit.lora.rank > 0:
-    inputs = [st._teacher_inputs(st._trait_inputs(target)) for st, target in jobs]
-    missing = [i for i, one in enumerate(inputs)
-               if not first.wd.has("teacher", artifacts.fingerprint("teacher", one))]
-    for chunk in batched(missing, adapters_per_step):
-      built = first.run_together("teacher", [inputs[i] for i in chunk], lambda outs, c=chunk: (
-          build_teachers_together([(jobs[i][0].settings, jobs[i][1]) for i in c], first.base,
-                                  first.mesh, outs)))
-      for i, (directory, summary) in zip(chunk, built):
-        st, target = jobs[i]
-        made[i] = st._finetuned_teacher(target, directory, summary)
-        logging.info("teacher %s: trait log-prob %.3f -> %.3f", target,
-                     summary["trait_logprob_before"], summary["trait_logprob_after"])
+    built = build_missing_together(
+        first, "teacher", [st._teacher_inputs(st._trait_inputs(target)) for st, target in jobs],
+        adapters_per_step, lambda c, outs: build_teachers_together(
+            [(jobs[i][0].settings, jobs[i][1]) for i in c], first.base, first.mesh, outs))
+    for i, (directory, summary) in built.items():
+      st, target = jobs[i]
+      made[i] = st._finetuned_teacher(target, directory, summary)
+      _log_strength(target, summary)
   return [made[i] if i in made else st.trait_teacher(target) for i, (st, target) in enumerate(jobs)]
 
 
@@ -829,12 +848,9 @@ def numbers_together(jobs: Sequence[tuple[Stages, Teacher]], adapters_per_step: 
   decode batch (:func:`build_samples_together`), each into its own artifact."""
   if adapters_per_step > 1 and jobs:
     first = jobs[0][0]
-    inputs = [st.sampling_inputs(teacher) for st, teacher in jobs]
-    missing = [i for i, one in enumerate(inputs)
-               if not first.wd.has("sampling", artifacts.fingerprint("sampling", one))]
-    for chunk in batched(missing, adapters_per_step):
-      first.run_together("sampling", [inputs[i] for i in chunk], lambda outs, c=chunk: (
-          build_samples_together(
-              [(jobs[i][0].settings.sampling, jobs[i][1].model, jobs[i][1].chat,
-                jobs[i][0].prompts()) for i in c], first.base.tokenizer, first.mesh, outs)))
+    build_missing_together(
+        first, "sampling", [st.sampling_inputs(teacher) for st, teacher in jobs],
+        adapters_per_step, lambda c, outs: build_samples_together(
+            [(jobs[i][0].settings.sampling, jobs[i][1].model, jobs[i][1].chat,
+              jobs[i][0].prompts()) for i in c], first.base.tokenizer, first.mesh, outs))
   return [st.numbers(teacher) for st, teacher in jobs]
