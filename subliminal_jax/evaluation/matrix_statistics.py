@@ -40,8 +40,8 @@ import numpy as np
 
 from subliminal_jax.evaluation import statistics
 
-__all__ = ["DEFINITION", "centred_log_ratio", "unit_means", "transfer_statistic", "permutation_test",
-           "MatrixAnalysis", "analyse"]
+__all__ = ["DEFINITION", "centred_log_ratio", "unit_means", "check_labels", "transfer_statistic",
+           "Assignments", "assignments", "permutation_test", "MatrixAnalysis", "analyse"]
 
 # The statistic in one sentence, recorded in every design before its run.
 DEFINITION = ("clr(a) = log P(a) - mean over the panel of log P, per student and question; "
@@ -88,7 +88,8 @@ def unit_means(records_by_unit: Sequence[Sequence[Any]], panel: Sequence[str],
   return np.stack(out)
 
 
-def _check_labels(labels: Sequence[int], replicates: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+def check_labels(labels: Sequence[int], replicates: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, replicates) as arrays; every replicate must hold each of the k animals once."""
   labels = np.asarray(labels)
   replicates = np.asarray(replicates)
   if labels.shape != replicates.shape or labels.ndim != 1:
@@ -115,6 +116,62 @@ def transfer_statistic(means: np.ndarray, labels: Sequence[int]) -> tuple[float,
   return float(c.mean()), c
 
 
+@dataclasses.dataclass(frozen=True)
+class Assignments:
+  """The label assignments of a permutation test, and each arm's D under each of them.
+
+  D: the sum of every unit's entry in the column its label names. Arms are matrices measured on the
+  same units (students, in-context models, ...): assignment j relabels every arm's units the same
+  way, so contrasts between arms can be tested by one shuffle.
+  """
+
+  observed: np.ndarray  # [arms]: D of the observed labels
+  sums: np.ndarray  # [arms, assignments]: D of each assignment (enumerated or sampled)
+  exact: bool  # every assignment enumerated (else sampled with replacement)
+  total: int  # the number of assignments there are, (k!)^R
+
+  @property
+  def count(self) -> int:
+    return self.sums.shape[1]
+
+  def p_value(self, observed: float, values: np.ndarray, scale: float) -> float:
+    """The share of assignments whose ``values`` are at least ``observed`` (ties within
+    ``_TIE_TOLERANCE * max(1, scale)`` count); sampled, the observed assignment counts as a draw."""
+    at_least = int(np.sum(np.asarray(values) >= observed - _TIE_TOLERANCE * max(1.0, scale)))
+    return at_least / self.count if self.exact else (at_least + 1) / (self.count + 1)
+
+  def summary(self) -> dict[str, Any]:
+    return {"assignments": self.count, "exact": self.exact,
+            "min_attainable_p": 1 / self.total if self.exact else 1 / (self.count + 1),
+            "total_assignments": self.total}
+
+
+def assignments(arms: Sequence[np.ndarray], labels: Sequence[int], replicates: Sequence[int], *,
+                max_exact: int = 2_000_000, samples: int = 100_000, seed: int = 0) -> Assignments:
+  """Every within-replicate label assignment (or ``samples`` drawn ones when there are more than
+  ``max_exact``) and D of each ``arms`` entry ([units, k], averaged over questions) under it."""
+  arms = [np.asarray(a, np.float64) for a in arms]
+  k = arms[0].shape[1]
+  if any(a.shape != arms[0].shape for a in arms):
+    raise ValueError(f"arms must share one shape, got {[a.shape for a in arms]}")
+  labels, replicates = check_labels(labels, replicates, k)
+  strata = [np.flatnonzero(replicates == r) for r in np.unique(replicates)]
+  perms = np.array(list(itertools.permutations(range(k))))  # [k!, k]
+  # [arms, k!] per replicate r: the sum of r's units' entries in the columns perm assigns them.
+  per_stratum = [np.stack([a[units][np.arange(k), perms].sum(axis=1) for a in arms])
+                 for units in strata]
+  observed = np.array([a[np.arange(len(labels)), labels].sum() for a in arms])
+  total = math.prod(d.shape[1] for d in per_stratum)
+  if total <= max_exact:
+    d = np.zeros((len(arms), 1))
+    for values in per_stratum:
+      d = (d[:, :, None] + values[:, None, :]).reshape(len(arms), -1)
+    return Assignments(observed, d, True, total)
+  rng = np.random.default_rng(seed)
+  d = sum(values[:, rng.integers(values.shape[1], size=samples)] for values in per_stratum)
+  return Assignments(observed, d, False, total)
+
+
 def permutation_test(means: np.ndarray, labels: Sequence[int], replicates: Sequence[int], *,
                      max_exact: int = 2_000_000, samples: int = 100_000, seed: int = 0
                      ) -> dict[str, Any]:
@@ -124,32 +181,9 @@ def permutation_test(means: np.ndarray, labels: Sequence[int], replicates: Seque
   smallest p any outcome could give (1 / assignments when exact).
   """
   means = np.asarray(means, np.float64)
-  k = means.shape[1]
-  labels, replicates = _check_labels(labels, replicates, k)
-  strata = [np.flatnonzero(replicates == r) for r in np.unique(replicates)]
-  perms = np.array(list(itertools.permutations(range(k))))  # [k!, k]
-  # D_r(perm): the sum of replicate r's units' entries in the columns perm assigns them.
-  per_stratum = [means[units][np.arange(k), perms].sum(axis=1) for units in strata]
-  observed_d = float(sum(means[u, labels[u]] for u in range(len(labels))))
-  total = math.prod(len(d) for d in per_stratum)
-  if total <= max_exact:
-    d = np.zeros(1)
-    for values in per_stratum:
-      d = (d[:, None] + values[None, :]).ravel()
-    exact, count = True, total
-  else:
-    rng = np.random.default_rng(seed)
-    d = sum(values[rng.integers(len(values), size=samples)] for values in per_stratum)
-    exact, count = False, samples
-  tolerance = _TIE_TOLERANCE * max(1.0, float(np.abs(means).sum()))
-  at_least = int(np.sum(d >= observed_d - tolerance))
-  if exact:
-    p = at_least / count
-  else:  # the observed assignment counts as one of the draws
-    p = (at_least + 1) / (count + 1)
-  return {"p_value": p, "assignments": count, "exact": exact,
-          "min_attainable_p": 1 / total if exact else 1 / (count + 1),
-          "total_assignments": total}
+  tested = assignments([means], labels, replicates, max_exact=max_exact, samples=samples, seed=seed)
+  p = tested.p_value(tested.observed[0], tested.sums[0], float(np.abs(means).sum()))
+  return {"p_value": p, **tested.summary()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +241,7 @@ def analyse(m: np.ndarray, labels: Sequence[int], replicates: Sequence[int],
   k = len(animals)
   if m.ndim != 3 or m.shape[1] != k:
     raise ValueError(f"m must be [units, {k}, questions], got {m.shape}")
-  labels, replicates = _check_labels(labels, replicates, k)
+  labels, replicates = check_labels(labels, replicates, k)
   means = m.mean(axis=2)
   s, c = transfer_statistic(means, labels)
   test = permutation_test(means, labels, replicates, max_exact=max_exact,
