@@ -13,7 +13,8 @@ Variants:
   tiny  the tiny random model, another tiny initialization as the other family (tests)
   cpu   real SmolLM2 students and Gemma 3 270M students (the cross_cpu matrix's pair) on a 2-core CPU:
         the matrix's cpu student recipe (LoRA r8 from the teacher's adapter init, 12 steps at batch 8,
-        lr 1e-3), 2 seeds, Gemma at 4 learning rates spanning 10x around 1e-3
+        lr 1e-3), 2 seeds, Gemma at 4 learning rates spanning 10x around 1e-3; about 25-30 minutes
+        on an otherwise idle 2-core CPU (8 Gemma students of about 1.5-2 minutes each dominate)
 """
 
 from ml_collections import ConfigDict
@@ -39,8 +40,10 @@ def get_config(variant: str = "cpu") -> ConfigDict:
       # Increasing; the other family's students train at each.
       learning_rates=(2.5e-4, 5e-4, 1e-3, 2.5e-3),
       train_prompts_seed=TRAIN_PROMPTS_SEED,
-      # The distance's prompts: sampled by the base, every kept completion measured.
-      measure=ConfigDict(dict(prompts_seed=MEASURE_PROMPTS_SEED, prompts_count=64, batch_size=16)),
+      # The distance's prompts: sampled by the base, every kept completion measured (32 prompts,
+      # about 1000 target tokens per family: each measurement runs the student and its base over
+      # them, about a minute for a Gemma student on a 2-core CPU).
+      measure=ConfigDict(dict(prompts_seed=MEASURE_PROMPTS_SEED, prompts_count=32, batch_size=16)),
   ))
   if variant == "tiny":
     c.calibration.student_model = "tiny-random:1"

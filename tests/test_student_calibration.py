@@ -105,3 +105,20 @@ def test_bad_calibration_settings_are_refused(key, value, message):
   config.calibration[key] = value
   with pytest.raises(ValueError, match=message):
     calibration.CalibrationSettings.from_config(config)
+
+
+def test_the_cross_family_noise_numbers_regenerate_from_the_committed_results():
+  """docs/results/cross_family_noise/numbers.json is what its analyse.py computes from the
+  committed matrix results (the tokenization part, which needs the model packages, aside)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parent.parent / "docs/results/cross_family_noise/analyse.py"
+  spec = importlib.util.spec_from_file_location("cross_family_noise_analyse", path)
+  analyse = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(analyse)
+  committed = json.loads((path.parent / "numbers.json").read_text())
+  computed = json.loads(json.dumps(analyse.compute(with_tokenizers=False)))
+  assert computed == {k: v for k, v in committed.items() if k != "tokenization"}
+  # The headline: Gemma's students moved further from their base, and their spread with it.
+  same, gemma = computed["families"]["same"], computed["families"]["gemma3-270m"]
+  assert gemma["moved_mean_abs"] > 3 * same["moved_mean_abs"]

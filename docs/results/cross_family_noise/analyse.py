@@ -175,23 +175,29 @@ def tables(numbers: dict[str, Any]) -> str:
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--no-tokenizers", action="store_true",
-                      help="skip the tokenization table (needs the two model packages)")
-  args = parser.parse_args()
+def compute(with_tokenizers: bool = True) -> dict[str, Any]:
+  """Every number of numbers.json (the tokenization part only ``with_tokenizers``)."""
   results = json.loads(CROSS.read_text())
   animals = list(results["design"]["animals"])
   numbers: dict[str, Any] = {"families": {f: family_numbers(results, f, animals) for f in FAMILIES}}
   for family in FAMILIES:
     f = numbers["families"][family]
     words = f["panel"]
-    numbers[f"{'gemma' if family != 'same' else 'same'}_sd_vs_base_logprob_correlation"] = float(np.corrcoef(
-        [f["between_student_sd_per_word"][w] for w in words],
-        [f["base_word_logprob"][w] for w in words])[0, 1])
+    numbers[f"{'gemma' if family != 'same' else 'same'}_sd_vs_base_logprob_correlation"] = float(
+        np.corrcoef([f["between_student_sd_per_word"][w] for w in words],
+                    [f["base_word_logprob"][w] for w in words])[0, 1])
   numbers["smollm2_seed_spread"] = seed_spread(SAME_TWO_SEEDS)
-  if not args.no_tokenizers:
+  if with_tokenizers:
     numbers["tokenization"] = tokenization(numbers["families"]["same"]["panel"])
+  return numbers
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--no-tokenizers", action="store_true",
+                      help="skip the tokenization table (needs the two model packages)")
+  args = parser.parse_args()
+  numbers = compute(not args.no_tokenizers)
   (HERE / "numbers.json").write_text(json.dumps(numbers, indent=1, ensure_ascii=False) + "\n")
   text = tables(numbers)
   (HERE / "tables.md").write_text(text)
