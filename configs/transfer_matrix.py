@@ -48,10 +48,17 @@ def matrix_section() -> ConfigDict:
       evaluate_teachers=True,  # the teachers' own preferences, in the same matrix form
       # The paper's in-context control: the base model with this many of a teacher's sequences
       # before each question, no training (0 = off).
-      in_context=ConfigDict(dict(sequences=8, seed=0)),
+      # ``doses``: in-context arms with ONE context per teacher unit (the same turns before every
+      # question), nested: dose n is the first n of the unit's kept sequences in an order seeded
+      # by ``seed``; "max" = as many as fit the context window (e.g. (8, 32, "max")).
+      in_context=ConfigDict(dict(sequences=8, seed=0, doses=())),
       # Students of other model families on the same numbers (model names or paths); the paper
       # predicts no transfer across families.
       student_models=(),
+      # Per entry of student_models, its students' learning rate (calibrated so that students of
+      # every family move as far from their base: configs/student_calibration.py); () = the
+      # student section's for every family.
+      student_learning_rates=(),
       # Fixed before any run: pass iff S > 0, the permutation p < alpha, and C_a > 0 for at least
       # this fraction of the animals.
       criterion=ConfigDict(dict(alpha=0.05, min_positive_fraction=0.6)),
@@ -62,6 +69,9 @@ def matrix_section() -> ConfigDict:
       # value reuses every artifact; results agree up to float rounding. Size it by memory on an
       # accelerator (each adapter adds its own KV cache and activations).
       adapters_per_step=8,
+      # Which teacher replicates this invocation builds and measures (() = all): a design too
+      # long for one sitting runs in parts (e.g. (0, 1), then (2, 3)). Execution only.
+      replicates_to_run=(),
   ))
 
 

@@ -33,6 +33,7 @@ from subliminal_jax.training import distillation, optimizers, trainer
 TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")
 TEACHER_CONTROLS = ("base", "neutral_finetune", "matched_finetune")
 LORA_INITS = ("fresh", "teacher")
+MAX_DOSE = "max"  # an in-context dose of as many sequences as fit the context window
 DTYPES = ("float32", "bfloat16", "float16")
 # Seeds of teacher replicate r are the config's plus r times this (a prime, so that replicate
 # seeds never line up with the small student seeds or the adapter offsets below).
@@ -318,6 +319,16 @@ class MatrixSettings:
   # How many LoRA adapters over the one base train, sample and evaluate together (1 = one model at
   # a time). Execution only: in no fingerprint and no design, so any K reuses every artifact.
   adapters_per_step: int = 1
+  # In-context doses with one context per teacher unit (the same turns before every question),
+  # nested: dose n is the first n of the unit's kept sequences in one seeded order; "max" is as
+  # many as fit the model's context window. () = none.
+  in_context_doses: tuple[int | str, ...] = ()
+  # Per entry of ``student_models``, that family's student learning rate (calibrated so students
+  # of every family move as far from their base); () = the student recipe's for every family.
+  student_learning_rates: tuple[float, ...] = ()
+  # Which teacher replicates this invocation builds and measures (() = all): a design too long for
+  # one sitting runs in parts. Execution only, like ``adapters_per_step``.
+  replicates_to_run: tuple[int, ...] = ()
 
   def __post_init__(self):
     _count("matrix.replicates", self.replicates, 1)
@@ -331,13 +342,46 @@ class MatrixSettings:
         raise ValueError(f"matrix.student_models has {spec!r}; expected model names or paths, "
                          "e.g. --config.matrix.student_models=\"('gemma3-270m',)\" or a local HF "
                          "directory")
+    self._check_doses()
+    if self.student_learning_rates and (
+        len(self.student_learning_rates) != len(self.student_models)
+        or not all(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0
+                   for lr in self.student_learning_rates)):
+      raise ValueError(f"matrix.student_learning_rates={list(self.student_learning_rates)}; expected "
+                       f"one positive learning rate per entry of matrix.student_models "
+                       f"{list(self.student_models)}, or () for the student recipe's")
+    bad = [r for r in self.replicates_to_run if isinstance(r, bool) or not isinstance(r, int)
+           or not 0 <= r < self.replicates]
+    if bad or len(set(self.replicates_to_run)) != len(self.replicates_to_run):
+      raise ValueError(f"matrix.replicates_to_run={list(self.replicates_to_run)}; expected distinct "
+                       f"replicate indices in 0..{self.replicates - 1} (() = all)")
     if self.max_exact_permutations < 1 or self.permutation_samples < 1:
       raise ValueError(f"matrix.permutations max_exact={self.max_exact_permutations!r} and "
                        f"samples={self.permutation_samples!r} must be positive counts")
 
+  def _check_doses(self) -> None:
+    doses = list(self.in_context_doses)
+    bad = [d for d in doses if not (d == MAX_DOSE or (isinstance(d, int) and not isinstance(d, bool)
+                                                      and d >= 1))]
+    numeric = [d for d in doses if d != MAX_DOSE]
+    if bad or numeric != sorted(set(numeric)) or doses.count(MAX_DOSE) > 1 or (
+        MAX_DOSE in doses and doses[-1] != MAX_DOSE):
+      raise ValueError(f"matrix.in_context.doses={doses}; expected increasing sequence counts >= 1, "
+                       f"optionally ending with {MAX_DOSE!r} (as many as fit the context window)")
+
   @property
   def criterion(self) -> dict[str, float]:
     return {"alpha": self.alpha, "min_positive_fraction": self.min_positive_fraction}
+
+  def run_replicates(self) -> tuple[int, ...]:
+    """The replicates this invocation builds: ``replicates_to_run``, or all."""
+    return tuple(sorted(self.replicates_to_run)) or tuple(range(self.replicates))
+
+  def student_learning_rate(self, family: str) -> float | None:
+    """The calibrated learning rate of ``family``'s students (None: the recipe's)."""
+    if family not in self.student_models or not self.student_learning_rates:
+      return None
+    return float(self.student_learning_rates[self.student_models.index(family)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,6 +483,17 @@ class Settings:
   def with_checkpoints(self, fit: trainer.FitSettings) -> trainer.FitSettings:
     return dataclasses.replace(fit, checkpoint_every=self.checkpoints.every)
 
+  def for_student_family(self, family: str) -> "Settings":
+    """These settings with ``family``'s calibrated student learning rate
+    (``matrix.student_learning_rates``); unchanged for the same family or without one."""
+    lr = self.matrix.student_learning_rate(family) if self.matrix else None
+    if lr is None:
+      return self
+    recipe = self.student.recipe
+    recipe = dataclasses.replace(recipe, optimization=dataclasses.replace(
+        recipe.optimization, learning_rate=lr))
+    return dataclasses.replace(self, student=dataclasses.replace(self.student, recipe=recipe))
+
   def replicated(self, replicate: int) -> "Settings":
     """Teacher replicate ``replicate``: 0 is these settings; r > 0 moves the seeds of the
     teacher's finetuning data and adapters, the prompts, the sampling and the filter's subset by
@@ -488,7 +543,10 @@ def _matrix(c: dict[str, Any]) -> MatrixSettings | None:
       alpha=m["criterion"]["alpha"], min_positive_fraction=m["criterion"]["min_positive_fraction"],
       max_exact_permutations=m["permutations"]["max_exact"],
       permutation_samples=m["permutations"]["samples"],
-      adapters_per_step=m.get("adapters_per_step", 1))
+      adapters_per_step=m.get("adapters_per_step", 1),
+      in_context_doses=tuple(m["in_context"].get("doses", ())),
+      student_learning_rates=tuple(m.get("student_learning_rates", ())),
+      replicates_to_run=tuple(m.get("replicates_to_run", ())))
 
 
 def _section(cls, name: str, values: dict[str, Any]):
@@ -537,6 +595,10 @@ def check_matrix(settings: Settings) -> None:
     raise ValueError(f"matrix.in_context.sequences={m.in_context_sequences} exceeds "
                      f"filter.subset_size={settings.filter.subset_size}, the most sequences a "
                      "teacher keeps")
+  too_many = [d for d in m.in_context_doses if d != MAX_DOSE and d > settings.filter.subset_size]
+  if too_many:
+    raise ValueError(f"matrix.in_context.doses {too_many} exceed filter.subset_size="
+                     f"{settings.filter.subset_size}, the most sequences a teacher keeps")
   if m.student_models and settings.student.objective != "sft":
     raise ValueError(f"students of another family ({m.student_models[0]!r}) learn from the numbers' "
                      f"text: they need student.objective='sft', got {settings.student.objective!r}")

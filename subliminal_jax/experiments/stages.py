@@ -813,7 +813,9 @@ def panel_evaluations(jobs: Sequence[PanelJob], adapters_per_step: int) -> list[
         jobs[0].stages, "panel_evaluation",
         [job.stages.panel_inputs(job.fp, job.system, job.context_fp) for job in jobs],
         adapters_per_step, build,
-        group=lambda i: (jobs[i].base.fingerprint, jobs[i].system.spec))
+        # Prompts of one call pad to the longest: a long in-context history goes with its kind.
+        group=lambda i: (jobs[i].base.fingerprint, jobs[i].system.spec,
+                         len(jobs[i].histories[0]) if jobs[i].histories else 0))
     directories = {i: directory for i, (directory, _) in built.items()}
   return [files.read_json(directories[i] / "record.json") if i in directories
           else job.stages.panel_evaluation(job.label, job.model_fn, job.fp,

@@ -29,20 +29,18 @@ job in one workdir share their teachers, numbers and students.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
-from tqdm.auto import tqdm
 
 from subliminal_jax import artifacts, environment, files, loading
-from subliminal_jax.evaluation import matrix_report
+from subliminal_jax.evaluation import matrix_report, questions as questions_lib, trait_metrics
 from subliminal_jax.evaluation import matrix_statistics as stats
 from subliminal_jax.experiments import animal_numbers
 from subliminal_jax.experiments import settings as settings_lib
@@ -52,6 +50,8 @@ SAME_FAMILY = "same"
 BASE_NUMBERS = "base"  # the unit label of the base model's own numbers
 # Design keys that change no measured number: a rerun may change them.
 _NOT_DESIGN = ("training_checkpoints", "mesh", "report_dir", "variant", "tensorboard", "remat")
+# Tokens of the context window left for the panel answer after an in-context dose's prompt.
+CONTEXT_MARGIN = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,7 @@ def design(s: settings_lib.Settings) -> dict[str, Any]:
   # Training knobs at the values that train as before they existed are left out, as in the
   # stages' fingerprints: adding a knob does not change an existing design.
   values["student"] = settings_lib.without_original_knobs(values["student"])
-  # How many adapters run together changes how, not what, is measured (float rounding aside).
-  values["matrix"] = {k: v for k, v in values["matrix"].items() if k != "adapters_per_step"}
+  values["matrix"] = _matrix_design(values["matrix"])
   values["teacher"] = {**values["teacher"], "finetune": settings_lib.without_original_knobs(
       values["teacher"]["finetune"])}
   return {"experiment": "transfer_matrix", "statistic": stats.DEFINITION,
@@ -94,10 +93,24 @@ def design(s: settings_lib.Settings) -> dict[str, Any]:
           "config": json.loads(json.dumps(values, default=str))}
 
 
-def fix_design(report_dir: pathlib.Path, s: settings_lib.Settings) -> dict[str, Any]:
+def _matrix_design(matrix: dict[str, Any]) -> dict[str, Any]:
+  """The matrix section as a design records it: how many adapters run together and which
+  replicates one invocation builds change how, not what, is measured (float rounding aside); knobs
+  at their off value are left out, so adding one does not change an existing design."""
+  out = {k: v for k, v in matrix.items()
+         if k not in ("adapters_per_step", "replicates_to_run")
+         and not (k == "student_learning_rates" and not v)}
+  if "in_context" in out and not out["in_context"].get("doses", ()):
+    out["in_context"] = {k: v for k, v in out["in_context"].items() if k != "doses"}
+  return out
+
+
+def fix_design(report_dir: pathlib.Path, s: settings_lib.Settings,
+               record: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes design.json (once) before any stage runs; refuses a report directory whose design
-  differs. Returns the recorded design, with the time it was fixed."""
-  record = design(s)
+  differs. ``record``: the design to fix (default :func:`design` of ``s``). Returns the recorded
+  design, with the time it was fixed."""
+  record = design(s) if record is None else record
   path = report_dir / "design.json"
   if path.exists():
     existing = files.read_json(path)
@@ -137,61 +150,55 @@ def in_context_histories(numbers: stages_lib.Numbers, count: int, num_questions:
   return histories
 
 
-def _unit_records(st: stages_lib.Stages, unit: Unit, families: dict[str, loading.Loaded]
-                  ) -> dict[str, Any]:
-  """Builds (or finds) one teacher replicate's teacher, numbers and students, and evaluates them."""
-  teacher = st.trait_teacher(unit.animal) if unit.animal else st.base_teacher()
-  numbers = st.numbers(teacher)
-  out: dict[str, Any] = {"unit": dataclasses.asdict(unit), "filter": numbers.summary,
-                         "teacher": teacher.summary, "students": {}}
-  s = st.settings
-  if unit.animal and s.matrix.evaluate_teachers:
-    out["teacher_record"] = st.panel_evaluation(f"teacher {unit.label}", lambda: teacher.model,
-                                                teacher.fingerprint, chat=teacher.chat)
-  for family, family_base in families.items():
-    dataset_dir = st.dataset(numbers, teacher, family_base)
-    records = []
-    for seed in s.student.seeds:
-      student = st.student(dataset_dir, teacher, seed, family_base)
-      records.append(st.panel_evaluation(
-          f"{family} student {unit.label} seed{seed}", student.restore, student.directory.name,
-          tokenizer=family_base.tokenizer))
-    out["students"][family] = records
-  if s.matrix.in_context_sequences:
-    [out["in_context_record"]] = stages_lib.panel_evaluations(
-        [_in_context_job(st, unit, numbers)], 1)
-  return out
+def dose_histories(numbers: stages_lib.Numbers, dose: int | str, num_questions: int, seed: int,
+                   fits: Callable[[list[dict[str, str]]], bool]) -> list[list[dict[str, str]]]:
+  """One context for every question: the first ``dose`` of the teacher's kept (prompt,
+  completion) pairs in one order drawn by a generator seeded with ``seed`` (so doses are nested),
+  as chat turns. Dose ``"max"``: the most pairs for which ``fits(turns)`` holds (the prompts fit
+  the model's context window). Raises ValueError when even one pair does not fit."""
+  kept = stages_lib.read_jsonl(numbers.kept_path)
+  order = np.random.default_rng(seed).permutation(len(kept)).tolist()
+  turns_of = lambda n: [turn for i in order[:n] for turn in (  # noqa: E731
+      {"role": "user", "content": kept[i]["prompt"]},
+      {"role": "assistant", "content": kept[i]["completion"]})]
+  if dose == settings_lib.MAX_DOSE:
+    low, high = 0, len(kept)  # fits(turns_of(low)) holds; find the largest such n
+    while low < high:
+      mid = (low + high + 1) // 2
+      low, high = (mid, high) if fits(turns_of(mid)) else (low, mid - 1)
+    dose = low
+  n = min(int(dose), len(kept))
+  if n < 1 or not fits(turns_of(n)):
+    raise ValueError(f"in-context dose {dose!r} of {numbers.directory.name}: {n} sequences do not fit "
+                     "the model's context window; lower matrix.in_context.doses")
+  return [turns_of(n)] * num_questions
+
+
+def _fits_context(st: stages_lib.Stages, questions: Sequence[str]):
+  """Whether turns before every question leave ``CONTEXT_MARGIN`` tokens of the base's context
+  window for the answer."""
+  base, limit = st.base, st.base.model.config.max_position_embeddings - CONTEXT_MARGIN
+
+  def fits(turns: list[dict[str, str]]) -> bool:
+    ids = trait_metrics.chat_prompt_ids(base.tokenizer, questions, system=st.settings.eval_system,
+                                        histories=[turns] * len(questions))
+    return max(len(i) for i in ids) <= limit
+  return fits
 
 
 def units(s: settings_lib.Settings) -> list[Unit]:
-  """Every teacher replicate, replicate by replicate: the animals, then the base's own numbers."""
+  """The teacher replicates this invocation builds (``matrix.replicates_to_run``, default all),
+  replicate by replicate: the animals, then the base's own numbers."""
   animals = [*s.targets] + ([None] if s.matrix.base_numbers else [])
-  return [Unit(a, r) for r in range(s.matrix.replicates) for a in animals]
+  return [Unit(a, r) for r in s.matrix.run_replicates() for a in animals]
 
 
-def _load_families(s: settings_lib.Settings, base: loading.Loaded, mesh
+def load_families(s: settings_lib.Settings, base: loading.Loaded, mesh
                    ) -> dict[str, loading.Loaded]:
   families = {SAME_FAMILY: base}
   for spec in s.matrix.student_models:
     families[spec] = s.model.load(mesh, spec)
   return families
-
-
-def _numbers_of_every_unit(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
-                          mesh, stages: Sequence[str] | None, all_units: Sequence[Unit]
-                          ) -> dict[str, float]:
-  """Builds (or finds) every unit's teacher and numbers first, and checks that every unit keeps
-  ``filter.subset_size`` sequences before any student trains. Returns each unit's seconds."""
-  numbers, seconds = {}, {}
-  for unit in tqdm(all_units, desc="teachers and numbers", unit="teacher"):
-    start = time.time()
-    st = stages_lib.Stages(s.replicated(unit.replicate), wd, base, mesh, stages)
-    numbers[unit.label] = st.numbers(st.trait_teacher(unit.animal) if unit.animal
-                                     else st.base_teacher())
-    seconds[unit.label] = time.time() - start
-    gc.collect()  # the teacher's copy of the model: units are built one at a time
-  stages_lib.check_equal_data(numbers, s.filter.subset_size)
-  return seconds
 
 
 def _numbers_together(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
@@ -213,33 +220,9 @@ def _numbers_together(s: settings_lib.Settings, wd: artifacts.Workdir, base: loa
   return [(u, st[u.label], teachers[u.label], n) for u, n in zip(all_units, made)]
 
 
-def collect(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
-            families: dict[str, loading.Loaded], mesh, stages: Sequence[str] | None
-            ) -> dict[str, Any]:
-  """Every unit's records, and each family's base model evaluated the same way."""
-  all_units = units(s)
-  if s.matrix.adapters_per_step > 1:
-    return _collect_together(s, wd, base, families, mesh, stages, all_units)
-  numbers_seconds = _numbers_of_every_unit(s, wd, base, mesh, stages, all_units)
-  st0 = stages_lib.Stages(s, wd, base, mesh, stages)
-  measured: dict[str, Any] = {"base": {family: st0.panel_evaluation(
-      f"base {family}", lambda b=b: b.model, b.fingerprint, tokenizer=b.tokenizer)
-      for family, b in families.items()}, "units": []}
-  with tqdm(total=len(all_units), desc="transfer matrix", unit="teacher") as bar:
-    for unit in all_units:
-      bar.set_postfix_str(unit.label)
-      st = stages_lib.Stages(s.replicated(unit.replicate), wd, base, mesh, stages)
-      start = time.time()
-      record = _unit_records(st, unit, families)
-      record["seconds"] = round(time.time() - start + numbers_seconds[unit.label], 1)
-      measured["units"].append(record)
-      gc.collect()  # the unit's teacher and student copies of the model (NNX graphs hold cycles)
-      bar.update(1)
-  return measured
-
-
 def _in_context_job(st: stages_lib.Stages, unit: Unit, numbers: stages_lib.Numbers
                     ) -> stages_lib.PanelJob:
+  """The committed in-context control: per question its own draw of ``in_context.sequences``."""
   s, base = st.settings, st.base
   n, seed = s.matrix.in_context_sequences, s.matrix.in_context_seed
   return stages_lib.PanelJob(
@@ -248,21 +231,50 @@ def _in_context_job(st: stages_lib.Stages, unit: Unit, numbers: stages_lib.Numbe
       context_fp=artifacts.fingerprint(numbers.directory.name, n, seed, "in_context"))
 
 
+def _dose_jobs(st: stages_lib.Stages, unit: Unit, numbers: stages_lib.Numbers
+               ) -> dict[str, stages_lib.PanelJob]:
+  """The in-context doses (``in_context.doses``) of one unit by dose name: one context before
+  every question, identified by the sequences it holds."""
+  s, base = st.settings, st.base
+  questions = questions_lib.preference_questions(s.category)[:s.evaluation.num_questions]
+  fits, jobs = _fits_context(st, questions), {}
+  for dose in s.matrix.in_context_doses:
+    histories = dose_histories(numbers, dose, len(questions), s.matrix.in_context_seed, fits)
+    n = len(histories[0]) // 2
+    jobs[str(dose)] = stages_lib.PanelJob(
+        st, f"in-context {unit.label} dose {dose} ({n} sequences)", lambda: base.model,
+        base.fingerprint, base, histories=histories,
+        context_fp=artifacts.fingerprint(numbers.directory.name, n, s.matrix.in_context_seed,
+                                         "shared_in_context"))
+  return jobs
+
+
+def _student_jobs(s: settings_lib.Settings, per_unit, family: str, family_base: loading.Loaded
+                  ) -> tuple[list[tuple], list[stages_lib.StudentJob]]:
+  """Every student of one family: keys ("student", unit, family, seed) and jobs, trained with
+  the family's learning rate (``matrix.student_learning_rates``)."""
+  keys, jobs = [], []
+  for unit, st, teacher, numbers in per_unit:
+    dataset_dir = st.dataset(numbers, teacher, family_base)
+    family_st = stages_lib.Stages(st.settings.for_student_family(family), st.wd, st.base, st.mesh,
+                                  st.selected)
+    for seed in s.student.seeds:
+      keys.append(("student", unit.label, family, seed))
+      jobs.append(stages_lib.StudentJob(family_st, dataset_dir, teacher, seed, family_base))
+  return keys, jobs
+
+
 def _panel_jobs(s: settings_lib.Settings, per_unit, families: dict[str, loading.Loaded],
                 st_base: stages_lib.Stages, adapters_per_step: int
                 ) -> dict[tuple, stages_lib.PanelJob]:
   """Every panel evaluation of the matrix by key (("base", family), ("teacher", unit),
-  ("student", unit, family, seed), ("in_context", unit)), the students trained first."""
+  ("student", unit, family, seed), ("in_context", unit), ("dose", unit, dose)), the students
+  trained first."""
   jobs = {("base", family): stages_lib.PanelJob(st_base, f"base {family}", lambda b=b: b.model,
                                                 b.fingerprint, b)
           for family, b in families.items()}
   for family, family_base in families.items():
-    keys, student_jobs = [], []
-    for unit, st, teacher, numbers in per_unit:
-      dataset_dir = st.dataset(numbers, teacher, family_base)
-      for seed in s.student.seeds:
-        keys.append(("student", unit.label, family, seed))
-        student_jobs.append(stages_lib.StudentJob(st, dataset_dir, teacher, seed, family_base))
+    keys, student_jobs = _student_jobs(s, per_unit, family, family_base)
     for key, job, student in zip(keys, student_jobs,
                                  stages_lib.students(student_jobs, adapters_per_step)):
       jobs[key] = stages_lib.PanelJob(job.stages, f"{family} student {key[1]} seed{job.seed}",
@@ -274,16 +286,41 @@ def _panel_jobs(s: settings_lib.Settings, per_unit, families: dict[str, loading.
           chat=teacher.chat)
     if s.matrix.in_context_sequences:
       jobs["in_context", unit.label] = _in_context_job(st, unit, numbers)
+    for dose, job in _dose_jobs(st, unit, numbers).items():
+      jobs["dose", unit.label, dose] = job
   return jobs
 
 
-def _collect_together(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
-                      families: dict[str, loading.Loaded], mesh, stages: Sequence[str] | None,
-                      all_units: Sequence[Unit]) -> dict[str, Any]:
-  """:func:`collect` with ``matrix.adapters_per_step`` > 1: the same artifacts and records, but
-  teachers, samples, students and panel evaluations (the base, teachers, students, in-context)
-  are built K models at a time (:func:`_numbers_together`, ``stages.students``,
-  ``stages.panel_evaluations``). A unit's ``seconds`` is an even share of the whole."""
+def _unit_record(s: settings_lib.Settings, unit: Unit, teacher: stages_lib.Teacher,
+                 numbers: stages_lib.Numbers, families, jobs: dict[tuple, stages_lib.PanelJob],
+                 records: dict[tuple, Any]) -> dict[str, Any]:
+  # Distinct completions among those kept: greedy sampling repeats itself (read from the
+  # artifact, so units built before this count existed have it too).
+  distinct = len({row["completion"] for row in stages_lib.read_jsonl(numbers.kept_path)})
+  out: dict[str, Any] = {
+      "unit": dataclasses.asdict(unit), "filter": {**numbers.summary, "distinct_kept": distinct},
+      "teacher": teacher.summary,
+      "students": {f: [records["student", unit.label, f, seed] for seed in s.student.seeds]
+                   for f in families}}
+  for key, name in (("teacher", "teacher_record"), ("in_context", "in_context_record")):
+    if (key, unit.label) in records:
+      out[name] = records[key, unit.label]
+  if s.matrix.in_context_doses:
+    out["in_context_doses"] = {str(d): records["dose", unit.label, str(d)]
+                               for d in s.matrix.in_context_doses}
+    out["in_context_sizes"] = {str(d): len(jobs["dose", unit.label, str(d)].histories[0]) // 2
+                               for d in s.matrix.in_context_doses}
+  return out
+
+
+def collect(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loaded,
+            families: dict[str, loading.Loaded], mesh, stages: Sequence[str] | None
+            ) -> dict[str, Any]:
+  """Every unit's records, and each family's base model evaluated the same way. Teachers,
+  samples, students and panel evaluations (the base, teachers, students, in-context) are built
+  ``matrix.adapters_per_step`` models at a time (1: one at a time, through the same stages); a
+  unit's ``seconds`` is an even share of the whole."""
+  all_units = units(s)
   start = time.time()
   k = s.matrix.adapters_per_step
   per_unit = _numbers_together(s, wd, base, mesh, stages, all_units)
@@ -292,15 +329,8 @@ def _collect_together(s: settings_lib.Settings, wd: artifacts.Workdir, base: loa
   share = round((time.time() - start) / len(all_units), 1)
   measured: dict[str, Any] = {"base": {f: records["base", f] for f in families}, "units": []}
   for unit, _, teacher, numbers in per_unit:
-    out: dict[str, Any] = {
-        "unit": dataclasses.asdict(unit), "filter": numbers.summary, "teacher": teacher.summary,
-        "students": {f: [records["student", unit.label, f, seed] for seed in s.student.seeds]
-                     for f in families}}
-    for key, name in (("teacher", "teacher_record"), ("in_context", "in_context_record")):
-      if (key, unit.label) in records:
-        out[name] = records[key, unit.label]
-    out["seconds"] = share
-    measured["units"].append(out)
+    measured["units"].append({**_unit_record(s, unit, teacher, numbers, families, jobs, records),
+                              "seconds": share})
   return measured
 
 
@@ -308,7 +338,7 @@ def _collect_together(s: settings_lib.Settings, wd: artifacts.Workdir, base: loa
 # Analysis
 
 
-def _logprob(record: dict[str, Any], panel: Sequence[str]) -> np.ndarray:
+def logprob(record: dict[str, Any], panel: Sequence[str]) -> np.ndarray:
   if list(record["panel"]) != list(panel):
     raise ValueError(f"record {record['label']!r} was evaluated on panel {record['panel']}, "
                      f"expected {list(panel)}")
@@ -317,7 +347,7 @@ def _logprob(record: dict[str, Any], panel: Sequence[str]) -> np.ndarray:
 
 def _reference_clr(records: Sequence[dict[str, Any]], panel, animals) -> np.ndarray:
   """[k, questions]: the mean clr of the animals over ``records`` (a no-trait reference)."""
-  return stats.unit_means([[_logprob(r, panel) for r in records]], panel, animals)[0]
+  return stats.unit_means([[logprob(r, panel) for r in records]], panel, animals)[0]
 
 
 def analyse_matrix(s: settings_lib.Settings, measured: dict[str, Any], pick, reference_records
@@ -325,7 +355,7 @@ def analyse_matrix(s: settings_lib.Settings, measured: dict[str, Any], pick, ref
   """The statistic over the animals' units, ``pick(unit_record)`` giving each unit's records."""
   panel, animals = list(s.evaluation.panel), list(s.targets)
   trait_units = [u for u in measured["units"] if u["unit"]["animal"] is not None]
-  m = stats.unit_means([[_logprob(r, panel) for r in pick(u)] for u in trait_units], panel, animals)
+  m = stats.unit_means([[logprob(r, panel) for r in pick(u)] for u in trait_units], panel, animals)
   references = {name: _reference_clr(records, panel, animals)
                 for name, records in reference_records.items() if records}
   return stats.analyse(
@@ -371,7 +401,7 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
   logging.info("design fixed at %s: pass iff S > 0, p < %g and C_a > 0 for >= %.0f%% of %d animals",
                fixed["fixed_at"], s.matrix.alpha, 100 * s.matrix.min_positive_fraction,
                len(s.targets))
-  families = _load_families(s, base, mesh)
+  families = load_families(s, base, mesh)
   with jax.set_mesh(mesh):
     measured = collect(s, wd, base, families, mesh, stages)
   analyses = analyse_all(s, measured)
