@@ -212,7 +212,7 @@ def paired_contrasts(arms: Mapping[str, np.ndarray], labels: Sequence[int],
 # The hierarchical bootstrap
 
 
-def _per_replicate_s(m: np.ndarray, labels: np.ndarray, replicates: np.ndarray) -> np.ndarray:
+def per_replicate_s_table(m: np.ndarray, labels: np.ndarray, replicates: np.ndarray) -> np.ndarray:
   """[replicates, questions]: replicate r's S on question q; S is the mean of this table."""
   k = m.shape[1]
   rows = []
@@ -232,7 +232,7 @@ def bootstrap_draws(arms: Mapping[str, np.ndarray], labels: Sequence[int],
   (``rng.integers(Q, size=(n, Q))``) from one ``np.random.default_rng(seed)``, the same draws for
   every arm and contrast."""
   arms, labels, replicates = _check_arms(arms, labels, replicates)
-  table = {n: _per_replicate_s(m, labels, replicates) for n, m in arms.items()}
+  table = {n: per_replicate_s_table(m, labels, replicates) for n, m in arms.items()}
   r, q = next(iter(table.values())).shape
   rng = np.random.default_rng(seed)
   rep_index = rng.integers(r, size=(n_resamples, r))
