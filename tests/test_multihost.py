@@ -1,9 +1,10 @@
 """Multi-host training on one machine: two processes x 4 CPU devices (jax.distributed, gloo
 collectives), each feeding its half of the global batch, follow the same loss curve as one process
-with 8 devices.
+with 8 devices; a SIGTERM to one of them checkpoints the same step on both, and the rerun ends where
+an uninterrupted two-process run ends.
 
-Both runs are subprocesses, so each gets its own XLA_FLAGS; this file is also the worker script
-(``python tests/test_multihost.py --worker ...``).
+Every run is a subprocess, so each gets its own XLA_FLAGS; this file is also the worker script
+(``python tests/test_multihost.py --worker ...``, ``--fit_worker ...``).
 """
 
 import argparse
@@ -62,14 +63,60 @@ def worker(num_processes: int, process_id: int, port: int, out: str) -> None:
     jax.distributed.shutdown()
 
 
+def fit_worker(process_id: int, port: int, out: str, phase: str) -> None:
+  """test_trainer's tiny fit (6 steps, checkpoints every 2) on a (data 2, fsdp 4) mesh over both
+  processes. Phase "first": an uninterrupted run into out/whole, then a run into out/cut in which
+  process 1 gets a SIGTERM during step 3 (jax's preemption notifier, not ours, receives it); each
+  process exits as main does on a preemption. Phase "resume": the run into out/cut again."""
+  import signal
+
+  import jax
+  from flax import nnx
+
+  import test_trainer  # the tiny model, data and training config of the one-process tests
+  from subliminal_jax import distributed, preemption, sharding
+  from subliminal_jax.training import trainer
+
+  distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+  preemption.install()
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  data, config = test_trainer.toy_dataset(), test_trainer.train_config()
+  out = pathlib.Path(out)
+
+  def fit(name: str, callbacks=()) -> None:
+    with jax.set_mesh(mesh):
+      model, _ = trainer.fit(sharding.shard_module(test_trainer.tiny_model(), mesh), data, config,
+                             out / name, mesh=mesh, callbacks=callbacks, progress=False)
+    params = sharding.to_host(nnx.state(model, nnx.Param))  # a collective: both processes call it
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(out / f"{name}_params{process_id}.npz", **flat)
+
+  def notice_during_3(step, record):
+    if step == 2 and process_id == 1:  # lands while step 3 runs; the loop asks after each step
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  if phase == "resume":
+    steps = []
+    fit("cut", callbacks=[lambda step, record: steps.append(step)])
+    (out / f"resumed_steps{process_id}.json").write_text(json.dumps(steps))
+    return
+  fit("whole")
+  try:
+    fit("cut", callbacks=[notice_during_3])
+  except preemption.Preempted as e:
+    (out / f"preempted{process_id}.json").write_text(json.dumps({"step": e.step}))
+    sys.exit(preemption.EXIT_CODE)
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def _wait_for_all(procs: list[subprocess.Popen], timeout: float) -> None:
-  """Waits for every process (killing the rest if one hangs) and requires each to succeed."""
+def _wait_for_all(procs: list[subprocess.Popen], timeout: float, expected_code: int = 0) -> None:
+  """Waits for every process (killing the rest if one hangs) and requires each to exit with
+  ``expected_code``."""
   logs = []
   try:
     for p in procs:
@@ -82,21 +129,27 @@ def _wait_for_all(procs: list[subprocess.Popen], timeout: float) -> None:
     # A crashed process's log ends in faulthandler's list of loaded modules: show its errors too.
     errors = [line for line in log.splitlines()
               if any(word in line for word in ("Error", "error", "Fatal", "Traceback", "F1"))]
-    assert p.returncode == 0, "\n".join(errors[-40:]) + "\n...\n" + log[-1500:]
+    assert p.returncode == expected_code, "\n".join(errors[-40:]) + "\n...\n" + log[-1500:]
+
+
+def _start_workers(num_processes: int, args: list[str]) -> list[subprocess.Popen]:
+  """This file as ``num_processes`` worker processes of one jax.distributed job, 8 devices in all;
+  each gets ``args`` and its process id (``{i}`` in an argument is replaced by it)."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  return [subprocess.Popen([sys.executable, __file__, *[a.replace("{i}", str(i)) for a in args],
+                            f"--process_id={i}", f"--port={port}"],
+                           env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+          for i in range(num_processes)]
 
 
 def _launch(num_processes: int, tmp_path: pathlib.Path) -> list[dict]:
-  port = _free_port()
-  devices = 8 // num_processes
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   outs = [tmp_path / f"run{num_processes}_{i}.json" for i in range(num_processes)]
-  procs = [subprocess.Popen([sys.executable, __file__, "--worker", f"--num_processes={num_processes}",
-                             f"--process_id={i}", f"--port={port}", f"--out={outs[i]}"],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-           for i in range(num_processes)]
-  _wait_for_all(procs, timeout=600)
+  _wait_for_all(_start_workers(num_processes, [
+      "--worker", f"--num_processes={num_processes}", f"--out={tmp_path}/run{num_processes}_{{i}}.json"]),
+      timeout=600)
   return [json.loads(o.read_text()) for o in outs]
 
 
@@ -118,6 +171,38 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
   # Each step is a fresh random batch, so the loss need not fall in a few steps. Warmup of 1 step:
   # step 0 runs at lr 0 (no update), the later steps must move the parameters.
   assert [h["update_norm"] > 0 for h in single["history"]] == [False, True, True]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_resumes_exactly(tmp_path):
+  """jax's preemption service on two CPU processes: process 1 gets a SIGTERM during step 3 of 6;
+  the notice reaches process 0 through the coordination service, and both save a checkpoint of the
+  same step (jax's sync point: one past the furthest step a process had reached, 4 here) and exit
+  with preemption.EXIT_CODE; the same command again resumes from that step, and both processes end
+  with the parameters and losses of an uninterrupted two-process run, bit for bit."""
+  from subliminal_jax import preemption
+  from subliminal_jax.training import metrics, trainer
+
+  _wait_for_all(_start_workers(2, ["--fit_worker", "--phase=first", f"--out={tmp_path}"]),
+                timeout=600, expected_code=preemption.EXIT_CODE)
+  saved = {json.loads((tmp_path / f"preempted{i}.json").read_text())["step"] for i in range(2)}
+  assert len(saved) == 1, saved  # the same step on both
+  (step,) = saved
+  assert 3 <= step < 6  # not before the notice, and mid-run
+  checkpoints = tmp_path / "cut" / trainer.CHECKPOINT_DIR
+  assert str(step) in os.listdir(checkpoints), os.listdir(checkpoints)
+
+  _wait_for_all(_start_workers(2, ["--fit_worker", "--phase=resume", f"--out={tmp_path}"]),
+                timeout=600)
+  for i in range(2):
+    assert json.loads((tmp_path / f"resumed_steps{i}.json").read_text()) == list(range(step + 1, 7))
+    whole, cut = (np.load(tmp_path / f"{name}_params{i}.npz") for name in ("whole", "cut"))
+    assert sorted(whole.files) == sorted(cut.files) and whole.files
+    for key in whole.files:
+      np.testing.assert_array_equal(cut[key], whole[key], err_msg=f"process {i} {key}")
+  losses = [[r["loss"] for r in metrics.read_metrics(tmp_path / name / metrics.METRICS_FILE)]
+            for name in ("whole", "cut")]
+  assert losses[1] == losses[0] and len(losses[0]) == 6
 
 
 def _run_main_job(num_processes: int, workdir: pathlib.Path, flags: list[str]) -> None:
@@ -180,9 +265,14 @@ def test_main_job_on_two_processes_builds_the_single_process_artifacts(tmp_path)
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
   parser.add_argument("--worker", action="store_true")
+  parser.add_argument("--fit_worker", action="store_true")
+  parser.add_argument("--phase", choices=("first", "resume"), default="first")
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
-  worker(args.num_processes, args.process_id, args.port, args.out)
+  if args.fit_worker:
+    fit_worker(args.process_id, args.port, args.out, args.phase)
+  else:
+    worker(args.num_processes, args.process_id, args.port, args.out)
