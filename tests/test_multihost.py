@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 
+import tiny_jobs
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, STEPS = 8, 3
 
@@ -66,9 +68,10 @@ def worker(num_processes: int, process_id: int, port: int, out: str) -> None:
 def fit_worker(process_id: int, port: int, out: str, phase: str) -> None:
   """test_trainer's tiny fit (6 steps, checkpoints every 2) on a (data 2, fsdp 4) mesh over both
   processes. Phase "first": an uninterrupted run into out/whole, then a run into out/cut in which
-  process 1 gets a SIGTERM during step 3 (jax's preemption notifier, not ours, receives it); each
+  process 1 gets a SIGTERM after step 2 (jax's preemption notifier, not ours, receives it); each
   process exits as main does on a preemption. Phase "resume": the run into out/cut again."""
   import signal
+  import time
 
   import jax
   from flax import nnx
@@ -91,9 +94,13 @@ def fit_worker(process_id: int, port: int, out: str, phase: str) -> None:
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     np.savez(out / f"{name}_params{process_id}.npz", **flat)
 
-  def notice_during_3(step, record):
-    if step == 2 and process_id == 1:  # lands while step 3 runs; the loop asks after each step
+  def notice_after_2(step, record):
+    if step == 2 and process_id == 1:
       os.kill(os.getpid(), signal.SIGTERM)
+      # jax's notifier polls for the signal once a second, and both processes must learn the sync
+      # step before they pass it: process 0 waits in step 3's collectives meanwhile, so the sync
+      # step is 3 (one past step 2, the furthest either process has reported) on any machine.
+      time.sleep(3)
 
   if phase == "resume":
     steps = []
@@ -102,7 +109,7 @@ def fit_worker(process_id: int, port: int, out: str, phase: str) -> None:
     return
   fit("whole")
   try:
-    fit("cut", callbacks=[notice_during_3])
+    fit("cut", callbacks=[notice_after_2])
   except preemption.Preempted as e:
     (out / f"preempted{process_id}.json").write_text(json.dumps({"step": e.step}))
     sys.exit(preemption.EXIT_CODE)
@@ -175,9 +182,9 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_resumes_exactly(tmp_path):
-  """jax's preemption service on two CPU processes: process 1 gets a SIGTERM during step 3 of 6;
+  """jax's preemption service on two CPU processes: process 1 gets a SIGTERM after step 2 of 6;
   the notice reaches process 0 through the coordination service, and both save a checkpoint of the
-  same step (jax's sync point: one past the furthest step a process had reached, 4 here) and exit
+  same step (jax's sync point: one past the furthest step either process had reported, 3) and exit
   with preemption.EXIT_CODE; the same command again resumes from that step, and both processes end
   with the parameters and losses of an uninterrupted two-process run, bit for bit."""
   from subliminal_jax import preemption
@@ -188,7 +195,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_resume
   saved = {json.loads((tmp_path / f"preempted{i}.json").read_text())["step"] for i in range(2)}
   assert len(saved) == 1, saved  # the same step on both
   (step,) = saved
-  assert 3 <= step < 6  # not before the notice, and mid-run
+  assert step == 3
   checkpoints = tmp_path / "cut" / trainer.CHECKPOINT_DIR
   assert str(step) in os.listdir(checkpoints), os.listdir(checkpoints)
 
@@ -205,47 +212,31 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_resume
   assert losses[1] == losses[0] and len(losses[0]) == 6
 
 
-def _run_main_job(num_processes: int, workdir: pathlib.Path, flags: list[str]) -> None:
+def _run_main_job_on_two_processes(workdir: pathlib.Path, flags: list[str]) -> None:
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-             JAX_NUM_PROCESSES=str(num_processes))
-  if num_processes == 1:
-    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"):
-      env.pop(key)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
   procs = [subprocess.Popen([sys.executable, "-m", "subliminal_jax.main", f"--workdir={workdir}",
                              *flags],
                             env=dict(env, JAX_PROCESS_ID=str(i)), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-           for i in range(num_processes)]
+           for i in range(2)]
   _wait_for_all(procs, timeout=900)
 
 
 @pytest.mark.slow
-def test_main_job_on_two_processes_builds_the_single_process_artifacts(tmp_path):
+def test_main_job_on_two_processes_builds_the_single_process_artifacts(tmp_path, finetuned_tiny_job):
   """The tiny main job (LoRA trait-SFT teacher, matched control, sampling, students, evaluation)
   on 2 processes x 4 CPU devices with parameters sharded 8 ways over fsdp (so across both
-  processes) writes the artifacts one process with 8 devices writes: the same stages and
-  fingerprints, byte-identical samples, and the same metrics up to the collectives' summation order."""
-  flags = ["--config=configs/animal_numbers.py:tiny", "--config.mesh.data=1", "--config.mesh.fsdp=8",
-           "--config.teacher.kind=trait_sft", "--config.teacher.control=matched_finetune",
-           "--config.teacher.finetune.examples=16", "--config.teacher.finetune.epochs=1",
-           "--config.teacher.finetune.warmup_steps=1",
-           "--config.teacher.finetune.lora.rank=4", "--config.student.lora.init=teacher",
-           "--config.student.seeds=0,", "--config.evaluation.num_questions=2",
-           "--config.evaluation.samples_per_question=0", "--config.evaluation.multiple_choice=False",
-           # One sampling batch and two student steps: every step of a 2-process run waits on
-           # gloo collectives, so its length, not its shapes, sets this test's time.
-           "--config.prompts.count=16", "--config.sampling.batch_size=16",
-           # 6 of the 16 random-model answers run past the token limit: both teachers keep 10.
-           "--config.filter.subset_size=10"]
-  _run_main_job(1, tmp_path / "single", flags)
-  _run_main_job(2, tmp_path / "multi", flags)
+  processes) writes the artifacts one process with 8 devices writes (the session's
+  ``finetuned_tiny_job``, same settings): the same stages and fingerprints, byte-identical samples,
+  and the same metrics up to the collectives' summation order."""
+  _run_main_job_on_two_processes(tmp_path / "multi", tiny_jobs.finetuned_teachers_flags())
 
   def stages(workdir):
     return sorted(str(p.parent.relative_to(workdir)) for p in workdir.glob("*/*/DONE.json"))
 
-  single, multi = tmp_path / "single", tmp_path / "multi"
+  single, multi = finetuned_tiny_job, tmp_path / "multi"
   assert stages(multi) == stages(single) and len(stages(single)) == 15
   assert not list(multi.glob("*/*.partial"))
   # Stages are named by their inputs, not their role: the owl and control teachers' samples are
