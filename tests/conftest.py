@@ -1,6 +1,6 @@
 """Test setup: 8 fake CPU devices, so sharded code paths run on any machine; one fresh XLA
 compilation cache per test session; light XLA optimisation for the tiny models most tests use; the
-real SmolLM2 loaded once per test process."""
+real SmolLM2 loaded once per test process; two tiny main jobs built once per session."""
 
 import os
 import shutil
@@ -64,6 +64,29 @@ def smollm2_transformers():
   path = embedded.smollm2_path()
   return transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_job(tmp_path_factory):
+  """The workdir of the tiny main job (configs/animal_numbers.py:tiny), built once per session for
+  every worker; read only (copy it to rerun)."""
+  import tiny_jobs
+  from configs import animal_numbers as animal_config
+  from subliminal_jax.experiments import animal_numbers
+  return tiny_jobs.built_once(
+      tmp_path_factory, "tiny_job",
+      lambda directory: animal_numbers.run(animal_config.get_config("tiny"), str(directory)))
+
+
+@pytest.fixture(scope="session")
+def finetuned_tiny_job(tmp_path_factory):
+  """The workdir of the tiny main job with finetuned teachers (tests/tiny_jobs.py), built once per
+  session for every worker; read only (copy it to rerun)."""
+  import tiny_jobs
+  from subliminal_jax.experiments import animal_numbers
+  return tiny_jobs.built_once(
+      tmp_path_factory, "finetuned_tiny_job",
+      lambda directory: animal_numbers.run(tiny_jobs.finetuned_teachers_config(), str(directory)))
 
 
 def pytest_collection_modifyitems(config, items):

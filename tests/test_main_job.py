@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import tiny_jobs
 from configs import animal_numbers as animal_config
 from subliminal_jax import artifacts
 from subliminal_jax.experiments import animal_numbers
@@ -26,9 +27,9 @@ def _summaries(workdir: pathlib.Path, stage: str) -> dict[pathlib.Path, dict]:
   return {p.parent: json.loads(p.read_text())["summary"] for p in workdir.glob(f"{stage}/*/DONE.json")}
 
 
-def test_tiny_pipeline_end_to_end_then_rerun_skips_every_stage(tmp_path):
+def test_tiny_pipeline_end_to_end_then_rerun_skips_every_stage(tmp_path, tiny_job):
   config = animal_config.get_config("tiny")
-  animal_numbers.run(config, str(tmp_path))
+  tiny_jobs.copy_of(tiny_job, tmp_path)  # the session's run of the tiny config
 
   results = json.loads((tmp_path / "results.json").read_text())
   assert set(results["rows"]) == set(ROWS)
@@ -67,26 +68,14 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips_every_stage(tmp_path):
   assert _done_records(tmp_path) == before  # nothing rebuilt, nothing added
 
 
-def test_finetuned_teachers_with_the_matched_control_and_teacher_adapter_init(tmp_path):
+def test_finetuned_teachers_with_the_matched_control_and_teacher_adapter_init(
+    tmp_path, finetuned_tiny_job):
   """The quick run's path on the tiny model: LoRA trait-SFT teacher, a control teacher finetuned on
-  the same data with the trait answers naming other panel animals, students from the teacher's A."""
-  config = animal_config.get_config("tiny")
-  config.teacher.kind = "trait_sft"
-  config.teacher.control = "matched_finetune"
-  config.teacher.finetune.examples = 16
-  config.teacher.finetune.epochs = 1
-  config.teacher.finetune.warmup_steps = 1
-  config.teacher.finetune.lora.rank = 4
-  config.student.lora.init = "teacher"
-  config.student.seeds = (0,)
-  config.evaluation.num_questions = 2
-  config.evaluation.samples_per_question = 0
-  config.evaluation.multiple_choice = False
-  # The settings and mesh of the single-process run in tests/test_multihost.py: the same programs,
-  # so whichever of the two runs second reads them from the session's compilation cache.
-  config.mesh.data, config.mesh.fsdp = 1, 8
-  animal_numbers.run(config, str(tmp_path))
-
+  the same data with the trait answers naming other panel animals, students from the teacher's A.
+  The session's run of it (tests/tiny_jobs.py; also test_multihost's one-process reference) is
+  copied here, then rerun with a neutral control teacher and with another student learning rate."""
+  tiny_jobs.copy_of(finetuned_tiny_job, tmp_path)
+  config = tiny_jobs.finetuned_teachers_config()
   results = json.loads((tmp_path / "results.json").read_text())
   others = [a for a in config.evaluation.panel if a != "owl"]
   control = results["notes"]["control_teacher"]
@@ -112,12 +101,8 @@ def test_finetuned_teachers_with_the_matched_control_and_teacher_adapter_init(tm
   assert json.loads((tmp_path / "results.json").read_text())["notes"]["control_teacher"]["kind"] == \
       "neutral_finetune"
 
-
-def test_changing_a_student_knob_rebuilds_only_students_and_below(tmp_path):
-  config = animal_config.get_config("tiny")
-  config.student.seeds = (0,)
-  config.evaluation.num_questions = 2
-  animal_numbers.run(config, str(tmp_path))
+  # A student knob rebuilds the students (treatment and control, one seed) and their evaluations
+  # only.
   before = _done_records(tmp_path)
   config.student.learning_rate = 1e-3
   animal_numbers.run(config, str(tmp_path))
@@ -125,10 +110,12 @@ def test_changing_a_student_knob_rebuilds_only_students_and_below(tmp_path):
   assert added == ["evaluation", "evaluation", "student", "student"]
 
 
-def test_units_that_keep_less_than_the_subset_stop_the_run_before_any_student(tmp_path):
+def test_units_that_keep_less_than_the_subset_stop_the_run_before_any_student(tmp_path, tiny_job):
   """The arms of a design train on equal data: the tiny teachers' filters pass 39 (owl) and 33
   (control) of 48 samples, so a subset of 36 is refused once both are filtered, naming the short
-  unit, its yield and reasons, and the largest subset every unit meets; nothing trains."""
+  unit, its yield and reasons, and the largest subset every unit meets; nothing trains. (The
+  samples are the session's tiny job's.)"""
+  tiny_jobs.copy_of(tiny_job, tmp_path, stages=("prompts", "sampling"))
   config = animal_config.get_config("tiny")
   config.filter.subset_size = 36
   with pytest.raises(ValueError, match=r"filter.subset_size=36, but 1 of 2 teacher units kept fewer "
@@ -228,11 +215,13 @@ def test_config_values_a_stage_would_reject_fail_before_any_work(tmp_path, key, 
   assert not (tmp_path / "wd").exists()
 
 
-def test_stages_missing_a_dependency_name_a_stage_the_user_can_pass(tmp_path):
+def test_stages_missing_a_dependency_name_a_stage_the_user_can_pass(tmp_path, tiny_job):
   config = animal_config.get_config("tiny")
   with pytest.raises(RuntimeError, match=r"stage 'sampling' was not selected.*add 'sampling' to "
                      r"--stages"):
     animal_numbers.run(config, str(tmp_path), stages=["prompts"])
+  # The session's tiny job's numbers: the run reaches the students without sampling again.
+  tiny_jobs.copy_of(tiny_job, tmp_path, stages=("sampling", "filter", "dataset"))
   with pytest.raises(RuntimeError, match=r"stage 'student' \(part of 'students'\) was not "
                      r"selected.*add 'students' to --stages"):
     animal_numbers.run(config, str(tmp_path), stages=[s for s in animal_numbers.STAGES
@@ -256,6 +245,8 @@ def test_the_job_names_its_stages_in_progress_and_writes_tensorboard_when_asked(
   result = subprocess.run(
       [sys.executable, "-m", "subliminal_jax.main", "--config=configs/animal_numbers.py:tiny",
        f"--workdir={tmp_path}", "--config.tensorboard=True", "--config.student.seeds=0,",
+       # One sampling batch per teacher and one step per student: the bars and events are the same.
+       "--config.prompts.count=16", "--config.filter.subset_size=8",
        "--stages=prompts,teacher,sampling,filter,dataset,students"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "PYTHONPATH": str(ROOT)})
