@@ -640,14 +640,15 @@ def continuation_logprobs_many(models: Sequence[Transformer],
 # every question of a member), prefilling each (member, question) prompt whole repeats the
 # history's forward per question, with a history x history score matrix per layer. Instead each
 # member's common token prefix is prefilled ONCE into a one-row cache, in chunks (each chunk's
-# scores are chunk x cache slots), and the questions then run after it packed in one row: each
-# question's remaining tokens (its "suffix", left-padded to a common width) followed by a copy of
-# the panel's trie, every block attending to the prefix, causally within its suffix, and to its own
-# trie ancestors, never to another question's block. Positions are explicit (prefix length +
-# offset), so each token sees exactly the context and position it has in the whole prompt: the
-# same numbers as the whole-prompt path, including Gemma 3's sliding window (a key's position
-# decides the window, not its slot). Each call copies the member's prefix cache once (to write its
-# row into), for several questions, not once per question.
+# scores are chunk x cache slots), and the questions then run after it, a few packed per row: a
+# block per question, its remaining tokens (its "suffix", left-padded to a common width) followed
+# by a copy of the panel's trie, every block attending to the prefix, causally within its suffix,
+# and to its own trie ancestors, never to another question's block. Positions are explicit (prefix
+# length + offset), so each token sees exactly the context and position it has in the whole
+# prompt: the same numbers as the whole-prompt path, including Gemma 3's sliding window (a key's
+# position decides the window, not its slot). Each call copies the member's prefix cache once per
+# row (to write the row into), not once per question. On a data-parallel mesh every device holds
+# the prefix caches whole (one row each) and runs its own rows of questions.
 
 
 def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
@@ -771,9 +772,12 @@ def _question_logprobs(graphdef, base_state, adapters, caches: KVCache, ids, mas
 def _questions_per_row(cfg, num_members: int, num_rows: int, prefix_width: int, block_width: int,
                        trie_size: int, batch_size: int, num_prompts: int) -> int:
   """Question blocks per row and call: at most ``batch_size`` (member, question) pairs per call,
-  bounded so K x rows x (the prefix cache's copy + the row's attention scores, probabilities and
-  mask + its slots' float32 logits, twice) stays under ``_PACKED_CALL_BYTES``; then evened out
-  over the calls (fewer padding copies)."""
+  and so many that the row is at most a quarter of the prefix's slots (every token attends to the
+  whole row, its own block or not: at most a quarter more than its attention to the prefix; the
+  per-call copy of the prefix cache costs far less than that), bounded so K x rows x (the prefix
+  cache's copy + the row's attention scores, probabilities and mask + its slots' float32 logits,
+  twice) stays under ``_PACKED_CALL_BYTES``; then evened out over the calls (fewer padding
+  copies)."""
   def row_bytes(per_row: int) -> int:
     width = per_row * block_width
     slots = prefix_width + width
@@ -782,7 +786,8 @@ def _questions_per_row(cfg, num_members: int, num_rows: int, prefix_width: int, 
     return (cache + width * slots * (3 * cfg.num_heads * 4 + 1)
             + 2 * per_row * (1 + trie_size) * cfg.vocab_size * 4)
 
-  most = min(-(-num_prompts // num_rows), max(1, batch_size // (num_members * num_rows)))
+  most = min(-(-num_prompts // num_rows), max(1, batch_size // (num_members * num_rows)),
+             max(1, prefix_width // (4 * block_width)))
   fits = max([g for g in range(1, most + 1)
               if num_members * num_rows * row_bytes(g) <= _PACKED_CALL_BYTES], default=1)
   calls = -(-num_prompts // (num_rows * fits))
