@@ -525,13 +525,24 @@ def _put_replicated(array: np.ndarray, mesh: Mesh | None):
   return sharding.put_host_array(array, NamedSharding(mesh, PartitionSpec()))
 
 
+def _row_bytes(cfg, queries: int, slots: int, scored: int) -> int:
+  """Memory of one row of a packed call: its KV cache of ``slots``, the attention of ``queries``
+  over them (per head three float32 arrays: scores, masked scores, probabilities; and the mask),
+  and ``scored`` positions' float32 logits, twice."""
+  cache = (2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim
+           * np.dtype(cfg.dtype).itemsize)
+  return (cache + queries * slots * (3 * cfg.num_heads * 4 + 1)
+          + 2 * scored * cfg.vocab_size * 4)
+
+
 def _packed_prompt_batch(cfg, num_members: int, cache_length: int, trie_size: int,
                          batch_size: int, num_prompts: int, data_parallel: int) -> int:
   """Prompts per member and call: at most ``batch_size // K`` (member, prompt) rows, bounded so
-  K x prompts x (one row's KV cache + its trie's float32 logits, twice) stays under
-  ``_PACKED_CALL_BYTES``; whole rows per device."""
-  row_bytes = (2 * cfg.num_layers * cache_length * cfg.num_kv_heads * cfg.head_dim
-               * np.dtype(cfg.dtype).itemsize + 2 * trie_size * cfg.vocab_size * 4)
+  K x prompts x (one row's KV cache, its prefill's attention and its trie's logits, see
+  ``_row_bytes``) stays under ``_PACKED_CALL_BYTES``; whole rows per device. (Without the
+  attention, 20 prompts of 2k tokens of the SmolLM2 shape went into one call: about 10 GB of
+  scores, probabilities and mask.)"""
+  row_bytes = _row_bytes(cfg, cache_length, cache_length, trie_size)
   rows = min(max(1, batch_size // num_members), num_prompts,
              max(1, _PACKED_CALL_BYTES // (num_members * row_bytes)))
   return padding.round_up(rows, data_parallel)
@@ -775,16 +786,11 @@ def _questions_per_row(cfg, num_members: int, num_rows: int, prefix_width: int, 
   and so many that the row is at most a quarter of the prefix's slots (every token attends to the
   whole row, its own block or not: at most a quarter more than its attention to the prefix; the
   per-call copy of the prefix cache costs far less than that), bounded so K x rows x (the prefix
-  cache's copy + the row's attention scores, probabilities and mask + its slots' float32 logits,
-  twice) stays under ``_PACKED_CALL_BYTES``; then evened out over the calls (fewer padding
-  copies)."""
+  cache's copy, the row's attention and its slots' logits, see ``_row_bytes``) stays under
+  ``_PACKED_CALL_BYTES``; then evened out over the calls (fewer padding copies)."""
   def row_bytes(per_row: int) -> int:
     width = per_row * block_width
-    slots = prefix_width + width
-    cache = (2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim
-             * np.dtype(cfg.dtype).itemsize)
-    return (cache + width * slots * (3 * cfg.num_heads * 4 + 1)
-            + 2 * per_row * (1 + trie_size) * cfg.vocab_size * 4)
+    return _row_bytes(cfg, width, prefix_width + width, per_row * (1 + trie_size))
 
   most = min(-(-num_prompts // num_rows), max(1, batch_size // (num_members * num_rows)),
              max(1, prefix_width // (4 * block_width)))
