@@ -32,7 +32,10 @@ variant's few tokens are run, in fixed-shape batches under ``jax.jit``. The chat
 ``*_many`` (K LoRA adapters of one base in one program, e.g. a matrix's students): the same
 quantities, prefix-shared: all variants of a prompt run in one row after its cache as a token
 trie with a tree mask, and the forward is vmapped over the stacked adapters (see the section
-"Prefix-shared evaluation of many adapters of one base").
+"Prefix-shared evaluation of many adapters of one base"). When a model's prompts share a long
+common token prefix (an in-context history before every question), that prefix is prefilled once,
+in chunks, and the questions run after it (section "Long shared prefixes"; ``answer_logprobs`` and
+``exact_preference`` take that path too).
 """
 
 from __future__ import annotations
@@ -357,13 +360,19 @@ def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: 
   """log P(the answer is one of ``answers[a]``'s variants | prompt q) -> float64 [prompts, answers].
 
   ``answers[a]`` is a list of surface variants; their events (see the module docstring) are made
-  disjoint and their probabilities summed in log space. ``histories``: see :func:`chat_prompt_ids`.
+  disjoint and their probabilities summed in log space. ``histories``: see :func:`chat_prompt_ids`;
+  when the prompts share a long common prefix (a history the same for every prompt), it is
+  prefilled once, as :func:`continuation_logprobs_many` does.
   """
   variants = _AnswerVariants.of(tokenizer, answers, event, model.config.vocab_size)
   prompt_ids = chat_prompt_ids(tokenizer, user_prompts, system=system, histories=histories)
-  seq_lp = continuation_logprobs(model, prompt_ids, variants.unique, pad_id=tokenizer.pad_id,
-                                 boundary=variants.boundary, batch_size=batch_size, mesh=mesh,
-                                 desc=desc)
+  kwargs = dict(pad_id=tokenizer.pad_id, boundary=variants.boundary, batch_size=batch_size,
+                mesh=mesh, desc=desc)
+  if _shared_prefix_lengths([prompt_ids], SHARED_PREFIX_MIN) is not None:
+    # A long history before every prompt: prefilled once (see "Long shared prefixes").
+    seq_lp = continuation_logprobs_many([model], [prompt_ids], variants.unique, **kwargs)[0]
+  else:
+    seq_lp = continuation_logprobs(model, prompt_ids, variants.unique, **kwargs)
   return variants.summed(seq_lp)
 
 
@@ -381,6 +390,9 @@ def answer_logprobs(model: Transformer, tokenizer: ChatTokenizer, user_prompts: 
 _TRIE_BUCKET = 16  # the packed row is padded to a multiple of this
 # KV cache and logits of one call ((member, prompt) rows x the bytes of one), at most.
 _PACKED_CALL_BYTES = 1024 * 2**20
+# Long shared prefixes (see that section below):
+SHARED_PREFIX_MIN = 64  # common prompt tokens from which the prefix is prefilled once
+PREFIX_CHUNK = 256  # prefix tokens prefilled per step, over all members (bounds the scores)
 
 
 class _Trie(NamedTuple):
@@ -421,18 +433,30 @@ def _packed_trie(continuations: Sequence[tuple[int, ...]], with_boundary: bool) 
                target_nodes, target_tokens, target_mask, last_nodes)
 
 
+def _trie_logprobs(first_logits, logits, trie: _Trie, with_boundary, boundary):
+  """From the logits after each prompt [B, V] and of the trie after it [B, N, V]: float32 [B, C]
+  each, log P(c[0]), the summed log-probs of c's later tokens, and log P(boundary after c) (zeros
+  without ``with_boundary``)."""
+  first = jax.nn.log_softmax(first_logits, axis=-1)[:, trie.first_tokens]
+  normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B, N]
+  picked = logits[:, trie.target_nodes, trie.target_tokens] - normaliser[:, trie.target_nodes]
+  later = jnp.sum(jnp.where(trie.target_mask, picked, 0.0), axis=-1)
+  if not with_boundary:
+    return first, later, jnp.zeros_like(later)
+  ends = jax.nn.logsumexp(jnp.where(boundary, logits, -jnp.inf), axis=-1) - normaliser
+  return first, later, ends[:, trie.last_nodes]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
 def _packed_logprobs(graphdef, base_state, adapters, ids, mask, trie: _Trie, cache_length,
                      with_boundary, boundary):
   """Each member's prefill of its prompts [K, B, T], then the trie after every prompt.
 
-  Returns float32 [K, B, C] each: log P(c[0]), the summed log-probs of c's later tokens, and
-  log P(boundary after c) (zeros without ``with_boundary``).
+  Returns float32 [K, B, C] each: see :func:`_trie_logprobs`.
   """
   def one_member(adapters, ids, mask):
     model = nnx.merge(graphdef, base_state, adapters)
     first_logits, cache = sampler.prefill(model, ids, mask, cache_length)
-    first = jax.nn.log_softmax(first_logits, axis=-1)[:, trie.first_tokens]
     b, n = ids.shape[0], trie.ids.shape[0]
     # The prompt's slots are filtered by the cache's key mask; the trie's by ancestry.
     attend = jnp.concatenate([jnp.ones((1, n, ids.shape[1]), bool), trie.ancestors[None]], axis=2)
@@ -440,13 +464,7 @@ def _packed_logprobs(graphdef, base_state, adapters, ids, mask, trie: _Trie, cac
         jnp.broadcast_to(trie.ids, (b, n)), jnp.broadcast_to(trie.mask, (b, n)), cache=cache,
         positions=cache.next_position[:, None] + trie.depth[None], attend=attend)
     logits = model.logits_from_hidden(hidden)  # [b, n, V]
-    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [b, n]
-    picked = logits[:, trie.target_nodes, trie.target_tokens] - normaliser[:, trie.target_nodes]
-    later = jnp.sum(jnp.where(trie.target_mask, picked, 0.0), axis=-1)
-    if not with_boundary:
-      return first, later, jnp.zeros_like(later)
-    ends = jax.nn.logsumexp(jnp.where(boundary, logits, -jnp.inf), axis=-1) - normaliser
-    return first, later, ends[:, trie.last_nodes]
+    return _trie_logprobs(first_logits, logits, trie, with_boundary, boundary)
 
   return jax.vmap(one_member)(adapters, ids, mask)
 
@@ -500,23 +518,88 @@ def _put_members(array: np.ndarray, mesh: Mesh | None):
   return sharding.put_host_array(array, NamedSharding(mesh, PartitionSpec(None, *spec)))
 
 
+def _put_replicated(array: np.ndarray, mesh: Mesh | None):
+  """A host array whole on every device (one member's prefix row is not split)."""
+  if mesh is None:
+    return jnp.asarray(array)
+  return sharding.put_host_array(array, NamedSharding(mesh, PartitionSpec()))
+
+
+def _row_bytes(cfg, queries: int, slots: int, scored: int) -> int:
+  """Memory of one row of a packed call: its KV cache of ``slots``, the attention of ``queries``
+  over them (per head three float32 arrays: scores, masked scores, probabilities; and the mask),
+  and ``scored`` positions' float32 logits, twice."""
+  cache = (2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim
+           * np.dtype(cfg.dtype).itemsize)
+  return (cache + queries * slots * (3 * cfg.num_heads * 4 + 1)
+          + 2 * scored * cfg.vocab_size * 4)
+
+
 def _packed_prompt_batch(cfg, num_members: int, cache_length: int, trie_size: int,
                          batch_size: int, num_prompts: int, data_parallel: int) -> int:
   """Prompts per member and call: at most ``batch_size // K`` (member, prompt) rows, bounded so
-  K x prompts x (one row's KV cache + its trie's float32 logits, twice) stays under
-  ``_PACKED_CALL_BYTES``; whole rows per device."""
-  row_bytes = (2 * cfg.num_layers * cache_length * cfg.num_kv_heads * cfg.head_dim
-               * np.dtype(cfg.dtype).itemsize + 2 * trie_size * cfg.vocab_size * 4)
+  K x prompts x (one row's KV cache, its prefill's attention and its trie's logits, see
+  ``_row_bytes``) stays under ``_PACKED_CALL_BYTES``; whole rows per device. (Without the
+  attention, 20 prompts of 2k tokens of the SmolLM2 shape went into one call: about 10 GB of
+  scores, probabilities and mask.)"""
+  row_bytes = _row_bytes(cfg, cache_length, cache_length, trie_size)
   rows = min(max(1, batch_size // num_members), num_prompts,
              max(1, _PACKED_CALL_BYTES // (num_members * row_bytes)))
   return padding.round_up(rows, data_parallel)
+
+
+class _PanelJob(NamedTuple):
+  """What both packed paths share: the stacked members and the panel's trie and boundary."""
+  config: Any               # the members' TransformerConfig
+  graphdef: Any
+  base_state: Any
+  adapters: Any             # stacked on a leading member axis
+  trie: _Trie               # on the host
+  with_boundary: bool
+  boundary: jax.Array       # bool [vocab] (one False without a boundary)
+  mesh: Mesh | None
+
+  @property
+  def trie_on_device(self) -> _Trie:
+    return _Trie(*(jnp.asarray(a) for a in self.trie))
+
+
+def _whole_prompt_logprobs(job: _PanelJob, prompt_ids: Sequence[Sequence[Sequence[int]]],
+                           pad_id: int, batch_size: int, bar) -> np.ndarray:
+  """float64 [K, P, C]: every (member, prompt) prefilled whole, the trie after each."""
+  num_members, num_prompts = len(prompt_ids), len(prompt_ids[0])
+  prompt_len = padding.round_up(max(len(p) for member in prompt_ids for p in member),
+                                _PROMPT_BUCKET)
+  cache_length = prompt_len + len(job.trie.ids)
+  prompt_batch = _packed_prompt_batch(job.config, num_members, cache_length, len(job.trie.ids),
+                                      batch_size, num_prompts,
+                                      sharding.data_parallel_size(job.mesh))
+  trie = job.trie_on_device
+  out = np.empty((num_members, num_prompts, len(job.trie.first_tokens)), np.float64)
+  for start in range(0, num_prompts, prompt_batch):
+    n_real = min(prompt_batch, num_prompts - start)
+    # Fixed shapes: pad with copies; left padding ends every prompt at the last column.
+    rows = [padding.pad_rows(list(member[start:start + n_real])
+                             + [member[start]] * (prompt_batch - n_real),
+                             pad_value=pad_id, side="left", width=prompt_len)
+            for member in prompt_ids]
+    parts = _packed_logprobs(job.graphdef, job.base_state, job.adapters,
+                             _put_members(np.stack([ids for ids, _ in rows]), job.mesh),
+                             _put_members(np.stack([mask for _, mask in rows]), job.mesh),
+                             trie, cache_length, job.with_boundary, job.boundary)
+    parts = [p.astype(np.float64)[:, :n_real] for p in sharding.to_host(parts)]
+    out[:, start:start + n_real] = parts[0] + parts[1] + parts[2]
+    bar.update(num_members * n_real)
+  return out
 
 
 def continuation_logprobs_many(models: Sequence[Transformer],
                                prompt_ids: Sequence[Sequence[Sequence[int]]],
                                continuations: Sequence[Sequence[int]], *, pad_id: int,
                                boundary: np.ndarray | None = None, batch_size: int = 64,
-                               mesh: Mesh | None = None, desc: str | None = None) -> np.ndarray:
+                               mesh: Mesh | None = None, desc: str | None = None,
+                               shared_prefix_min: int | None = SHARED_PREFIX_MIN,
+                               prefix_chunk: int = PREFIX_CHUNK) -> np.ndarray:
   """:func:`continuation_logprobs` of K adapters of one base at once -> float64 [K, P, C].
 
   ``prompt_ids[k]``: member k's P prompts (members may have different prompts, e.g. histories).
@@ -524,6 +607,11 @@ def continuation_logprobs_many(models: Sequence[Transformer],
   a token trie (see the section comment). ``batch_size``: (member, prompt) rows per call, at most;
   memory per call is K x prompts x (KV cache row + the trie's logits), see
   ``_packed_prompt_batch``.
+
+  When some member's prompts share a common token prefix of at least ``shared_prefix_min`` tokens
+  (a long in-context history before each question; None: never), each member's common prefix is
+  prefilled once, ``prefix_chunk`` tokens (over all members) at a time, and the questions' rest
+  and tries run after it (see "Long shared prefixes" below); the numbers are the same.
   """
   graphdef, base_state, adapters = _stacked_members(models)
   if len(prompt_ids) != len(models):
@@ -533,38 +621,219 @@ def continuation_logprobs_many(models: Sequence[Transformer],
     raise ValueError(f"every member needs the same non-zero number of prompts (got "
                      f"{sorted(num_prompts)}) and at least one continuation")
   num_prompts = num_prompts.pop()
+  if prefix_chunk < 1:
+    raise ValueError(f"prefix_chunk={prefix_chunk} must be positive")
   continuations, boundary = _checked_continuations(continuations, boundary,
                                                    models[0].config.vocab_size)
   with_boundary = boundary is not None
-  trie = _packed_trie(continuations, with_boundary)
-  prompt_len = padding.round_up(max(len(p) for member in prompt_ids for p in member),
-                                _PROMPT_BUCKET)
-  cache_length = prompt_len + len(trie.ids)
-  dp = sharding.data_parallel_size(mesh)
-  prompt_batch = _packed_prompt_batch(models[0].config, len(models), cache_length, len(trie.ids),
-                                      batch_size, num_prompts, dp)
-  trie_dev = _Trie(*(jnp.asarray(a) for a in trie))
-  boundary_dev = jnp.asarray(boundary if with_boundary else np.zeros(1, bool))
-  out = np.empty((len(models), num_prompts, len(continuations)), np.float64)
+  job = _PanelJob(models[0].config, graphdef, base_state, adapters,
+                  _packed_trie(continuations, with_boundary), with_boundary,
+                  jnp.asarray(boundary if with_boundary else np.zeros(1, bool)), mesh)
+  prefix_lengths = _shared_prefix_lengths(prompt_ids, shared_prefix_min)
   context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  bar = tqdm(total=len(models) * num_prompts, desc=progress_lib.describe(desc or "teacher forcing"),
-             unit="prompt", disable=desc is None)
+  bar = tqdm(total=len(models) * num_prompts,
+             desc=progress_lib.describe(desc or "teacher forcing"), unit="prompt",
+             disable=desc is None)
   with context:
-    for start in range(0, num_prompts, prompt_batch):
-      n_real = min(prompt_batch, num_prompts - start)
-      # Fixed shapes: pad with copies; left padding ends every prompt at the last column.
-      rows = [padding.pad_rows(list(member[start:start + n_real])
-                               + [member[start]] * (prompt_batch - n_real),
-                               pad_value=pad_id, side="left", width=prompt_len)
-              for member in prompt_ids]
-      parts = _packed_logprobs(graphdef, base_state, adapters,
-                               _put_members(np.stack([ids for ids, _ in rows]), mesh),
-                               _put_members(np.stack([mask for _, mask in rows]), mesh),
-                               trie_dev, cache_length, with_boundary, boundary_dev)
-      parts = [p.astype(np.float64)[:, :n_real] for p in sharding.to_host(parts)]
-      out[:, start:start + n_real] = parts[0] + parts[1] + parts[2]
-      bar.update(len(models) * n_real)
+    if prefix_lengths is None:
+      out = _whole_prompt_logprobs(job, prompt_ids, pad_id, batch_size, bar)
+    else:
+      out = _shared_prefix_logprobs(job, prompt_ids, prefix_lengths, pad_id, batch_size,
+                                    max(_PROMPT_BUCKET, prefix_chunk // len(models)), bar)
   bar.close()
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Long shared prefixes
+#
+# With an in-context history of thousands of tokens before each question (the same history for
+# every question of a member), prefilling each (member, question) prompt whole repeats the
+# history's forward per question, with a history x history score matrix per layer. Instead each
+# member's common token prefix is prefilled ONCE into a one-row cache, in chunks (each chunk's
+# scores are chunk x cache slots), and the questions then run after it, a few packed per row: a
+# block per question, its remaining tokens (its "suffix", left-padded to a common width) followed
+# by a copy of the panel's trie, every block attending to the prefix, causally within its suffix,
+# and to its own trie ancestors, never to another question's block. Positions are explicit (prefix
+# length + offset), so each token sees exactly the context and position it has in the whole
+# prompt: the same numbers as the whole-prompt path, including Gemma 3's sliding window (a key's
+# position decides the window, not its slot). Each call copies the member's prefix cache once per
+# row (to write the row into), not once per question. On a data-parallel mesh every device holds
+# the prefix caches whole (one row each) and runs its own rows of questions.
+
+
+def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+  """Tokens all prompts start with, at most one fewer than the shortest prompt has (every
+  question keeps its last token, whose logits predict the answer's first token)."""
+  shortest = min(len(p) for p in prompts)
+  first = np.asarray(prompts[0][:shortest])
+  length = shortest - 1
+  for prompt in prompts[1:]:
+    differs = np.flatnonzero(np.asarray(prompt[:length]) != first[:length])
+    length = int(differs[0]) if len(differs) else length
+  return length
+
+
+def _shared_prefix_lengths(prompt_ids: Sequence[Sequence[Sequence[int]]],
+                           shared_prefix_min: int | None) -> list[int] | None:
+  """Each member's common prefix length, or None when no member's reaches ``shared_prefix_min``
+  or when the shared path would feed more tokens than prefilling every prompt whole (a member
+  whose prompts differ early would put its whole prompts in the packed row)."""
+  if shared_prefix_min is None:
+    return None
+  lengths = [_common_prefix_length(member) for member in prompt_ids]
+  if max(lengths) < shared_prefix_min:
+    return None
+  num_prompts = len(prompt_ids[0])
+  whole = num_prompts * max(len(p) for member in prompt_ids for p in member)
+  suffix = max(len(p) - n for member, n in zip(prompt_ids, lengths) for p in member)
+  return lengths if max(lengths) + num_prompts * suffix <= whole else None
+
+
+def _prefix_chunks(prefixes: Sequence[Sequence[int]], pad_id: int, chunk_limit: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """The members' prefixes left-padded to one width and cut into equal chunks of at most
+  ``chunk_limit`` tokens (whole prompt buckets): ids and mask [K, chunks, chunk]."""
+  longest = max(len(p) for p in prefixes)
+  num_chunks = -(-longest // chunk_limit)
+  chunk = padding.round_up(-(-longest // max(1, num_chunks)), _PROMPT_BUCKET)
+  ids, mask = padding.pad_rows(prefixes, pad_value=pad_id, side="left", width=num_chunks * chunk)
+  shape = (len(prefixes), num_chunks, chunk)
+  return ids.reshape(shape), mask.reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefix_caches(graphdef, base_state, adapters, ids, mask, cache_length):
+  """Each member's prefix [K, chunks, chunk] prefilled chunk by chunk (each chunk written at the
+  cache's length) into a one-row cache of ``cache_length`` slots -> KVCache stacked over K."""
+  def one_member(adapters, ids, mask):
+    model = nnx.merge(graphdef, base_state, adapters)
+
+    def step(cache, chunk):
+      _, cache = model.hidden_states(chunk[0][None], chunk[1][None], cache=cache)
+      return cache, None
+
+    cache = sampler.constrain_cache(model.init_cache(1, cache_length))
+    return jax.lax.scan(step, cache, (ids, mask))[0]
+
+  return jax.vmap(one_member)(adapters, ids, mask)
+
+
+class _QuestionBlocks(NamedTuple):
+  """G question blocks (suffix slots, then the trie's) packed in one row of G x W slots."""
+  attend: np.ndarray        # [G*W, G*W] slot j may attend to slot i (within one block)
+  last_slots: np.ndarray    # [G] each suffix's last token (its logits predict c[0])
+  trie_slots: np.ndarray    # [G, N] each block's trie nodes
+
+
+def _question_blocks(trie: _Trie, suffix_width: int, per_row: int) -> _QuestionBlocks:
+  num_nodes = len(trie.ids)
+  width = suffix_width + num_nodes
+  block = np.zeros((width, width), bool)
+  block[:suffix_width, :suffix_width] = np.tril(np.ones((suffix_width, suffix_width), bool))
+  block[suffix_width:, :suffix_width] = True  # (the suffix's padding is no key: masked)
+  block[suffix_width:, suffix_width:] = trie.ancestors
+  starts = np.arange(per_row) * width + suffix_width
+  return _QuestionBlocks(np.kron(np.eye(per_row, dtype=bool), block), starts - 1,
+                         starts[:, None] + np.arange(num_nodes)[None])
+
+
+def _question_rows(suffixes: Sequence[Sequence[Sequence[int]]], prefix_lengths: Sequence[int],
+                   picked: Sequence[int], trie: _Trie, suffix_width: int, num_rows: int,
+                   pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """ids, mask and positions [K, rows, G x W] of the ``picked`` questions' blocks, G per row."""
+  arrays = []
+  for member, offset in zip(suffixes, prefix_lengths):
+    ids, mask = padding.pad_rows([member[q] for q in picked], pad_value=pad_id, side="left",
+                                 width=suffix_width)
+    positions = offset + np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    trie_positions = offset + mask.sum(1, keepdims=True) + trie.depth[None]
+    arrays.append([np.concatenate([a, np.broadcast_to(b, (len(picked), len(trie.ids)))], axis=1)
+                   for a, b in ((ids, trie.ids), (mask, trie.mask), (positions, trie_positions))])
+  return tuple(np.stack([member[i] for member in arrays]).reshape(len(suffixes), num_rows, -1)
+               for i in range(3))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9))
+def _question_logprobs(graphdef, base_state, adapters, caches: KVCache, ids, mask, positions,
+                       trie: _Trie, blocks: _QuestionBlocks, with_boundary, boundary):
+  """Each member's question rows [K, rows, G x W] after its prefix cache (one row, broadcast to
+  ``rows``) -> float32 [K, rows, G, C] each: see :func:`_trie_logprobs`."""
+  def one_member(adapters, cache, ids, mask, positions):
+    model = nnx.merge(graphdef, base_state, adapters)
+    rows, width = ids.shape
+    cache = sampler.constrain_cache(dataclasses.replace(
+        cache, k=jnp.broadcast_to(cache.k, cache.k.shape[:1] + (rows,) + cache.k.shape[2:]),
+        v=jnp.broadcast_to(cache.v, cache.v.shape[:1] + (rows,) + cache.v.shape[2:]),
+        key_mask=jnp.broadcast_to(cache.key_mask, (rows, cache.max_length)),
+        next_position=jnp.broadcast_to(cache.next_position, (rows,))))
+    # The prefix's slots are filtered by the cache's key mask; the row's by the blocks.
+    attend = jnp.concatenate(
+        [jnp.ones((width, cache.max_length - width), bool), blocks.attend], axis=1)[None]
+    hidden, _ = model.hidden_states(ids, mask, cache=cache, positions=positions, attend=attend)
+    slots = jnp.concatenate([blocks.last_slots[:, None], blocks.trie_slots], axis=1)  # [G, 1+N]
+    logits = model.logits_from_hidden(hidden[:, slots.reshape(-1)])
+    logits = logits.reshape((rows * slots.shape[0],) + slots.shape[1:] + logits.shape[-1:])
+    parts = _trie_logprobs(logits[:, 0], logits[:, 1:], trie, with_boundary, boundary)
+    return tuple(p.reshape(rows, slots.shape[0], -1) for p in parts)
+
+  return jax.vmap(one_member)(adapters, caches, ids, mask, positions)
+
+
+def _questions_per_row(cfg, num_members: int, num_rows: int, prefix_width: int, block_width: int,
+                       trie_size: int, batch_size: int, num_prompts: int) -> int:
+  """Question blocks per row and call: at most ``batch_size`` (member, question) pairs per call,
+  and so many that the row is at most a quarter of the prefix's slots (every token attends to the
+  whole row, its own block or not: at most a quarter more than its attention to the prefix; the
+  per-call copy of the prefix cache costs far less than that), bounded so K x rows x (the prefix
+  cache's copy, the row's attention and its slots' logits, see ``_row_bytes``) stays under
+  ``_PACKED_CALL_BYTES``; then evened out over the calls (fewer padding copies)."""
+  def row_bytes(per_row: int) -> int:
+    width = per_row * block_width
+    return _row_bytes(cfg, width, prefix_width + width, per_row * (1 + trie_size))
+
+  most = min(-(-num_prompts // num_rows), max(1, batch_size // (num_members * num_rows)),
+             max(1, prefix_width // (4 * block_width)))
+  fits = max([g for g in range(1, most + 1)
+              if num_members * num_rows * row_bytes(g) <= _PACKED_CALL_BYTES], default=1)
+  calls = -(-num_prompts // (num_rows * fits))
+  return -(-num_prompts // (num_rows * calls))
+
+
+def _shared_prefix_logprobs(job: _PanelJob, prompt_ids: Sequence[Sequence[Sequence[int]]],
+                            prefix_lengths: Sequence[int], pad_id: int, batch_size: int,
+                            chunk_limit: int, bar) -> np.ndarray:
+  """float64 [K, P, C]: each member's common prefix prefilled once, its questions after it."""
+  num_members, num_prompts = len(prompt_ids), len(prompt_ids[0])
+  prefix_ids, prefix_mask = _prefix_chunks(
+      [member[0][:n] for member, n in zip(prompt_ids, prefix_lengths)], pad_id, chunk_limit)
+  prefix_width = prefix_ids.shape[1] * prefix_ids.shape[2]
+  suffixes = [[p[n:] for p in member] for member, n in zip(prompt_ids, prefix_lengths)]
+  suffix_width = padding.round_up(max(len(s) for member in suffixes for s in member),
+                                  _TRIE_BUCKET)
+  num_rows = sharding.data_parallel_size(job.mesh)
+  per_row = _questions_per_row(job.config, num_members, num_rows, prefix_width,
+                               suffix_width + len(job.trie.ids), len(job.trie.ids), batch_size,
+                               num_prompts)
+  blocks = _question_blocks(job.trie, suffix_width, per_row)
+  caches = _prefix_caches(job.graphdef, job.base_state, job.adapters,
+                          _put_replicated(prefix_ids, job.mesh),
+                          _put_replicated(prefix_mask, job.mesh), prefix_width + len(blocks.attend))
+  trie, blocks_dev = job.trie_on_device, _QuestionBlocks(*(jnp.asarray(a) for a in blocks))
+  out = np.empty((num_members, num_prompts, len(job.trie.first_tokens)), np.float64)
+  step = num_rows * per_row
+  for start in range(0, num_prompts, step):
+    n_real = min(step, num_prompts - start)
+    picked = list(range(start, start + n_real)) + [start] * (step - n_real)
+    rows = _question_rows(suffixes, prefix_lengths, picked, job.trie, suffix_width, num_rows,
+                          pad_id)
+    parts = _question_logprobs(job.graphdef, job.base_state, job.adapters, caches,
+                               *(_put_members(a, job.mesh) for a in rows), trie, blocks_dev,
+                               job.with_boundary, job.boundary)
+    parts = [p.astype(np.float64).reshape(num_members, step, -1)[:, :n_real]
+             for p in sharding.to_host(parts)]
+    out[:, start:start + n_real] = parts[0] + parts[1] + parts[2]
+    bar.update(num_members * n_real)
   return out
 
 

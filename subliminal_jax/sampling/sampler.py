@@ -186,7 +186,8 @@ class _State:
 # The jitted program
 
 
-def _constrain_cache(cache: KVCache) -> KVCache:
+def constrain_cache(cache: KVCache) -> KVCache:
+  """The cache's arrays constrained to the batch's sharding (a no-op outside a mesh)."""
   return dataclasses.replace(
       cache,
       k=sharding.constrain(cache.k, ("layers", "batch", "kv_heads", "seq", None)),
@@ -202,7 +203,7 @@ def prefill(model, ids: jax.Array, mask: jax.Array, cache_length: int
   constrained to the batch's sharding under a mesh. Traced code: call it inside ``jax.jit`` (the
   sampler's program, teacher-forced evaluation).
   """
-  cache = _constrain_cache(model.init_cache(ids.shape[0], cache_length))
+  cache = constrain_cache(model.init_cache(ids.shape[0], cache_length))
   hidden, cache = model.hidden_states(ids, mask, cache=cache)
   # Left padding puts every row's last prompt token in the last column: only it is projected to
   # the vocabulary (all positions would add a fifth to the prefill's FLOPs, for logits never read).
