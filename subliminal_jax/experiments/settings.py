@@ -487,11 +487,13 @@ class Settings:
     """These settings with ``family``'s calibrated student learning rate
     (``matrix.student_learning_rates``); unchanged for the same family or without one."""
     lr = self.matrix.student_learning_rate(family) if self.matrix else None
-    if lr is None:
-      return self
+    return self if lr is None else self.with_student_learning_rate(lr)
+
+  def with_student_learning_rate(self, learning_rate: float) -> "Settings":
+    """These settings with students trained at ``learning_rate`` (in their stages' fingerprint)."""
     recipe = self.student.recipe
     recipe = dataclasses.replace(recipe, optimization=dataclasses.replace(
-        recipe.optimization, learning_rate=lr))
+        recipe.optimization, learning_rate=float(learning_rate)))
     return dataclasses.replace(self, student=dataclasses.replace(self.student, recipe=recipe))
 
   def replicated(self, replicate: int) -> "Settings":

@@ -112,14 +112,6 @@ def held_out(s: settings_lib.Settings, seed: int, count: int | None = None) -> s
   return out
 
 
-def with_learning_rate(s: settings_lib.Settings, learning_rate: float) -> settings_lib.Settings:
-  """``s`` whose students train at ``learning_rate`` (in their stage's fingerprint)."""
-  recipe = s.student.recipe
-  recipe = dataclasses.replace(recipe, optimization=dataclasses.replace(
-      recipe.optimization, learning_rate=float(learning_rate)))
-  return dataclasses.replace(s, student=dataclasses.replace(s.student, recipe=recipe))
-
-
 # ---------------------------------------------------------------------------------------------
 # The distance: mean per-token KL(student || base) on held-out completions
 
@@ -225,7 +217,7 @@ def _students_kl(train: stages_lib.Stages, teacher: stages_lib.Teacher, family: 
                  family_base: loading.Loaded, learning_rate: float, train_set: pathlib.Path,
                  measure_set: pathlib.Path, batch_size: int) -> list[dict[str, Any]]:
   """Every seed's student of ``family`` at ``learning_rate``, and its KL record."""
-  st = stages_lib.Stages(with_learning_rate(train.settings, learning_rate), train.wd, train.base,
+  st = stages_lib.Stages(train.settings.with_student_learning_rate(learning_rate), train.wd, train.base,
                          train.mesh, train.selected)
   records = []
   for seed in st.settings.student.seeds:
