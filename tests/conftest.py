@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices, so sharded code paths run on any machine; one fresh XLA
 compilation cache per test session; light XLA optimisation for the tiny models most tests use; the
-real SmolLM2 loaded once per test process; two tiny main jobs built once per session."""
+real SmolLM2 loaded once per test process; two tiny main jobs and the tiny transfer matrix built
+once per session."""
 
 import os
 import shutil
@@ -87,6 +88,19 @@ def finetuned_tiny_job(tmp_path_factory):
   return tiny_jobs.built_once(
       tmp_path_factory, "finetuned_tiny_job",
       lambda directory: animal_numbers.run(tiny_jobs.finetuned_teachers_config(), str(directory)))
+
+
+@pytest.fixture(scope="session")
+def tiny_matrix_job(tmp_path_factory):
+  """The tiny 3x3 transfer matrix (tests/tiny_jobs.py), built once per session for every worker:
+  (its config, its workdir, what its run returned); read only (copy it to rerun)."""
+  import tiny_jobs
+  from subliminal_jax.experiments import transfer_matrix
+  config = tiny_jobs.tiny_matrix_config()
+  workdir, results = tiny_jobs.run_once(
+      tmp_path_factory, "tiny_matrix",
+      lambda directory: transfer_matrix.run(config, str(directory)))
+  return config, workdir, results
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
-"""The signature experiment on the tiny model: run in two parts, analysed from the committed parts
-alone; nested in-context doses; a calibrated learning rate for the other family only."""
+"""The signature experiment on the tiny model: run in two parts on the tiny transfer matrix's
+artifacts, analysed from the committed parts alone; nested in-context doses; a calibrated learning
+rate for the other family only."""
 
 import json
 import pathlib
@@ -7,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_jobs
 
 from configs import signature as signature_config
 from subliminal_jax.experiments import signature, stages, transfer_matrix
@@ -14,7 +16,7 @@ from subliminal_jax.experiments import signature, stages, transfer_matrix
 
 def _config(**matrix):
   config = signature_config.get_config("tiny")
-  config.matrix.student_models = ("tiny-random:1",)
+  config.matrix.student_models = (tiny_jobs.OTHER_FAMILY,)
   config.matrix.student_learning_rates = (3e-3,)
   config.signature.power.source = "test"
   for key, value in matrix.items():
@@ -23,14 +25,20 @@ def _config(**matrix):
 
 
 @pytest.fixture(scope="module")
-def two_parts(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("signature")
-  first = signature.run(_config(replicates_to_run=(0,)), str(workdir))
-  second = signature.run(_config(replicates_to_run=(1,)), str(workdir))
+def two_parts(tmp_path_factory, tiny_matrix_job):
+  """The two parts, built once per session (read only) into a copy of the tiny transfer matrix's
+  workdir without its other-family students (those train at another learning rate here): the
+  signature's replicate 0 is the matrix's one replicate, so its teachers, numbers, same-family
+  students and their evaluations are reused, as in the real runs (configs/signature.py)."""
+  def both_parts(workdir: pathlib.Path):
+    tiny_jobs.copy_of(tiny_matrix_job[1], workdir, same_family_students_only=True)
+    return (signature.run(_config(replicates_to_run=(0,)), str(workdir)),
+            signature.run(_config(replicates_to_run=(1,)), str(workdir)))
+  workdir, (first, second) = tiny_jobs.run_once(tmp_path_factory, "tiny_signature", both_parts)
   return workdir, first, second
 
 
-def test_parts_merge_and_the_verdict_waits_for_every_replicate(two_parts):
+def test_parts_merge_and_the_verdict_waits_for_every_replicate(two_parts, tmp_path):
   workdir, first, second = two_parts
   report_dir = workdir / "signature"
   assert sorted(p.name for p in (report_dir / "parts").iterdir()) == [
@@ -50,7 +58,7 @@ def test_parts_merge_and_the_verdict_waits_for_every_replicate(two_parts):
     assert c["low"] <= c["high"] and 0 < c["p_value"] <= 1
   # The analysis is a function of design.json and parts/ alone: copied without the workdir's
   # artifacts, it recomputes to the same results.json.
-  copy = workdir.parent / "committed_copy"
+  copy = tmp_path / "committed_copy"
   shutil.copytree(report_dir, copy, ignore=shutil.ignore_patterns("results.json", "report.md"))
   again = signature.analyse_report_dir(copy)
   assert json.loads(json.dumps(again["analysis"])) == json.loads(json.dumps(a))
@@ -92,7 +100,11 @@ def test_doses_are_nested_and_max_is_the_most_that_fit(two_parts):
 def test_calibrated_rate_trains_the_other_family_only(two_parts):
   workdir, _, _ = two_parts
   rates = {}
-  for done in (workdir / "student").glob("*/DONE.json"):
+  students = list((workdir / "student").glob("*/DONE.json"))
+  # One per unit (2 replicates x 4) and family: replicate 0's same-family students are the
+  # matrix's, found by their fingerprints (4 more if they had been built anew).
+  assert len(students) == 2 * 8
+  for done in students:
     inputs = json.loads(done.read_text())["inputs"]
     rates.setdefault(inputs["model"], set()).add(inputs["student"]["learning_rate"])
   config = _config()
@@ -100,19 +112,18 @@ def test_calibrated_rate_trains_the_other_family_only(two_parts):
   assert sorted(rates.values(), key=min) == sorted([{base_rate}, {3e-3}], key=min)
 
 
-def test_execution_knobs_may_change_between_parts_but_the_design_may_not(two_parts):
+def test_execution_knobs_may_change_between_parts_but_the_design_may_not(two_parts, tmp_path):
   workdir, _, _ = two_parts
   changed = _config(replicates_to_run=(1,))
   changed.signature.criterion.students = 0.05
   with pytest.raises(ValueError, match="fixed another design"):
     signature.run(changed, str(workdir))
+  report_dir = tmp_path / "signature"  # a copy: the shared workdir stays as built
+  shutil.copytree(workdir / "signature", report_dir)
+  parts = report_dir / "parts"
+  shutil.copy(parts / "replicates_1.json", parts / "replicates_1-x.json")
   with pytest.raises(ValueError, match="replicate 1 is in both"):
-    shutil.copy(workdir / "signature" / "parts" / "replicates_1.json",
-                workdir / "signature" / "parts" / "replicates_1-x.json")
-    try:
-      signature.load_parts(workdir / "signature")
-    finally:
-      (workdir / "signature" / "parts" / "replicates_1-x.json").unlink()
+    signature.load_parts(report_dir)
 
 
 def test_bad_signature_settings_are_clear_errors(tmp_path):

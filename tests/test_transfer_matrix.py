@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_jobs
 
 from configs import transfer_matrix as matrix_config
 from subliminal_jax.experiments import stages, transfer_matrix
@@ -28,19 +29,8 @@ def _clr_means(records, panel, animals):
   return np.asarray(out)
 
 
-@pytest.fixture(scope="module")
-def tiny_matrix(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("matrix")
-  config = matrix_config.get_config("tiny")
-  # Students of another initialization learn from the same numbers (the cross-family control;
-  # the real one is Gemma 3 students of SmolLM2's numbers).
-  config.matrix.student_models = ("tiny-random:1",)
-  results = transfer_matrix.run(config, str(workdir))
-  return config, workdir, results
-
-
-def test_tiny_three_by_three_matrix_end_to_end(tiny_matrix):
-  config, workdir, results = tiny_matrix
+def test_tiny_three_by_three_matrix_end_to_end(tiny_matrix_job):
+  config, workdir, results = tiny_matrix_job
   animals, panel = list(config.targets), list(config.evaluation.panel)
   assert len(animals) == 3
   on_disk = json.loads((workdir / "results.json").read_text())
@@ -94,8 +84,10 @@ def test_tiny_three_by_three_matrix_end_to_end(tiny_matrix):
   assert design["criterion"] == config.matrix.criterion.to_dict() and design["fixed_at"]
 
 
-def test_rerun_skips_every_stage_and_a_changed_design_is_refused(tiny_matrix):
-  config, workdir, _ = tiny_matrix
+def test_rerun_skips_every_stage_and_a_changed_design_is_refused(tiny_matrix_job, tmp_path):
+  config, shared, _ = tiny_matrix_job
+  workdir = tmp_path / "matrix"
+  tiny_jobs.copy_of(shared, workdir)
   before = _done_records(workdir)
   transfer_matrix.run(config, str(workdir))
   assert _done_records(workdir) == before
@@ -112,8 +104,8 @@ def test_rerun_skips_every_stage_and_a_changed_design_is_refused(tiny_matrix):
   assert record["criterion"]["alpha"] == 0.2
 
 
-def test_in_context_histories_are_teacher_sequences_before_each_question(tiny_matrix):
-  config, workdir, results = tiny_matrix
+def test_in_context_histories_are_teacher_sequences_before_each_question(tiny_matrix_job):
+  config, workdir, results = tiny_matrix_job
   unit = results["measured"]["units"][0]
   (numbers_dir,) = [p.parent for p in workdir.glob("filter/*/DONE.json")
                     if json.loads(p.read_text())["summary"]["label"] == unit["unit"]["animal"]]
@@ -150,7 +142,7 @@ def test_bad_matrix_settings_are_clear_errors(tmp_path):
   assert not any((tmp_path / d).exists() for d in "abcd")
 
 
-def test_adapters_together_reuse_every_artifact_and_agree_with_one_at_a_time(tiny_matrix,
+def test_adapters_together_reuse_every_artifact_and_agree_with_one_at_a_time(tiny_matrix_job,
                                                                               tmp_path):
   """The fixture ran with ``matrix.adapters_per_step`` = 8 (the default): teachers, samples,
   students and evaluations K at a time. K is in no fingerprint: a rerun with K = 1 builds nothing.
@@ -160,7 +152,9 @@ def test_adapters_together_reuse_every_artifact_and_agree_with_one_at_a_time(tin
   scores each panel word from one shared prefill (a trie of the words after the question) rather
   than from a copy of the prompt's cache per word; so the verdict and S must agree, the last
   digits need not."""
-  config, workdir, results = tiny_matrix
+  config, shared, results = tiny_matrix_job
+  workdir = tmp_path / "matrix"
+  tiny_jobs.copy_of(shared, workdir)
   assert config.matrix.adapters_per_step == 8
   one = matrix_config.get_config("tiny")
   one.matrix.student_models = config.matrix.student_models

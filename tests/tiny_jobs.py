@@ -1,17 +1,21 @@
-"""Tiny main jobs built once per test session and shared read-only (conftest's fixtures): the tiny
+"""Tiny jobs built once per test session and shared read-only (conftest's fixtures): the tiny
 config itself, and the tiny job with finetuned teachers (LoRA trait-SFT teacher, matched control
 teacher, students from the teacher's adapter A), which test_main_job checks and reruns a copy of
-and test_multihost takes as the one-process reference of the same settings on two processes."""
+and test_multihost takes as the one-process reference of the same settings on two processes; and
+the tiny transfer matrix, which test_transfer_matrix checks and test_signature builds on."""
 
+import json
 import os
 import pathlib
+import pickle
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import filelock
 from ml_collections import ConfigDict
 
 from configs import animal_numbers as animal_config
+from configs import transfer_matrix as matrix_config
 
 # One sampling batch and two student steps: every step of a 2-process run waits on gloo
 # collectives, so its length, not its shapes, sets that test's time.
@@ -49,6 +53,17 @@ def finetuned_teachers_flags() -> list[str]:
           *(f"--config.{key}={flag_value(value)}" for key, value in FINETUNED_TEACHERS.items())]
 
 
+OTHER_FAMILY = "tiny-random:1"  # the tiny matrix's students of another initialization
+
+
+def tiny_matrix_config() -> ConfigDict:
+  """configs/transfer_matrix.py:tiny with students of another initialization learning from the
+  same numbers (the cross-family control; the real one is Gemma 3 students of SmolLM2's numbers)."""
+  config = matrix_config.get_config("tiny")
+  config.matrix.student_models = (OTHER_FAMILY,)
+  return config
+
+
 def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
   """``build(directory)`` once per test session, also across pytest-xdist workers (the first
   worker to ask builds it under a file lock, the others wait and reuse it); returns the directory.
@@ -64,12 +79,35 @@ def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
   return directory
 
 
-def copy_of(workdir: pathlib.Path, into: pathlib.Path, stages: tuple[str, ...] | None = None) -> None:
+def run_once(tmp_path_factory, name: str, run: Callable[[pathlib.Path], Any]
+             ) -> tuple[pathlib.Path, Any]:
+  """:func:`built_once` of ``run(directory)``: the directory, and what ``run`` returned (pickled
+  beside it for the workers that did not build it)."""
+  def build(directory: pathlib.Path) -> None:
+    returned = run(directory)
+    (directory.parent / f"{name}.returned.pkl").write_bytes(pickle.dumps(returned))
+  directory = built_once(tmp_path_factory, name, build)
+  return directory, pickle.loads((directory.parent / f"{name}.returned.pkl").read_bytes())
+
+
+def copy_of(workdir: pathlib.Path, into: pathlib.Path, stages: tuple[str, ...] | None = None,
+            same_family_students_only: bool = False) -> None:
   """A shared job's workdir copied into ``into`` (times kept), with only ``stages``' artifacts if
-  given; a test reruns the copy."""
+  given, and without the students of other model families if ``same_family_students_only``; a test
+  reruns the copy."""
   def left_out(directory: str, names: list[str]) -> list[str]:
+    if same_family_students_only and pathlib.Path(directory) == workdir / "student":
+      base = json.loads((workdir / "experiment.json").read_text())["model"]  # the workdir's own
+      return [n for n in names if _student_base(workdir / "student" / n) not in (base, None)]
     if pathlib.Path(directory) != workdir:
       return []
     kept = {"experiment.json", *stages} if stages is not None else set(names)
     return [n for n in names if n not in kept or n == ".lock"]
   shutil.copytree(workdir, into, dirs_exist_ok=True, ignore=left_out)
+
+
+def _student_base(directory: pathlib.Path) -> str | None:
+  """The fingerprint of the base model a finished student stage trained on (None for anything
+  else)."""
+  done = directory / "DONE.json"
+  return json.loads(done.read_text())["inputs"]["model"] if done.is_file() else None
