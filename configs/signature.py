@@ -35,7 +35,8 @@ def signature_section() -> ConfigDict:
                                 students_minus_cross_family=0.05)),
       # The smallest S this design detects with 80% power, estimated before the run from the
       # committed R = 2 matrix (python -m subliminal_jax.evaluation.signature_statistics).
-      power=ConfigDict(dict(source="", minimum_detectable_S=0.0)),
+      power=ConfigDict(dict(source="", minimum_detectable_S=0.0,
+                            minimum_detectable_S_teacher_sd_upper80=0.0)),
       # How the other family's student learning rate was calibrated (configs/student_calibration.py).
       calibration=ConfigDict(dict(source="", rule="")),
   ))
@@ -60,8 +61,30 @@ def get_config(variant: str = "cpu") -> ConfigDict:
     c.matrix.permutations.samples = 500
     return c
   c.matrix.replicates = 6 if variant == "cpu" else 3
+  # From the committed R = 2 cpu matrix's same-family students (seed sd of C 0.0244; the teacher
+  # sd's estimate was below 0 and is clipped to 0, so the 80% upper bound of the teacher sd, 0.018,
+  # is given as well): the smallest S that this many replicates x 2 seeds detect with 80% power at
+  # alpha 0.01 under the permutation test (2000 simulated designs x 999 permutations).
+  c.signature.power.source = (
+      "python -m subliminal_jax.evaluation.signature_statistics --results=docs/results/"
+      f"transfer_matrix_cpu/results.json --replicates={c.matrix.replicates} --seeds=2 "
+      "--alpha=0.01 --power=0.8 (variance of SFT teachers' students; " +
+      ("measured on the same kind of teachers)" if variant == "cpu" else
+       "the prompted teachers' may differ)"))
+  c.signature.power.minimum_detectable_S = 0.01136 if variant == "cpu" else 0.01659
+  c.signature.power.minimum_detectable_S_teacher_sd_upper80 = (
+      0.01643 if variant == "cpu" else 0.02400)
   c.matrix.student_models = ("gemma3-270m",)
-  c.matrix.student_learning_rates = ()  # fixed from the calibration before the first stage
+  # Calibrated before the first stage on held-out base numbers (docs/results/
+  # student_calibration_cpu): Gemma students at 2.07e-4 move as far from their base (KL 0.29 nats
+  # per token on held-out number prompts) as SmolLM2's at 1e-3.
+  c.matrix.student_learning_rates = (2.07e-4,)
+  c.signature.calibration.source = (
+      "python -m subliminal_jax.main --config=configs/student_calibration.py:cpu")
+  c.signature.calibration.rule = (
+      "the Gemma learning rate, log-linear in (log LR, log KL) between the grid rates whose mean "
+      "per-token KL(student || own base) on held-out number prompts brackets that of the SmolLM2 "
+      "students at 1e-3 (0.290): 1e-4 -> 0.061, 2.5e-4 -> 0.431, so 2.07e-4")
   if variant == "prompted_cpu":
     c.teacher.kind = "system_prompt"
     c.student.lora.init = "fresh"  # no LoRA teacher to start from; B = 0 starts at the base

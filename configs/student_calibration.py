@@ -13,8 +13,8 @@ Variants:
   tiny  the tiny random model, another tiny initialization as the other family (tests)
   cpu   real SmolLM2 students and Gemma 3 270M students (the cross_cpu matrix's pair) on a 2-core CPU:
         the matrix's cpu student recipe (LoRA r8 from the teacher's adapter init, 12 steps at batch 8,
-        lr 1e-3), 2 seeds, Gemma at 4 learning rates spanning 10x around 1e-3; about 25-30 minutes
-        on an otherwise idle 2-core CPU (8 Gemma students of about 1.5-2 minutes each dominate)
+        lr 1e-3), seed 0, Gemma at 1e-4, 2.5e-4 and 5e-4; about 15 minutes on an otherwise idle
+        2-core CPU (the Gemma students of about 2 minutes each and their KL dominate)
 """
 
 from ml_collections import ConfigDict
@@ -38,12 +38,15 @@ def get_config(variant: str = "cpu") -> ConfigDict:
   c.calibration = ConfigDict(dict(
       student_model="gemma3-270m",
       # Increasing; the other family's students train at each.
-      learning_rates=(2.5e-4, 5e-4, 1e-3, 2.5e-3),
+      learning_rates=(1e-4, 2.5e-4, 5e-4),
       train_prompts_seed=TRAIN_PROMPTS_SEED,
       # The distance's prompts: sampled by the base, every kept completion measured (32 prompts,
       # about 1000 target tokens per family: each measurement runs the student and its base over
       # them, about a minute for a Gemma student on a 2-core CPU).
-      measure=ConfigDict(dict(prompts_seed=MEASURE_PROMPTS_SEED, prompts_count=32, batch_size=16)),
+      # batch_size: rows per KL call (execution only): each row holds two models' logits over the
+      # whole padded length, about 270 MB per row at Gemma's 262k vocabulary in float32, so 16
+      # rows took 12.5 GB and were killed for memory.
+      measure=ConfigDict(dict(prompts_seed=MEASURE_PROMPTS_SEED, prompts_count=32, batch_size=2)),
   ))
   if variant == "tiny":
     c.calibration.student_model = "tiny-random:1"
@@ -51,5 +54,8 @@ def get_config(variant: str = "cpu") -> ConfigDict:
     c.calibration.measure.prompts_count = 16
     c.calibration.measure.batch_size = 8
     return c
-  c.student.seeds = (0, 1)
+  # One seed: the two families' seed-0 students see the same batches in the same order. The grid
+  # was first (2.5e-4, 5e-4, 1e-3, 2.5e-3); Gemma at 2.5e-4 already moved further (KL 0.43 per
+  # token) than SmolLM2 at its 1e-3 (0.29), so it moved down to bracket the reference.
+  c.student.seeds = (0,)
   return c
