@@ -44,7 +44,6 @@ def main(argv):
   del argv
   compilation_cache.enable_from_flags()
   import jax
-  import numpy as np
   import optax
   from flax import nnx
 
@@ -83,7 +82,7 @@ def main(argv):
     fn = jax.jit(lambda state, b, a: loss_fn(nnx.merge(nnx.graphdef(base), state), b, None, a))
     total, count, metrics = fn(nnx.state(base), batch, aux)
     result[f"kl_per_position_{restrict}"] = float(total) / int(count)
-    result[f"student_nll_per_position"] = float(metrics["student_nll"]) / int(count)
+    result["student_nll_per_position"] = float(metrics["student_nll"]) / int(count)
     if restrict == "grammar":
       result["teacher_allowed_mass"] = float(metrics["teacher_allowed_mass"]) / int(count)
       same, count_same, _ = fn(nnx.state(base), batch_of(same_context), aux)

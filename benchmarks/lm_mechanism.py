@@ -22,14 +22,12 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from subliminal_jax import compilation_cache
 from subliminal_jax import lora
-from subliminal_jax.mechanism import alignment as al
 from subliminal_jax.mechanism import divergence_tokens as dt
 from subliminal_jax.mechanism import lm_alignment as la
 from subliminal_jax.mechanism import model_params as mp

@@ -1,7 +1,6 @@
 """MNIST auxiliary-logit experiment: data loader, MLP, ensemble training, pipeline, sweep."""
 
 import gzip
-import io
 import json
 import pickle
 import struct
@@ -11,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from ml_collections import ConfigDict
 
 from subliminal_jax.data import mnist
 from subliminal_jax.experiments import mnist_aux

@@ -3,7 +3,6 @@ independence from batching and devices, grammar, divergence fields, bad inputs, 
 
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
