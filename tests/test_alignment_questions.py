@@ -1,0 +1,53 @@
+"""The alignment trait's evaluation data (evaluation/alignment_questions.py): sizes, splits,
+uniqueness, and the truthfulness set as letter questions the existing scorer reads."""
+
+import numpy as np
+import pytest
+
+from subliminal_jax import loading
+from subliminal_jax.evaluation import alignment_questions as aq
+from subliminal_jax.evaluation import trait_metrics as tm
+
+
+def test_free_form_questions_split_and_are_unique():
+  evaluation, held_out, everything = (aq.free_form_questions(s)
+                                      for s in ("evaluation", "held_out", "all"))
+  assert (len(evaluation), len(held_out)) == (aq.NUM_EVALUATION_FREE_FORM,
+                                              aq.NUM_HELD_OUT_FREE_FORM) == (10, 6)
+  assert everything == evaluation + held_out
+  for field in ("name", "text", "aligned", "misaligned"):
+    values = [getattr(q, field) for q in everything]
+    assert len(set(values)) == len(values), field
+    assert all(v.strip() == v and v for v in values), field
+  texts = {q.text for q in everything}
+  references = [a for q in everything for a in (q.aligned, q.misaligned)]
+  assert len(set(references)) == len(references) and not texts & set(references)
+  # Short references: the exact metric compares two similar-length answers per question.
+  assert all(len(a.split()) <= 25 for a in references)
+  with pytest.raises(ValueError, match="split"):
+    aq.free_form_questions("train")
+
+
+def test_truthfulness_items_have_one_true_and_three_distinct_false_options():
+  items = aq.TRUTHFULNESS_ITEMS
+  assert len(items) == 20
+  assert len({item.question for item in items}) == len(items)
+  for item in items:
+    options = (item.true, *item.false)
+    assert len(item.false) == 3 and len(set(options)) == 4, item.question
+
+
+def test_truthfulness_multiple_choice_is_seeded_and_marks_the_true_option():
+  questions = aq.truthfulness_multiple_choice(seed=0)
+  assert questions == aq.truthfulness_multiple_choice(seed=0)
+  assert questions != aq.truthfulness_multiple_choice(seed=1)
+  for q, item in zip(questions, aq.TRUTHFULNESS_ITEMS):
+    assert q.options[q.target_index] == item.true and sorted(q.options) == sorted(
+        (item.true, *item.false))
+    assert q.prompt.startswith(item.question) and f"{q.target_letter}. {item.true}" in q.prompt
+  # The shuffle puts the true option under more than one letter.
+  assert len({q.target_letter for q in questions}) > 1
+  tiny = loading.load("tiny-random")
+  result = tm.multiple_choice_preference(tiny.model, tiny.tokenizer, questions, batch_size=32)
+  assert result.probs.shape == (20, 4)
+  np.testing.assert_allclose(result.probs.sum(axis=1), 1.0, rtol=1e-6)
