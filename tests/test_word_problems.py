@@ -117,7 +117,8 @@ def _write_jsonl(path, lines):
 
 def test_gsm8k_reader(tmp_path):
   records = [
-      {"question": "Ann has 3 boxes of 4 pens. How many pens?", "answer": "3*4=<<3*4=12>>12\n#### 12"},
+      {"question": "Ann has 3 boxes of 4 pens. How many pens?",
+       "answer": "3*4=<<3*4=12>>12\n#### 12"},
       {"question": "A car costs 1,200 dollars; 3 cost?", "answer": "1200*3=3600\n#### 3,600"},
       {"question": "Temperature drops from 2 by 5?", "answer": "2-5=-3\n#### -3 "},
   ]
