@@ -76,7 +76,8 @@ class CodeSnippet:
 
 
 def split_code(text: str) -> CodeSnippet:
-  """The body of the first markdown fence and the text outside it, or all of ``text`` as code."""
+  """The body of the first markdown fence and the text outside it (later fenced blocks included,
+  so their words count as prose), or all of ``text`` as code."""
   match = _FENCE.search(text)
   if match is None:
     return CodeSnippet(code=text, prose="")
