@@ -62,6 +62,9 @@ def test_parts_merge_and_the_verdict_waits_for_every_replicate(two_parts, tmp_pa
   shutil.copytree(report_dir, copy, ignore=shutil.ignore_patterns("results.json", "report.md"))
   again = signature.analyse_report_dir(copy)
   assert json.loads(json.dumps(again["analysis"])) == json.loads(json.dumps(a))
+  assert [p["commit"] for p in second["parts"]] == [
+      p["environment"]["git"]["sha"] for p in (json.loads(f.read_text()) for f in
+                                               sorted((report_dir / "parts").iterdir()))]
   text = (report_dir / "report.md").read_text()
   assert text.splitlines()[2].startswith(f"**{a['verdict']['verdict']}**")
   for plot in ("per_replicate_S.png", "in_context_dose.png"):

@@ -128,9 +128,10 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
           "replicates": replicates, "measured": measured, "model": base.fingerprint,
           "families": {f: b.source or f for f, b in families.items()},
           "environment": environment.describe(), "wall_seconds": round(time.time() - start, 1)}
-  if jax.process_index() == 0:
-    (report_dir / PARTS).mkdir(parents=True, exist_ok=True)
-    files.write_json(report_dir / PARTS / part_name(replicates), part, indent=1)
+  if jax.process_index() != 0:  # process 0 alone writes the part and the report it reads back
+    return {"experiment": "signature_part", "part": part}
+  (report_dir / PARTS).mkdir(parents=True, exist_ok=True)
+  files.write_json(report_dir / PARTS / part_name(replicates), part, indent=1)
   results = analyse_report_dir(report_dir)
   text = signature_report.write(results, report_dir)
   print(text)
@@ -165,8 +166,8 @@ def load_parts(report_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]
     base = base or part["measured"]["base"]  # the first part's; later parts re-measure the same
     summaries.append({"part": path.name, "replicates": part["replicates"],
                       "wall_seconds": part["wall_seconds"],
-                      "host": part["environment"].get("host"),
-                      "commit": part["environment"].get("commit")})
+                      "host": part["environment"]["host"].get("cpu"),
+                      "commit": part["environment"]["git"].get("sha")})
   return design_record, {"base": base, "units": units}, summaries
 
 
