@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from subliminal_jax import files
-from subliminal_jax.evaluation.report import format_estimate, format_number, markdown_table
+from subliminal_jax.evaluation.report import format_estimate, format_number, markdown_table, save_figure
 
 HEATMAP = "matrix_heatmap.png"
 
@@ -181,8 +181,7 @@ def plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
     fig.colorbar(image, ax=ax, fraction=0.046)
   fig.suptitle("clr shift vs the no-trait reference (diagonal: own teachers)", fontsize=10)
   fig.tight_layout()
-  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def write(results: Mapping[str, Any], out_dir: str | os.PathLike) -> str:

@@ -129,6 +129,14 @@ def _panel_means(results: Mapping[str, Any], rows: Sequence[str]) -> dict[str, d
   return out
 
 
+def save_figure(fig, path: pathlib.Path) -> None:
+  """Writes ``fig`` as a PNG atomically, without the matplotlib version in its metadata (so a
+  report regenerates byte for byte), and closes it."""
+  import matplotlib.pyplot as plt
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
+  plt.close(fig)
+
+
 def markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
   out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   out += ["| " + " | ".join(line) + " |" for line in lines]
@@ -186,8 +194,7 @@ def _plot_target_preference(estimates: Mapping[str, Any], results: Mapping[str, 
   target = results.get("target", "target")
   fig.suptitle(f"Preference for {target} (mean, {int(estimates['bootstrap']['confidence'] * 100)}% CI)")
   fig.tight_layout()
-  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def _plot_panel(estimates: Mapping[str, Any], results: Mapping[str, Any], path: pathlib.Path) -> None:
@@ -212,8 +219,7 @@ def _plot_panel(estimates: Mapping[str, Any], results: Mapping[str, Any], path: 
     ax.text(0.5, 0.5, "no panel shares in the results", ha="center", va="center")
   ax.set_title(f"Per-{results.get('category', 'word')} share of the panel")
   fig.tight_layout()
-  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, confidence: float = 0.95,

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from subliminal_jax import files
-from subliminal_jax.evaluation.report import format_number, markdown_table
+from subliminal_jax.evaluation.report import format_number, markdown_table, save_figure
 
 STRIP_PLOT = "per_replicate_S.png"
 DOSE_PLOT = "in_context_dose.png"
@@ -124,9 +124,7 @@ def plot(results: Mapping[str, Any], out: pathlib.Path) -> None:
   ax.set_ylabel("S of one teacher replicate")
   ax.set_title("Per-replicate S per arm (bar: mean)", fontsize=10)
   fig.tight_layout()
-  files.write_atomic(out / STRIP_PLOT, lambda tmp: fig.savefig(tmp, dpi=110,
-                                                               metadata={"Software": None}))
-  plt.close(fig)
+  save_figure(fig, out / STRIP_PLOT)
 
   doses = [(arm, _dose_of(arm)) for arm in arms if _dose_of(arm) is not None]
   sizes = [float(np.mean(_dose_sizes(results["measured"], dose))) for _, dose in doses]
@@ -142,9 +140,7 @@ def plot(results: Mapping[str, Any], out: pathlib.Path) -> None:
   ax.set_title("In-context S against dose", fontsize=10)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  files.write_atomic(out / DOSE_PLOT, lambda tmp: fig.savefig(tmp, dpi=110,
-                                                              metadata={"Software": None}))
-  plt.close(fig)
+  save_figure(fig, out / DOSE_PLOT)
 
 
 def write(results: Mapping[str, Any], out_dir: str | os.PathLike) -> str:

@@ -49,6 +49,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from subliminal_jax import artifacts, environment, files, loading
+from subliminal_jax.evaluation import report as report_lib
 from subliminal_jax.experiments import animal_numbers
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.experiments import stages as stages_lib
@@ -297,8 +298,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
          ylabel="KL(student || own base) per token")
   ax.legend()
   fig.tight_layout()
-  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
-  plt.close(fig)
+  report_lib.save_figure(fig, path)
 
 
 def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> dict[str, Any]:
