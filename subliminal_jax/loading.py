@@ -137,7 +137,7 @@ def _with_adapter(loaded: Loaded, adapter: str | os.PathLike) -> Loaded:
   """``loaded`` with a PEFT adapter directory's LoRA attached, fingerprinted with its files."""
   adapter = os.path.abspath(os.fspath(adapter))
   peft.load_peft(loaded.model, adapter)
-  adapter_files = [os.path.join(adapter, name) for name in (peft.ADAPTER_CONFIG, peft.ADAPTER_WEIGHTS)]
+  adapter_files = [os.path.join(adapter, n) for n in (peft.ADAPTER_CONFIG, peft.ADAPTER_WEIGHTS)]
   return dataclasses.replace(loaded, adapter=adapter,
                              fingerprint=fingerprint_files(adapter_files, base=loaded.fingerprint))
 

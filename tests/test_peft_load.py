@@ -233,8 +233,28 @@ def test_missing_or_unreadable_files_and_an_adapted_base_are_refused(adapter_dir
     peft_io.load_peft(adapted, adapter_dir)
 
 
-def test_a_refused_adapter_leaves_the_model_unchanged(adapter_dir):
-  model = tiny_model()
-  with pytest.raises(ValueError, match="r=3"):
-    peft_io.load_peft(model, _edit(adapter_dir, {"r": 3}))
-  assert lora.lora_targets(model) == ()
+def test_a_refused_adapter_leaves_the_model_unchanged(tmp_path):
+  # q_proj takes rank 20 but k_proj (16 outputs) cannot: refused before q_proj is adapted.
+  model = _with_random_adapters(tiny_model(), ("q_proj", "k_proj"), rank=8, alpha=4.0)
+  peft_io.export_peft(model, tmp_path / "a", base_model_name_or_path="x")
+  _edit(tmp_path / "a", {"r": 20}, lambda tensors: tensors.update(
+      {name: np.ones((20, 32) if "lora_A" in name else (t.shape[0], 20), np.float32)
+       for name, t in tensors.items()}))
+  fresh = tiny_model()
+  with pytest.raises(ValueError, match=r"r=20 exceeds min\(in, out\) = 16 of k_proj"):
+    peft_io.load_peft(fresh, tmp_path / "a")
+  assert lora.lora_targets(fresh) == ()
+
+
+def test_bfloat16_adapters_are_read(tmp_path):
+  """Adapters trained in bfloat16 are often saved so; read as the float32 of those values."""
+  model = _with_random_adapters(tiny_model(), ("gate_proj",), rank=2, alpha=4.0)
+  peft_io.export_peft(model, tmp_path / "a", base_model_name_or_path="x")
+  _edit(tmp_path / "a", edit_tensors=lambda tensors: tensors.update(
+      {name: t.astype(jax.numpy.bfloat16) for name, t in tensors.items()}))
+  stored = safetensors.numpy.load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS)
+  assert {t.dtype for t in stored.values()} == {np.dtype(jax.numpy.bfloat16)}
+  expected = {name: (a.astype(jax.numpy.bfloat16).astype(np.float32),
+                     b.astype(jax.numpy.bfloat16).astype(np.float32), scale)
+              for name, (a, b, scale) in _adapters(model).items()}
+  _assert_same_adapters(_adapters(peft_io.load_peft(tiny_model(), tmp_path / "a")), expected)

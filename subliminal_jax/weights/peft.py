@@ -48,7 +48,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PeftModelForCausalLM wraps the transformers model twice
 # A LoRA tensor of a layer projection as peft names it, the prefix and adapter name optional:
 # (layer, HF module path inside the layer, A or B). A multimodal Gemma 3's text tower is accepted.
-_TENSOR_NAME = re.compile(r"(?:base_model\.model\.)?(?:model\.(?:language_model\.)?|language_model\.model\.)?"
+_TENSOR_NAME = re.compile(r"(?:base_model\.model\.)?"
+                          r"(?:model\.(?:language_model\.)?|language_model\.model\.)?"
                           r"layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.\w+)?\.weight")
 # Settings under which PEFT's LoRA computes something other than W x + scale B A x on the
 # projections alone (set to anything truthy, they are refused), with what they add.
@@ -229,7 +230,8 @@ def _adapter_tensors(adapter_dir: str, num_layers: int
   try:
     stored = safetensors.numpy.load_file(path)
   except Exception as e:  # SafetensorError on a truncated or corrupt file
-    raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {e}"
+                     ) from e
   ours_of = {hf: ours for ours, hf in hf_layout._LAYER_LINEARS}
   tensors: dict[tuple[str, int, str], tuple[str, np.ndarray]] = {}
   for name, tensor in sorted(stored.items()):
@@ -255,6 +257,8 @@ def _stacked_adapter(model: Transformer, target: str, layers: list[int], rank: i
                      ) -> tuple[np.ndarray, np.ndarray]:
   """Our (A [layers, in, r], B [layers, r, out]) of ``target``; zeros in layers not adapted."""
   num_layers, d_in, d_out = getattr(model.layers, target).kernel.get_value().shape
+  if rank > min(d_in, d_out):  # apply_lora's limit, checked before the model changes
+    raise ValueError(f"{where}: r={rank} exceeds min(in, out) = {min(d_in, d_out)} of {target}")
   a = np.zeros((num_layers, d_in, rank), np.float32)
   b = np.zeros((num_layers, rank, d_out), np.float32)
   hf = dict(hf_layout._LAYER_LINEARS)[target]
