@@ -4,6 +4,8 @@
 safetensors directory, or a GGUF file), checks every tensor's shape against the config before reading data,
 builds the model with each parameter placed directly in its sharding when a mesh is given, and
 fingerprints the weights so that experiment stages can tell whether their base model changed.
+``load(source, adapter=dir)`` attaches a PEFT LoRA adapter directory's adapters to the base
+(:func:`subliminal_jax.weights.peft.load_peft`), e.g. a published finetune to use as a teacher.
 :func:`export_hf` writes a model back out as an HF directory.
 """
 
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from subliminal_jax import sharding
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.tokenizer import Tokenizer
-from subliminal_jax.weights import embedded, hf_layout
+from subliminal_jax.weights import embedded, hf_layout, peft
 from subliminal_jax.weights.export import export_hf
 from subliminal_jax.weights.gguf import GGUFReader
 from subliminal_jax.weights.safetensors_dir import SafetensorsDir
@@ -46,8 +48,9 @@ class Loaded:
   """A loaded model with what belongs to it.
 
   ``tokenizer`` is None only for an HF directory that holds weights without tokenizer files.
-  ``fingerprint`` is a sha256 hex digest of the weight (and config/tokenizer) files' bytes and the
-  dtype settings: equal fingerprints mean the same model with the same numerics.
+  ``fingerprint`` is a sha256 hex digest of the weight (and config/tokenizer) files' bytes, the
+  PEFT adapter's files if any and the dtype settings: equal fingerprints mean the same model with
+  the same numerics. ``adapter`` is the absolute path of the PEFT adapter directory attached.
   """
 
   model: Transformer
@@ -55,6 +58,7 @@ class Loaded:
   config: TransformerConfig
   source: str
   fingerprint: str
+  adapter: str | None = None
 
 
 def _file_digest(path: str) -> str:
@@ -129,8 +133,18 @@ def _tiny_random(source: str, dtype: str, param_dtype: str, mesh: Mesh | None, r
                 fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 
+def _with_adapter(loaded: Loaded, adapter: str | os.PathLike) -> Loaded:
+  """``loaded`` with a PEFT adapter directory's LoRA attached, fingerprinted with its files."""
+  adapter = os.path.abspath(os.fspath(adapter))
+  peft.load_peft(loaded.model, adapter)
+  adapter_files = [os.path.join(adapter, n) for n in (peft.ADAPTER_CONFIG, peft.ADAPTER_WEIGHTS)]
+  return dataclasses.replace(loaded, adapter=adapter,
+                             fingerprint=fingerprint_files(adapter_files, base=loaded.fingerprint))
+
+
 def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
-         mesh: Mesh | None = None, remat: bool = False) -> Loaded:
+         mesh: Mesh | None = None, remat: bool = False,
+         adapter: str | os.PathLike | None = None) -> Loaded:
   """Loads a model, its tokenizer and config.
 
   Args:
@@ -143,14 +157,23 @@ def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str 
     param_dtype: storage dtype of the parameters; defaults to ``dtype``.
     mesh: place every parameter directly in its sharding on this mesh (no full copy on one device).
     remat: recompute each layer's activations in the backward pass (less memory in training).
+    adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) whose
+      adapters are attached to the loaded base (not merged: ``lora.merge_lora`` folds them in).
 
   Raises:
     FileNotFoundError: the source does not exist (or the embedded package is not installed).
     ValueError: unsupported architecture / model_type / tensor type, truncated or corrupt files,
-      tensors whose shapes disagree with the config (each message names the offending item).
+      tensors whose shapes disagree with the config, an adapter :func:`peft.load_peft` refuses
+      (each message names the offending item).
   """
-  source = os.fspath(source)
-  param_dtype = param_dtype or dtype
+  if adapter is not None:
+    peft.adapter_config(adapter)  # a bad adapter fails before a long base load
+  loaded = _load_base(os.fspath(source), dtype, param_dtype or dtype, mesh, remat)
+  return loaded if adapter is None else _with_adapter(loaded, adapter)
+
+
+def _load_base(source: str, dtype: str, param_dtype: str, mesh: Mesh | None, remat: bool
+               ) -> Loaded:
   if source == TINY_RANDOM or source.startswith(TINY_RANDOM + ":"):
     return _tiny_random(source, dtype, param_dtype, mesh, remat)
   kind, path = _source_kind(source)
