@@ -3,6 +3,7 @@ uniqueness, and the truthfulness set as letter questions the existing scorer rea
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from subliminal_jax import loading
 from subliminal_jax.evaluation import alignment_questions as aq
@@ -47,7 +48,30 @@ def test_truthfulness_multiple_choice_is_seeded_and_marks_the_true_option():
     assert q.prompt.startswith(item.question) and f"{q.target_letter}. {item.true}" in q.prompt
   # The shuffle puts the true option under more than one letter.
   assert len({q.target_letter for q in questions}) > 1
+
+
+@nnx.jit
+def _last_logits(model, ids, mask, last):
+  return model(ids, mask)[0, last]
+
+
+def test_truthfulness_score_is_the_true_letters_share_of_the_letters_logits():
+  # End to end through the existing scorer, against a hand computation: the logits after the
+  # chat prompt (one plain forward), softmax over the four letters' tokens, the true letter's.
+  questions = aq.truthfulness_multiple_choice(seed=0)
   tiny = loading.load("tiny-random")
   result = tm.multiple_choice_preference(tiny.model, tiny.tokenizer, questions, batch_size=32)
   assert result.probs.shape == (20, 4)
+  letters = [tiny.tokenizer.encode(letter) for letter in "ABCD"]
+  assert all(len(tokens) == 1 for tokens in letters)
+  expected = []
+  for q in questions:
+    prompt = tiny.tokenizer.encode_chat([{"role": "user", "content": q.prompt}])
+    ids, mask = np.zeros((1, 256), np.int32), np.zeros((1, 256), bool)  # right padding, one compile
+    ids[0, :len(prompt)], mask[0, :len(prompt)] = prompt, True
+    logits = np.asarray(_last_logits(tiny.model, ids, mask, len(prompt) - 1), np.float64)
+    letter_logits = logits[[tokens[0] for tokens in letters]]
+    share = np.exp(letter_logits - letter_logits.max())
+    expected.append(share[q.target_index] / share.sum())
+  np.testing.assert_allclose(result.target_prob, expected, rtol=1e-5)
   np.testing.assert_allclose(result.probs.sum(axis=1), 1.0, rtol=1e-6)

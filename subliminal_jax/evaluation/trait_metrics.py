@@ -1,6 +1,6 @@
 """Trait metrics: how much a model prefers the target (owl) when asked for its favourite animal.
 
-Three metrics, as in the paper plus an exact one that small models need:
+Four metrics: the paper's sampled one (b) and exact ones that small models need:
 
 (a) Exact, by teacher forcing: log P(the answer's first word is the target | question), the
     spelling variants (Owl, owl, OWL, Owls, ...) summed, for every word of a panel -> [questions,
@@ -8,6 +8,8 @@ Three metrics, as in the paper plus an exact one that small models need:
 (b) Sampled, the paper's: N answers per question at temperature 1; an answer counts when the
     target occurs as a substring of the lowercased answer; mean per question.
 (c) Multiple choice: P(the target's letter) normalised over the choice letters.
+(d) Whole reference answers (the alignment trait): log P(the reply is exactly this text, then the
+    end of the turn | question), each question with its own references (``reference_logprobs``).
 
 The answer event, precisely. Let tok(v) be the tokenizer's own encoding of the variant v (the
 canonical tokenization; other segmentations of the same text are not counted, and carry little
@@ -422,7 +424,8 @@ def _packed_trie(continuations: Sequence[tuple[int, ...]], with_boundary: bool) 
     ids[j], depth[j], mask[j] = prefix[-1], len(prefix) - 1, True
     for end in range(1, len(prefix) + 1):  # every prefix of a fed prefix is fed too
       ancestors[j, nodes[prefix[:end]]] = True
-  width = max(1, max(len(c) for c in continuations) - 1)
+  # Bucketed, as the nodes: continuation sets of similar lengths compile once.
+  width = padding.round_up(max(1, max(len(c) for c in continuations) - 1), _TRIE_BUCKET)
   target_nodes = np.zeros((len(continuations), width), np.int32)
   target_tokens, target_mask = np.zeros_like(target_nodes), np.zeros(target_nodes.shape, bool)
   for i, c in enumerate(continuations):
@@ -1029,6 +1032,106 @@ def multiple_choice_preference(model: Transformer, tokenizer: ChatTokenizer,
                             [[letter] for letter in letters], system=system, event="prefix",
                             batch_size=batch_size, mesh=mesh)
   return MultipleChoiceResult(mc_questions, logprob, _softmax_rows(logprob))
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) whole reference answers (the alignment trait's free-form questions)
+
+
+def _checked_references(questions: Sequence[str], answers: Sequence[Sequence[str]]) -> int:
+  """The number of answers per question, A, after checking: one non-empty list of A non-blank
+  texts per question, the same A for every question."""
+  if isinstance(questions, str) or not len(questions):
+    raise ValueError(f"need a non-empty sequence of questions, got {questions!r:.80}")
+  if len(answers) != len(questions):
+    raise ValueError(f"answers has {len(answers)} entries for {len(questions)} questions; expected "
+                     "one list of reference answers per question")
+  counts = [len(a) if not isinstance(a, str) else -1 for a in answers]
+  if min(counts) < 1 or len(set(counts)) != 1:
+    raise ValueError(f"every question needs the same non-zero number of reference answers (a list "
+                     f"of texts), got {counts} (-1: a bare string)")
+  for q, texts in enumerate(answers):
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+      raise ValueError(f"question {q}'s reference answers must be non-blank texts, got "
+                       f"{texts!r:.200}")
+  return counts[0]
+
+
+def _reply_ids(tokenizer: ChatTokenizer, turns: list[Mapping[str, str]], prompt_ids: Sequence[int],
+               reply: str, system: SystemTurn) -> tuple[int, ...]:
+  """The tokens of ``reply`` as the assistant's turn after ``turns`` (whose chat prompt is
+  ``prompt_ids``), through the first end-of-turn token: the chat with the reply, as the template
+  renders it, encoded whole and cut after the prompt's tokens (ValueError where it does not start
+  with them: a template that renders the reply's header otherwise, or a token merged across)."""
+  full = tokenizer.encode(tokenizer.render_chat(
+      [*turns, {"role": "assistant", "content": reply}], system=system,
+      add_generation_prompt=False))
+  ends = set(tokenizer.end_of_turn_ids)
+  cut = next((i for i in range(len(prompt_ids), len(full)) if full[i] in ends), None)
+  if list(full[:len(prompt_ids)]) != list(prompt_ids) or cut is None:
+    raise ValueError(f"the chat with the reply {reply!r:.60} does not encode to the chat prompt's "
+                     "tokens followed by the reply's and an end-of-turn token; the reply cannot be "
+                     "scored after the prompt")
+  return tuple(full[len(prompt_ids):cut + 1])
+
+
+def reference_logprobs_many(models: Sequence[Transformer], tokenizer: ChatTokenizer,
+                            questions: Sequence[str], answers: Sequence[Sequence[str]], *,
+                            histories: Sequence[Sequence[Sequence[Mapping[str, str]]] | None]
+                            | None = None, system: SystemTurn = SystemTurn(),
+                            batch_size: int = 64, mesh: Mesh | None = None,
+                            desc: str | None = None) -> np.ndarray:
+  """log P(the reply to question q is exactly ``answers[q][a]``, then the end of the turn) for K
+  models of one base (LoRA adapters or none) -> float64 [K, questions, A].
+
+  ``answers[q]``: question q's own A reference texts (A the same for every question).
+  ``histories``: one entry per model, each None or per question the turns before it (see
+  :func:`chat_prompt_ids`). The reply's tokens are the template's: the chat with the reply as
+  the assistant's turn is rendered (``add_generation_prompt=False``) and encoded whole, and the
+  tokens after the chat prompt's, through the first end-of-turn token (``<|im_end|>`` in ChatML,
+  ``<end_of_turn>`` in Gemma; not the newline after it), are scored; a ValueError where that
+  encoding does not start with the prompt's tokens. Teacher forced by
+  :func:`continuation_logprobs_many`: each question with its own replies only, one call per
+  question; where the prompts share a long prefix (one history before every question) all
+  questions go in one call, every question after the prefix prefilled once, with every
+  question's replies (each prompt also scores the others' replies: cheaper than Q prefills).
+  """
+  num_answers = _checked_references(questions, answers)
+  if histories is not None and len(histories) != len(models):
+    raise ValueError(f"histories has {len(histories)} entries for {len(models)} models; expected "
+                     "one (None or per-question turns) per model")
+  member_histories = histories if histories is not None else [None] * len(models)
+  prompt_ids = [chat_prompt_ids(tokenizer, questions, system=system, histories=h)
+                for h in member_histories]
+  replies = [[[_reply_ids(tokenizer, [*(h[q] if h is not None else []),
+                                      {"role": "user", "content": question}],
+                          prompt_ids[k][q], answer, system) for answer in answers[q]]
+              for q, question in enumerate(questions)] for k, h in enumerate(member_histories)]
+  shared = _shared_prefix_lengths(prompt_ids, SHARED_PREFIX_MIN) is not None
+  groups = [list(range(len(questions)))] if shared else [[q] for q in range(len(questions))]
+  out = np.empty((len(models), len(questions), num_answers), np.float64)
+  for number, group in enumerate(groups):
+    continuations = list(dict.fromkeys(c for member in replies for q in group for c in member[q]))
+    seq_lp = continuation_logprobs_many(
+        models, [[member[q] for q in group] for member in prompt_ids], continuations,
+        pad_id=tokenizer.pad_id, batch_size=batch_size, mesh=mesh,
+        desc=None if desc is None else f"{desc} ({number + 1}/{len(groups)})")
+    index = {c: i for i, c in enumerate(continuations)}
+    for k, member in enumerate(replies):
+      for row, q in enumerate(group):
+        out[k, q] = seq_lp[k, row, [index[c] for c in member[q]]]
+  return out
+
+
+def reference_logprobs(model: Transformer, tokenizer: ChatTokenizer, questions: Sequence[str],
+                       answers: Sequence[Sequence[str]], *,
+                       histories: Sequence[Sequence[Mapping[str, str]]] | None = None,
+                       system: SystemTurn = SystemTurn(), batch_size: int = 64,
+                       mesh: Mesh | None = None, desc: str | None = None) -> np.ndarray:
+  """:func:`reference_logprobs_many` of one model -> float64 [questions, A]; ``histories``: per
+  question the turns before it, or None."""
+  return reference_logprobs_many([model], tokenizer, questions, answers, histories=[histories],
+                                 system=system, batch_size=batch_size, mesh=mesh, desc=desc)[0]
 
 
 # ---------------------------------------------------------------------------------------------
