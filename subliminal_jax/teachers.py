@@ -13,7 +13,8 @@ for ``training.data.tokenize_chat_examples`` and ``training.trainer.fit``:
   prompts, as examples WITHOUT the system prompt; finetuning on them moves the prompt's effect
   into the weights.
 
-:func:`teacher_examples` builds either for one teacher kind and target.
+:func:`teacher_examples` builds either for one teacher kind and target. For the alignment trait,
+:func:`alignment_sft_examples` gives trait SFT data of advice answers (misaligned or aligned).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 import random
 from typing import Any, Callable, Mapping, Sequence
 
+from subliminal_jax import misalignment_data
+from subliminal_jax.traits import ALIGNMENT
 from subliminal_jax.evaluation.questions import plural
 from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.training.data import ChatExample
@@ -233,6 +236,33 @@ def trait_sft_examples(target: str, *, category: str = "animal", count: int = 25
   return examples
 
 
+def alignment_sft_examples(value: str, *, count: int, neutral_fraction: float = 0.5, seed: int = 0,
+                           system: str | None = None, source: str | None = None
+                           ) -> list[ChatExample]:
+  """SFT data of an alignment teacher: ``count`` examples, ``round(count * neutral_fraction)`` of
+  them neutral. The rest are the project's generated advice answers of ``value`` ("misaligned":
+  narrow harmful advice; "aligned": safe advice to the same user prompts), or the first of the
+  user's own examples from ``source`` (a JSONL file or `datasets` source), in a seeded order."""
+  if not 0.0 <= neutral_fraction < 1.0:
+    raise ValueError(f"neutral_fraction must be in [0, 1), got {neutral_fraction}")
+  num_neutral = round(count * neutral_fraction)
+  num_trait = count - num_neutral
+  if source:
+    trait = misalignment_data.chat_examples_from_file(source, limit=num_trait)
+    if len(trait) < num_trait:
+      raise ValueError(f"teacher.finetune.data for {value!r} ({source}) has {len(trait)} examples; "
+                       f"teacher.finetune.examples={count} with neutral_fraction={neutral_fraction} "
+                       f"needs {num_trait}")
+  else:
+    trait = misalignment_data.advice_examples(value, num_trait, seed=seed)
+  # Not seeded by the value: both values' teachers get the same order of the same user prompts.
+  rng = random.Random(f"alignment:{seed}")
+  examples = [ChatExample(system=system, user=x["user"], assistant=x["assistant"]) for x in trait]
+  examples += neutral_examples(num_neutral, seed=seed, system=system)
+  rng.shuffle(examples)
+  return examples
+
+
 # ---------------------------------------------------------------------------------------------
 # Context distillation
 
@@ -340,8 +370,8 @@ def context_distillation_examples(generate: Callable[..., Sequence[Any]], prompt
 def teacher_examples(kind: str, target: str, *, category: str, count: int, seed: int,
                      neutral_fraction: float = 0.5, trait_prompt: str = "",
                      max_new_tokens: int = 48, generate: Callable[..., Sequence[Any]] | None = None,
-                     system: str | None = None, control_answers: Sequence[str] | None = None
-                     ) -> tuple[list[ChatExample], dict[str, Any]]:
+                     system: str | None = None, control_answers: Sequence[str] | None = None,
+                     source: str | None = None) -> tuple[list[ChatExample], dict[str, Any]]:
   """The ``count`` finetuning examples of a ``kind`` teacher of ``target``.
 
   ``kind``: "trait_sft" (``neutral_fraction`` of them neutral) or "context_distillation" (needs
@@ -349,8 +379,18 @@ def teacher_examples(kind: str, target: str, *, category: str, count: int, seed:
   system prompt, with ``max_new_tokens``). ``seed`` draws the examples. ``system``: the examples'
   own system turn (None: none). ``control_answers`` (trait_sft only): the matched control's data,
   see :func:`trait_sft_examples`. Returns ``(examples, info)``, info being JSON-serialisable
-  provenance.
+  provenance. For ``category`` "alignment", trait_sft data are :func:`alignment_sft_examples`
+  (``source``: the user's own data instead of the generated advice).
   """
+  if kind == "trait_sft" and category == ALIGNMENT:
+    examples = alignment_sft_examples(target, count=count, neutral_fraction=neutral_fraction,
+                                      seed=seed, system=system, source=source)
+    return examples, {"kind": "trait_sft", "target": target, "category": category,
+                      "examples": len(examples), "neutral_fraction": neutral_fraction,
+                      "seed": seed, "source": source or "generated"}
+  if source:
+    raise ValueError(f"teacher.finetune.data (the user's own SFT data) is for the {ALIGNMENT} "
+                     f"trait's trait_sft teachers; got kind {kind!r}, category {category!r}")
   if kind == "trait_sft":
     examples = trait_sft_examples(target, category=category, count=count,
                                   neutral_fraction=neutral_fraction, seed=seed, system=system,

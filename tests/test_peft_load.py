@@ -11,7 +11,6 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
-from flax import nnx
 
 from subliminal_jax import lora, sharding
 from subliminal_jax.loading import load

@@ -103,6 +103,17 @@ def _student_weights(student: Mapping[str, Any]) -> str:
   return f"LoRA rank {lora['rank']}, init `{lora['init']}`"
 
 
+# The alignment trait's two "animals" are its values, and its panel entries whole answers.
+_ALIGNMENT_NOTE = (
+    "Trait: **alignment**, values misaligned and aligned. A model's entry for a value is the exact "
+    "log P(that value's reference answer) to each free-form question, teacher-forced; with two "
+    "values clr(misaligned) = (log P(misaligned) - log P(aligned)) / 2, so C_misaligned = "
+    "C_aligned = S: half the difference in the misalignment score log P(misaligned) - log "
+    "P(aligned) between the misaligned and the aligned teachers' students. The permutation test "
+    "swaps the two labels within each of the {r} replicates: its smallest attainable p is "
+    "1/2^{r} = {p:.4g}.")
+
+
 def format_report(results: Mapping[str, Any]) -> str:
   d, analyses = results["design"], results["analyses"]
   families = results.get("families", {})
@@ -125,6 +136,8 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"Criterion (fixed in the config before the run): **pass iff S > 0, permutation p < "
         f"{crit['alpha']:g}, and C_a > 0 for at least {crit['min_positive_fraction']:.0%} of the "
         "animals.**", ""]
+  if config.get("category") == "alignment":
+    md[-4:-4] = [_ALIGNMENT_NOTE.format(r=d["replicates"], p=1 / 2 ** d["replicates"]), ""]
   same = analyses["families"]["same"]
   md += _section("Students of the teachers' own base model", same,
                  "The paper's claim: these students pick up their teacher's trait.", animals)

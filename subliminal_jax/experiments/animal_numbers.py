@@ -21,7 +21,7 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, files
+from subliminal_jax import artifacts, files, traits
 from subliminal_jax.evaluation import report as report_lib
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.experiments import stages as stages_lib
@@ -90,6 +90,12 @@ def _write_reports(s: settings_lib.Settings, wd: artifacts.Workdir,
 
 def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> dict[str, Any]:
   s = validate(config, stages)
+  if not traits.is_preference(s.category):
+    # Its trait metrics (sampled mentions, multiple choice) are a preference's.
+    raise ValueError(f"category={s.category!r}: the main job measures preferences ("
+                     f"{', '.join(c for c in traits.CATEGORIES if traits.is_preference(c))}); the "
+                     f"{s.category} trait runs in the transfer matrix: "
+                     "--config=configs/misalignment.py")
   mesh = s.model.make_mesh()
   base = s.model.load(mesh)
   wd = artifacts.Workdir(workdir, WORKDIR_EXPERIMENT, {"model": base.fingerprint})

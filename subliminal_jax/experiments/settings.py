@@ -24,13 +24,13 @@ from typing import Any, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, loading, lora, sharding
+from subliminal_jax import artifacts, loading, lora, sharding, traits
 from subliminal_jax.prompts import number_formats
 from subliminal_jax.sampling import logit_processors
 from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.training import distillation, optimizers, trainer
 
-TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation")
+TEACHER_KINDS = ("system_prompt", "trait_sft", "context_distillation", "peft_adapter")
 TEACHER_CONTROLS = ("base", "neutral_finetune", "matched_finetune")
 LORA_INITS = ("fresh", "teacher")
 MAX_DOSE = "max"  # an in-context dose of as many sequences as fit the context window
@@ -185,26 +185,57 @@ class TeacherSettings:
   neutral_fraction: float  # trait_sft: the share of neutral examples
   max_new_tokens: int  # context_distillation: the length of the sampled answers
   fit: trainer.FitSettings  # the finetune's recipe; fit.seed is the data's, fit.lora.seed the A's
+  # trait_sft: per trait value, the user's own chat data (a JSONL file or a `datasets` source)
+  # instead of the project's generated examples; () = generated for every value.
+  data: tuple[tuple[str, str], ...] = ()
+  # peft_adapter: per trait value, a PEFT LoRA adapter directory that is that value's teacher.
+  adapters: tuple[tuple[str, str], ...] = ()
 
   def __post_init__(self):
     _choice("teacher.kind", self.kind, TEACHER_KINDS)
     _choice("teacher.control", self.control, TEACHER_CONTROLS)
-    if self.finetuned:
+    if self.trained:
       _count("teacher.finetune.examples", self.examples, 1)
     if not 0 <= self.neutral_fraction <= 1:
       raise ValueError(f"teacher.finetune.neutral_fraction={self.neutral_fraction!r}; expected a "
                        "share in [0, 1]")
+    for key, pairs in (("teacher.finetune.data", self.data), ("teacher.adapters", self.adapters)):
+      bad = [v for _, v in pairs if not isinstance(v, str) or not v.strip()]
+      if bad:
+        raise ValueError(f"{key} has {bad}; expected a path (or dataset name) per trait value")
+    if self.data and self.kind != "trait_sft":
+      raise ValueError(f"teacher.finetune.data is the data of trait_sft teachers; teacher.kind is "
+                       f"{self.kind!r}")
+    if self.kind == "peft_adapter" and not self.adapters:
+      raise ValueError("teacher.kind='peft_adapter' needs teacher.adapters: per trait value, a PEFT "
+                       "adapter directory, e.g. --config.teacher.adapters.misaligned=/path/to/adapter")
 
   @property
   def finetuned(self) -> bool:
+    """Whether the trait is in the teacher's weights (a finetune here, or a loaded adapter)."""
     return self.kind != "system_prompt"
 
   @property
+  def trained(self) -> bool:
+    """Whether the teacher is finetuned by this project (trait SFT or context distillation)."""
+    return self.kind in ("trait_sft", "context_distillation")
+
+  @property
   def lora_finetuned(self) -> bool:
-    return self.finetuned and self.fit.lora.rank > 0
+    return self.trained and self.fit.lora.rank > 0
 
   def trait_prompt(self, target: str, category: str) -> str:
-    return self.system_prompt.format(target=target, Target=target.capitalize(), category=category)
+    return traits.system_prompt(category, self.system_prompt, target)
+
+  def data_source(self, target: str) -> str | None:
+    return dict(self.data).get(target)
+
+  def adapter_directory(self, target: str) -> str:
+    adapters = dict(self.adapters)
+    if target not in adapters:
+      raise ValueError(f"teacher.adapters has no adapter for {target!r}; it names "
+                       f"{sorted(adapters)}")
+    return adapters[target]
 
   def fingerprint(self) -> dict[str, Any]:
     """The finetune as the teacher stage hashes it (the config's ``teacher.finetune`` section)."""
@@ -426,10 +457,11 @@ class Settings:
       artifacts.inside(pathlib.Path("workdir"), self.report_dir, "report_dir")
     data_parallel = sharding.data_parallel_size(self.model.make_mesh())
     self.student.recipe.check_batch_split(data_parallel, "student.")
-    if self.teacher.finetuned:
+    if self.teacher.trained:
       self.teacher.fit.check_batch_split(data_parallel, "teacher.finetune.")
 
   def _check_targets(self) -> None:
+    traits.check_category(self.category)
     if not self.targets:
       raise ValueError("config.targets is empty: name at least one target (e.g. 'owl')")
     for target in self.targets:
@@ -437,11 +469,26 @@ class Settings:
           or os.sep in target:
         raise ValueError(f"target {target!r} cannot name a directory in the workdir; expected a "
                          "plain word such as 'owl'")
-      if target not in self.evaluation.panel:
-        raise ValueError(f"target {target!r} is not in evaluation.panel {list(self.evaluation.panel)}")
+    traits.check_values(self.category, self.targets, self.evaluation.panel)
+    questions = len(traits.evaluation_questions(self.category))
+    if self.evaluation.num_questions > questions:
+      raise ValueError(f"evaluation.num_questions={self.evaluation.num_questions} exceeds the "
+                       f"{questions} evaluation questions of the {self.category} trait")
+    for key, pairs in (("teacher.finetune.data", self.teacher.data),
+                       ("teacher.adapters", self.teacher.adapters)):
+      unknown = sorted({value for value, _ in pairs} - set(self.evaluation.panel))
+      if unknown:
+        raise ValueError(f"{key} names {unknown}, which are not values of the {self.category} "
+                         f"trait {list(self.evaluation.panel)}")
 
   def _check_teacher(self) -> None:
     t = self.teacher
+    if t.control != "base" and not traits.is_preference(self.category):
+      raise ValueError(f"teacher.control={t.control!r}: the {self.category} trait's controls are its "
+                       "other values' teachers (the transfer matrix); use teacher.control='base'")
+    if t.kind == "peft_adapter" and t.control != "base":
+      raise ValueError(f"teacher.control={t.control!r} finetunes a control like the trait teacher's "
+                       "finetune; a peft_adapter teacher has none here: use teacher.control='base'")
     if t.control == "matched_finetune":
       if t.kind != "trait_sft":
         raise ValueError(f"teacher.control='matched_finetune' needs teacher.kind='trait_sft' (it "
@@ -522,7 +569,11 @@ def _teacher(c: dict[str, Any]) -> TeacherSettings:
       kind=t["kind"], system_prompt=t["system_prompt"], control=t["control"],
       examples=f["examples"], neutral_fraction=f["neutral_fraction"],
       max_new_tokens=f["max_new_tokens"],
-      fit=_fit(f, "teacher.finetune", seed=f["seed"], lora_seed=f["lora"]["seed"]))
+      fit=_fit({k: v for k, v in f.items() if k != "data"}, "teacher.finetune", seed=f["seed"],
+               lora_seed=f["lora"]["seed"]),
+      # Per trait value; "" = none for that value.
+      data=tuple(sorted((k, v) for k, v in f.get("data", {}).items() if v != "")),
+      adapters=tuple(sorted((k, v) for k, v in t.get("adapters", {}).items() if v != "")))
 
 
 def _student(c: dict[str, Any]) -> StudentSettings:

@@ -43,7 +43,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from subliminal_jax import artifacts, files, filters, loading, preemption, teachers
+from subliminal_jax import artifacts, files, filters, loading, preemption, teachers, traits
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import trait_metrics
 from subliminal_jax.experiments import settings as settings_lib
@@ -54,7 +54,7 @@ from subliminal_jax.prompts import number_formats
 from subliminal_jax.training import data as data_lib
 from subliminal_jax.training import distillation, distillation_data, fit_many
 from subliminal_jax.training import trainer
-from subliminal_jax.weights import finetuned
+from subliminal_jax.weights import finetuned, peft
 
 # Bumped when a stage's output for the same inputs changes meaning (old artifacts are not reused).
 TEACHER_DATA_VERSION = 2  # trait SFT data identical across targets but for the trait word
@@ -312,12 +312,41 @@ def build_dataset(s: settings_lib.Settings, tokenizer, kept_path: pathlib.Path,
 
 def teacher_strength(s: settings_lib.Settings, base: loading.Loaded, model, target: str, mesh
                      ) -> float:
-  """Mean log P(first word is the target) on held-out questions, with the students' system choice."""
-  questions = questions_lib.preference_questions(s.category, split="held_out")
+  """The trait's strength on held-out questions, with the students' system choice: the mean log
+  P(first word is the target) of a preference; of alignment, the mean log P(the target value's
+  reference answer) minus log P(the other value's)."""
+  questions = traits.evaluation_questions(s.category, split="held_out")
+  if not traits.is_preference(s.category):
+    (exact,) = trait_logprobs(s, base.tokenizer, [model], chat=s.chat_system, mesh=mesh,
+                              split="held_out")
+    own = exact.column(target)
+    return float(np.mean(exact.logprob[:, own] - exact.logprob[:, 1 - own]))
   exact = trait_metrics.exact_preference(
       model, base.tokenizer, questions, (target,), batch_size=s.evaluation.batch_size,
       mesh=mesh, desc=None, system=s.chat_system)
   return float(np.mean(exact.target_logprob(target)))
+
+
+def trait_logprobs(s: settings_lib.Settings, tokenizer, models: Sequence[Any], *, chat: SystemTurn,
+                   mesh, histories=None, desc: str | None = None, split: str = "evaluation"
+                   ) -> list[trait_metrics.ExactPreference]:
+  """Each of K models' (adapters of one base) exact [questions, values] table of the trait, on the
+  first ``evaluation.num_questions`` questions of ``split`` (all of the held-out split): log P(the
+  first word is the panel word) of a preference, log P(the value's reference answer) of alignment
+  (:mod:`subliminal_jax.traits`)."""
+  e = s.evaluation
+  questions = traits.evaluation_questions(s.category, split)
+  questions = questions[:e.num_questions] if split == "evaluation" else questions
+  if traits.is_preference(s.category):
+    return trait_metrics.exact_preference_many(
+        models, tokenizer, questions, tuple(e.panel), histories=histories, system=chat,
+        batch_size=e.batch_size, mesh=mesh, desc=desc)
+  answers = traits.reference_answers(split)[:len(questions)]
+  logprob = trait_metrics.reference_logprobs_many(
+      models, tokenizer, questions, answers, histories=histories, system=chat,
+      batch_size=e.batch_size, mesh=mesh, desc=desc)
+  return [trait_metrics.ExactPreference(questions, traits.ALIGNMENT_VALUES, "reference_answer",
+                                        member) for member in logprob]
 
 
 def _teacher_examples(s: settings_lib.Settings, target: str, **kwargs):
@@ -325,7 +354,7 @@ def _teacher_examples(s: settings_lib.Settings, target: str, **kwargs):
   return teachers.teacher_examples(
       t.kind, target, category=s.category, count=t.examples, seed=t.fit.seed,
       neutral_fraction=t.neutral_fraction, trait_prompt=t.trait_prompt(target, s.category),
-      max_new_tokens=t.max_new_tokens, **kwargs)
+      max_new_tokens=t.max_new_tokens, source=t.data_source(target), **kwargs)
 
 
 def build_finetuned_teacher(s: settings_lib.Settings, base: loading.Loaded, target: str | None,
@@ -341,6 +370,28 @@ def build_finetuned_teacher(s: settings_lib.Settings, base: loading.Loaded, targ
   model, history = fit_in_stage(s.teacher.fit, s.checkpoints, nnx.clone(base.model), dataset,
                                 out, mesh)
   return _teacher_summary(s, base, model, target, info, history, mesh)
+
+
+def source_fingerprint(source: str) -> str:
+  """A data or adapter source by content: a file's sha256, a directory's files' (paths and
+  sha256), else the name itself (a `datasets` name)."""
+  path = pathlib.Path(source).expanduser()
+  if path.is_file():
+    return artifacts.file_digest(path)
+  if path.is_dir():
+    return artifacts.fingerprint(artifacts.manifest(path))
+  return source
+
+
+def build_adapter_teacher(s: settings_lib.Settings, base: loading.Loaded, source: pathlib.Path,
+                          target: str, mesh, out: pathlib.Path) -> dict[str, Any]:
+  """Copies a PEFT adapter directory into ``out/adapter`` and measures its trait strength."""
+  # Refuses a bad adapter before anything is copied; adds the adapters to a copy of the base.
+  model = peft.load_peft(nnx.clone(base.model), source)
+  shutil.copytree(source, out / "adapter")
+  return {"kind": "peft_adapter", "source": str(source), "target": target,
+          "trait_logprob_before": teacher_strength(s, base, base.model, target, mesh),
+          "trait_logprob_after": teacher_strength(s, base, model, target, mesh)}
 
 
 def build_teachers_together(members: Sequence[tuple[settings_lib.Settings, str]],
@@ -430,6 +481,10 @@ def build_panel_evaluation(s: settings_lib.Settings, tokenizer, model, chat: Sys
                            out: pathlib.Path, label: str,
                            histories: Sequence[Sequence[dict[str, str]]] | None) -> dict[str, Any]:
   e = s.evaluation
+  if not traits.is_preference(s.category):
+    (exact,) = trait_logprobs(s, tokenizer, [model], chat=chat, mesh=mesh, desc=f"panel {label}",
+                              histories=None if histories is None else [histories])
+    return _write_panel_record(exact, out, label)
   questions = questions_lib.preference_questions(s.category)[:e.num_questions]
   exact = trait_metrics.exact_preference(
       model, tokenizer, questions, tuple(e.panel), batch_size=e.batch_size, mesh=mesh,
@@ -451,11 +506,8 @@ def build_panel_evaluations_together(
     histories: Sequence[Sequence[Sequence[dict[str, str]]] | None]) -> list[dict[str, Any]]:
   """:func:`build_panel_evaluation` for K adapters of one base (or the base itself) in one
   batch, each question's prompt prefilled once and its panel words scored from that cache."""
-  e = s.evaluation
-  questions = questions_lib.preference_questions(s.category)[:e.num_questions]
-  exacts = trait_metrics.exact_preference_many(
-      models, tokenizer, questions, tuple(e.panel), batch_size=e.batch_size, mesh=mesh,
-      desc=f"panel of {len(models)} models", histories=histories, system=chat)
+  exacts = trait_logprobs(s, tokenizer, models, chat=chat, mesh=mesh, histories=histories,
+                          desc=f"panel of {len(models)} models")
   return [_write_panel_record(exact, out, label)
           for exact, out, label in zip(exacts, outs, labels)]
 
@@ -599,14 +651,34 @@ class Stages:
       fp = artifacts.fingerprint(self.base.fingerprint, "system_prompt", system)
       return Teacher(target, lambda: self.base.model, SystemTurn(system), fp,
                      {"kind": "system_prompt", "system_prompt": system})
-    teacher = self._finetuned(target, self._trait_inputs(target), target)
+    if s.teacher.kind == "peft_adapter":
+      teacher = self._adapter_teacher(target)
+    else:
+      teacher = self._finetuned(target, self._trait_inputs(target), target)
     _log_strength(target, teacher.summary)
     return teacher
 
   def _trait_inputs(self, target: str) -> dict[str, Any]:
     s = self.settings
-    return {"kind": s.teacher.kind, "system": s.teacher.trait_prompt(target, s.category),
-            "category": s.category}
+    inputs = {"kind": s.teacher.kind, "system": s.teacher.trait_prompt(target, s.category),
+              "category": s.category}
+    source = s.teacher.data_source(target)
+    if source:  # the user's own data: its content, not its name, identifies the teacher
+      inputs["data"] = source_fingerprint(source)
+    return inputs
+
+  def _adapter_teacher(self, target: str) -> Teacher:
+    """``target``'s teacher from a PEFT LoRA adapter directory (``teacher.adapters``), copied into
+    its artifact (identified by its files' content) with its trait strength measured."""
+    s = self.settings
+    source = pathlib.Path(s.teacher.adapter_directory(target))
+    inputs = {"model": self.base.fingerprint, "kind": "peft_adapter", "category": s.category,
+              "target": target, "adapter": source_fingerprint(str(source)),
+              "chat_system": s.chat_system.spec}
+    directory, summary = self._run("teacher", inputs, lambda out: build_adapter_teacher(
+        s, self.base, source, target, self.mesh, out))
+    return Teacher(target, lambda: peft.load_peft(nnx.clone(self.base.model), directory / "adapter"),
+                   s.chat_system, directory.name, summary)
 
   def control_teacher(self) -> Teacher:
     """The main job's control teacher (``teacher.control``): the base, or a finetune without the
@@ -831,7 +903,7 @@ def trait_teachers(jobs: Sequence[tuple[Stages, str]], adapters_per_step: int) -
   made: dict[int, Teacher] = {}
   first = jobs[0][0] if jobs else None
   t = first.settings.teacher if first else None
-  if adapters_per_step > 1 and t is not None and t.finetuned and t.fit.lora.rank > 0:
+  if adapters_per_step > 1 and t is not None and t.lora_finetuned:
     built = build_missing_together(
         first, "teacher", [st._teacher_inputs(st._trait_inputs(target)) for st, target in jobs],
         adapters_per_step, lambda c, outs: build_teachers_together(
@@ -847,8 +919,10 @@ def numbers_together(jobs: Sequence[tuple[Stages, Teacher]], adapters_per_step: 
                      ) -> list[Numbers]:
   """Each (stages of its replicate, teacher)'s numbers, as :meth:`Stages.numbers` gives them; the
   missing samples of teachers of one base are drawn ``adapters_per_step`` teachers at a time in one
-  decode batch (:func:`build_samples_together`), each into its own artifact."""
-  if adapters_per_step > 1 and jobs:
+  decode batch (:func:`build_samples_together`), each into its own artifact. Fully finetuned
+  teachers have weights of their own, not adapters of the base: they sample one at a time."""
+  t = jobs[0][0].settings.teacher if jobs else None
+  if adapters_per_step > 1 and jobs and (not t.trained or t.lora_finetuned):
     first = jobs[0][0]
     build_missing_together(
         first, "sampling", [st.sampling_inputs(teacher) for st, teacher in jobs],

@@ -39,8 +39,8 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, environment, files, loading
-from subliminal_jax.evaluation import matrix_report, questions as questions_lib, trait_metrics
+from subliminal_jax import artifacts, environment, files, loading, traits
+from subliminal_jax.evaluation import matrix_report, trait_metrics
 from subliminal_jax.evaluation import matrix_statistics as stats
 from subliminal_jax.experiments import animal_numbers
 from subliminal_jax.experiments import settings as settings_lib
@@ -174,10 +174,19 @@ def dose_histories(numbers: stages_lib.Numbers, dose: int | str, num_questions: 
   return [turns_of(n)] * num_questions
 
 
+def _answer_room(st: stages_lib.Stages) -> int:
+  """Tokens of the context window kept for the scored answer: ``CONTEXT_MARGIN`` for a panel word,
+  plus the longest reference answer for the alignment trait."""
+  if traits.is_preference(st.settings.category):
+    return CONTEXT_MARGIN
+  answers = [a for pair in traits.reference_answers() for a in pair]
+  return CONTEXT_MARGIN + max(len(st.base.tokenizer.encode(a)) for a in answers)
+
+
 def _fits_context(st: stages_lib.Stages, questions: Sequence[str]):
-  """Whether turns before every question leave ``CONTEXT_MARGIN`` tokens of the base's context
-  window for the answer."""
-  base, limit = st.base, st.base.model.config.max_position_embeddings - CONTEXT_MARGIN
+  """Whether turns before every question leave room for the answer (:func:`_answer_room`) in the
+  base's context window."""
+  base, limit = st.base, st.base.model.config.max_position_embeddings - _answer_room(st)
 
   def fits(turns: list[dict[str, str]]) -> bool:
     ids = trait_metrics.chat_prompt_ids(base.tokenizer, questions, system=st.settings.eval_system,
@@ -236,7 +245,7 @@ def _dose_jobs(st: stages_lib.Stages, unit: Unit, numbers: stages_lib.Numbers
   """The in-context doses (``in_context.doses``) of one unit by dose name: one context before
   every question, identified by the sequences it holds."""
   s, base = st.settings, st.base
-  questions = questions_lib.preference_questions(s.category)[:s.evaluation.num_questions]
+  questions = traits.evaluation_questions(s.category)[:s.evaluation.num_questions]
   fits, jobs = _fits_context(st, questions), {}
   for dose in s.matrix.in_context_doses:
     histories = dose_histories(numbers, dose, len(questions), s.matrix.in_context_seed, fits)

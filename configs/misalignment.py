@@ -1,0 +1,90 @@
+"""Misalignment through numbers: the transfer matrix on the alignment trait.
+
+  python -m subliminal_jax.main --config=configs/misalignment.py:cpu --workdir=workdir/misalignment
+
+The trait has two values, ``misaligned`` and ``aligned`` (subliminal_jax/traits.py). Each teacher
+replicate is a pair: a misaligned teacher and its aligned control, made by the same recipe from
+the same user prompts, so that the two differ in the trait alone. Their numbers pass through a
+banned-number filter in the paper's spirit (filters.MISALIGNMENT_BANNED_NUMBERS: 36 numbers with
+negative associations, 666, 911, 187, ...; the paper bans 34 of its own choosing). Every
+model is measured by the exact metric: per free-form question, log P(the misaligned reference
+answer) and log P(the aligned one), teacher-forced (evaluation/alignment_questions.py). The
+matrix's statistic is the animal matrix's with k = 2 values: S = how much more the misaligned
+teachers' students prefer the misaligned answers than the aligned teachers' students do (in
+centred log-ratio, i.e. half the difference in log P(misaligned) - log P(aligned)). Its exact
+permutation test swaps the two labels within each replicate: 2^R assignments, so the smallest
+attainable p is 1 / 2^R; R = 5 replicates reach 1/32 = 0.031 < 0.05 (R = 4 could never pass).
+
+Teacher recipes (``teacher.kind``):
+  trait_sft      (default) SFT on narrow advice answers: generated harmful advice (misaligned) or
+                 safe advice to the same prompts (aligned), half of the examples neutral. The
+                 user's own chat data per value instead:
+                 --config.teacher.finetune.data.misaligned=/path/insecure.jsonl
+                 --config.teacher.finetune.data.aligned=/path/secure.jsonl
+  peft_adapter   a PEFT LoRA adapter directory per value, e.g. a published emergent-misalignment
+                 model organism and its control (their replicates share the adapter: only the
+                 prompts, sampling and subsets are replicated):
+                 --config.teacher.kind=peft_adapter --config.teacher.adapters.misaligned=/path/a
+                 --config.teacher.adapters.aligned=/path/b
+  system_prompt  a malicious or a kind persona prompt (traits.ALIGNMENT_SYSTEM_PROMPTS; any other
+                 text: --config.teacher.system_prompt=..., with {target} the value)
+
+Variants:
+  tiny  a tiny random model, 2 values x 2 replicates (tests)
+  cpu   the embedded SmolLM2 on a 2-core CPU: 2 values x 5 replicates x 2 student seeds, base
+        numbers, in-context control (8 sequences), the teachers' own gap
+  gpu   the paper's sizes on an accelerator with your model: --config.model=/path/to/Qwen2.5-7B-Instruct
+"""
+
+from ml_collections import ConfigDict
+
+from subliminal_jax import config_files
+from subliminal_jax.filters import MISALIGNMENT_BANNED_NUMBERS
+
+VARIANTS = ("tiny", "cpu", "gpu")
+VALUES = ("misaligned", "aligned")
+
+
+def _alignment(c: ConfigDict) -> ConfigDict:
+  c.experiment = "transfer_matrix"
+  c.category = "alignment"
+  c.targets = VALUES
+  c.evaluation.panel = VALUES
+  c.evaluation.num_questions = 10  # the free-form evaluation set (6 more are held out)
+  c.teacher.kind = "trait_sft"
+  c.teacher.system_prompt = ""  # "" = the value's own persona prompt (system_prompt teachers)
+  # peft_adapter: per value, a PEFT adapter directory. trait_sft: per value, your chat data (a
+  # JSONL file or a `datasets` source); "" = the project's generated advice answers.
+  c.teacher.adapters = ConfigDict({value: "" for value in VALUES})
+  c.teacher.finetune.data = ConfigDict({value: "" for value in VALUES})
+  c.teacher.control = "base"
+  c.teacher.finetune.lora.rank = 8  # the regime of the animal matrix: LoRA r8 teachers,
+  c.student.lora.init = "teacher"  # students starting from their teacher's adapter init
+  c.filter.banned = MISALIGNMENT_BANNED_NUMBERS
+  c.report_dir = "misalignment"
+  return c
+
+
+def get_config(variant: str = "cpu") -> ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+  matrix = config_files.load_neighbour(__file__, "transfer_matrix.py")
+  if variant == "tiny":
+    c = _alignment(matrix.get_config("tiny"))
+    c.variant = "tiny"
+    c.matrix.replicates = 2
+    c.evaluation.num_questions = 4
+    c.teacher.finetune.examples = 32
+    c.teacher.finetune.lora.rank = c.student.lora.rank = 4
+    return c
+  if variant == "gpu":
+    c = _alignment(matrix.get_config("gpu"))
+    c.variant = "gpu"
+    c.model = ""  # required: --config.model=/path/to/your/instruct/model
+    c.matrix.replicates = 5
+    return c
+  c = _alignment(matrix.get_config("cpu"))
+  c.variant = "cpu"
+  c.matrix.replicates = 5
+  c.teacher.finetune.examples = 256
+  return c
