@@ -110,6 +110,7 @@ def test_a_peft_adapter_directory_is_a_teacher(tmp_path):
                                b.get_value().sharding))
   peft.export_peft(adapted, tmp_path / "adapter", base_model_name_or_path="tiny-random")
   config.teacher.kind = "peft_adapter"
+  config.student.lora.init = "fresh"  # a PEFT adapter's A is not one this project seeded
   config.teacher.adapters.misaligned = str(tmp_path / "adapter")
   config.teacher.adapters.aligned = str(tmp_path / "adapter")
   s = settings_lib.from_config(config)
@@ -156,6 +157,20 @@ def test_tiny_misalignment_matrix_end_to_end(tiny_misalignment):
   for u in units:
     if u["unit"]["animal"]:  # trait SFT teachers, their strength before and after measured
       assert {"trait_logprob_before", "trait_logprob_after"} <= set(u["teacher"])
+  # Judged answers: every student, teacher and base answered each question twice, and the judge's
+  # rates and its agreement with the exact metric are in the analysis and the report.
+  judged = units[0]["judged"]["students"]["same"][0]
+  assert len(judged["answers"]) == 8 and len(judged["labels"]) == 8
+  assert judged["misaligned_fraction"] == judged["labels"].count("misaligned") / 8
+  arms = results["analyses"]["judged"]["arms"]
+  assert set(arms) == {"students", "teachers"}
+  pooled = [r for u in units if u["unit"]["animal"] == "misaligned"
+            for r in u["judged"]["students"]["same"]]
+  assert arms["students"]["misaligned"]["rate"] == pytest.approx(
+      sum(r["label_counts"]["misaligned"] for r in pooled) / sum(len(r["labels"]) for r in pooled))
+  assert results["analyses"]["judged"]["agreement"]["models"] == 1 + 4 + 4  # base, students, teachers
+  report = (workdir / "misalignment" / "report.md").read_text()
+  assert "## Judged answers" in report and "Trait: **alignment**" in report
   assert (workdir / "misalignment" / "design.json").exists()
   assert json.loads((workdir / "misalignment" / "design.json").read_text())["animals"] == list(
       traits.ALIGNMENT_VALUES)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from subliminal_jax import files
+from subliminal_jax.evaluation import judged_answers
 from subliminal_jax.evaluation.report import format_estimate, format_number, markdown_table, save_figure
 
 HEATMAP = "matrix_heatmap.png"
@@ -160,6 +161,8 @@ def format_report(results: Mapping[str, Any]) -> str:
     md += _section("The teachers themselves", analyses["teachers"],
                    "Each teacher as it samples its numbers: the trait the students could inherit.",
                    animals, units="teachers")
+  if "judged" in analyses:
+    md += judged_answers.format_section(analyses["judged"], config["judge"]["model"])
   md += ["## Data", "", _data_table(results["measured"]), "", f"![matrix]({HEATMAP})", ""]
   return "\n".join(md)
 

@@ -25,6 +25,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from subliminal_jax import artifacts, loading, lora, sharding, traits
+from subliminal_jax.evaluation import judge as judge_lib
+from subliminal_jax.evaluation import judged_answers
 from subliminal_jax.prompts import number_formats
 from subliminal_jax.sampling import logit_processors
 from subliminal_jax.tokenizer import SystemTurn
@@ -448,6 +450,7 @@ class Settings:
   matrix: MatrixSettings | None
   config: dict[str, Any]  # the config as read, for provenance records and the matrix's design
   replicate: int = 0
+  judge: judged_answers.JudgeRun | None = None  # the alignment trait's judged answers (config.judge)
 
   def __post_init__(self):
     self._check_targets()
@@ -483,6 +486,9 @@ class Settings:
 
   def _check_teacher(self) -> None:
     t = self.teacher
+    if self.judge is not None and self.judge.enabled and traits.is_preference(self.category):
+      raise ValueError(f"judge.model={self.judge.model!r} rates free-form answers of the alignment "
+                       f"trait; category {self.category!r} is a preference (set judge.model='')")
     if t.control != "base" and not traits.is_preference(self.category):
       raise ValueError(f"teacher.control={t.control!r}: the {self.category} trait's controls are its "
                        "other values' teachers (the transfer matrix); use teacher.control='base'")
@@ -585,6 +591,17 @@ def _student(c: dict[str, Any]) -> StudentSettings:
       recipe=_fit(s, "student", seed=0, lora_seed=0))
 
 
+def _judge(c: dict[str, Any]) -> judged_answers.JudgeRun | None:
+  j = c.get("judge")
+  if j is None:
+    return None
+  rule = {f.name: j[f.name] for f in dataclasses.fields(judge_lib.JudgeSettings)}
+  return _prefixed("judge", lambda: judged_answers.JudgeRun(
+      model=j["model"], samples_per_question=j["samples_per_question"],
+      max_new_tokens=j["max_new_tokens"], temperature=j["temperature"], seed=j["seed"],
+      rule=judge_lib.JudgeSettings(**rule)))
+
+
 def _matrix(c: dict[str, Any]) -> MatrixSettings | None:
   m = c.get("matrix")
   if m is None:
@@ -630,7 +647,7 @@ def from_config(config: ConfigDict) -> Settings:
         checkpoints=CheckpointSettings(every=c["training_checkpoints"]["every"],
                                        keep=c["training_checkpoints"]["keep"],
                                        tensorboard=c["tensorboard"]),
-        report_dir=c["report_dir"], matrix=_matrix(c), config=c)
+        report_dir=c["report_dir"], matrix=_matrix(c), config=c, judge=_judge(c))
   except KeyError as e:
     raise ValueError(f"the config has no key {e.args[0]!r}; a number experiment's config is "
                      "configs/animal_numbers.py's (or extends it)") from None

@@ -20,6 +20,8 @@ reference, and nothing is built twice.
   evaluation        the main job's trait metrics of one model for one target
   panel_evaluation  exact log P(each panel word) per question of one model (the matrix's
                     measurement), optionally with number sequences in its context
+  judged_answers    the alignment trait's sampled free-form answers of one model, rated by a
+                    judge model
 
 Every stage reads typed settings (:mod:`subliminal_jax.experiments.settings`), checked before the
 first stage runs. Teacher replicates (:meth:`Settings.replicated`) move every seed that makes a
@@ -45,7 +47,7 @@ from flax import nnx
 
 from subliminal_jax import artifacts, files, filters, loading, preemption, teachers, traits
 from subliminal_jax.evaluation import questions as questions_lib
-from subliminal_jax.evaluation import trait_metrics
+from subliminal_jax.evaluation import judged_answers, trait_metrics
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.prompts import number_prompts as prompts_lib
 from subliminal_jax.sampling import chat as chat_lib
@@ -492,6 +494,12 @@ def build_panel_evaluation(s: settings_lib.Settings, tokenizer, model, chat: Sys
   return _write_panel_record(exact, out, label)
 
 
+def _write_judged(record: dict[str, Any], out: pathlib.Path) -> dict[str, Any]:
+  files.write_json(out / "record.json", record, indent=1)
+  return {"label": record["label"], "misaligned_fraction": record["misaligned_fraction"],
+          "label_counts": record["label_counts"]}
+
+
 def _write_panel_record(exact: trait_metrics.ExactPreference, out: pathlib.Path, label: str
                         ) -> dict[str, Any]:
   record = {"label": label, "questions": list(exact.questions), "panel": list(exact.panel),
@@ -581,7 +589,7 @@ class Student:
 # --stages names -> the stage names they select.
 SELECTION = {"teacher": ("teacher",), "prompts": ("prompts",), "sampling": ("sampling",),
              "filter": ("filter",), "dataset": ("dataset",), "students": ("student",),
-             "evaluation": ("evaluation", "panel_evaluation"), "report": ()}
+             "evaluation": ("evaluation", "panel_evaluation", "judged_answers"), "report": ()}
 
 
 class Stages:
@@ -769,6 +777,20 @@ class Stages:
                              lambda out: build_panel_evaluation(
                                  s, tokenizer or self.base.tokenizer, model_fn(), chat, self.mesh,
                                  out, label, histories))
+    return files.read_json(directory / "record.json")
+
+  def judged_answers(self, label: str, model_fn: Callable[[], Any], fp: str, *, tokenizer,
+                     chat: SystemTurn | None, judge: Callable[[], loading.Loaded]) -> dict[str, Any]:
+    """One model's sampled answers to the alignment questions, rated by ``judge()`` (loaded only
+    when the artifact is missing): its record."""
+    s = self.settings
+    chat = s.eval_system if chat is None else chat
+    questions = traits.evaluation_questions(s.category)[:s.evaluation.num_questions]
+    inputs = {"model": fp, "category": s.category, "questions": list(questions),
+              "chat": chat.to_dict(), "judge": s.judge.fingerprint()}
+    directory, _ = self._run("judged_answers", inputs, lambda out: _write_judged(
+        judged_answers.sample_and_judge(model_fn(), tokenizer, judge(), questions, s.judge,
+                                        system=chat, mesh=self.mesh, label=label), out))
     return files.read_json(directory / "record.json")
 
   def panel_inputs(self, fp: str, chat: SystemTurn, context_fp: str | None) -> dict[str, Any]:
