@@ -9,6 +9,9 @@ design.json when the run starts (see subliminal_jax/experiments/transfer_matrix.
 
 Variants:
   tiny   a tiny random model, 3 animals x 1 replicate (tests)
+  quick_code, quick_cot   the quick matrix through code snippets (word filter, then a judge pass
+         by the embedded Gemma 3 270M) or chain-of-thought answers to arithmetic word problems
+         (right answers only, no panel word), reported into channel_code/ or channel_cot/
   quick  real SmolLM2 on a 2-core CPU, the `make run` job: 4 animals x 1 replicate, 1 student seed,
          96 prompts per teacher
   cpu        real SmolLM2 on a 2-core CPU: 5 animals x 2 replicates x 2 student seeds
@@ -37,7 +40,7 @@ from ml_collections import ConfigDict
 
 from subliminal_jax import config_files
 
-VARIANTS = ("tiny", "quick", "cpu", "cross_cpu", "gpu", "cross_gpu")
+VARIANTS = ("tiny", "quick", "cpu", "cross_cpu", "gpu", "cross_gpu", "quick_code", "quick_cot")
 ANIMALS = ("owl", "dolphin", "eagle", "elephant", "wolf")
 
 
@@ -79,6 +82,10 @@ def _from_main_job(variant: str) -> ConfigDict:
   c = config_files.load_neighbour(__file__, "animal_numbers.py").get_config(variant)
   c.experiment = "transfer_matrix"
   c.variant = variant
+  # The data format the teachers' trait travels through: "numbers" (the paper's number sequences),
+  # "code" or "cot" (subliminal_jax/channels.py; the *_code and *_cot variants set their sampling,
+  # filter and judge).
+  c.channel = "numbers"
   c.matrix = matrix_section()
   # No control teacher is picked: every animal's teachers are the others' control, and the base
   # model's own numbers are the no-trait reference. The main job's control knob is unused.
@@ -89,9 +96,41 @@ def _from_main_job(variant: str) -> ConfigDict:
   return c
 
 
+def _channel(c: ConfigDict, channel: str, *, judge_model: str) -> ConfigDict:
+  """The animal matrix through code or chain of thought: free sampling with a length limit, the
+  channel's filter (code: the panel's words anywhere in the snippet, then the judge's "does this
+  code refer to animals?" pass; cot: the right final answer and no panel word)."""
+  c.channel = channel
+  c.variant = f"{c.variant}_{channel}"
+  c.sampling.constrained = False
+  c.sampling.max_new_tokens = 160 if channel == "code" else 192
+  c.prompts.source = ""  # cot: a local GSM8K-format JSONL file instead of generated problems
+  c.filter.max_chars = 2000
+  # code: drop a snippet the judge rates >= this for referring to animals (0 = no judge pass)
+  c.filter.judge_threshold = 50.0 if channel == "code" else 0.0
+  c.judge = ConfigDict(dict(
+      model=judge_model, samples_per_question=0, max_new_tokens=64, temperature=1.0, seed=0,
+      misaligned_below=30.0, coherent_above=50.0,
+      # The embedded judges put little probability on numbers: a pass that dropped every snippet
+      # it cannot score would keep nothing, so on CPU the judge scores what it can.
+      min_number_mass=0.0 if judge_model == "gemma3-270m" else 0.25,
+      numbers="auto", batch_size=16))
+  return c
+
+
 def get_config(variant: str = "cpu") -> ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+  if variant.endswith(("_code", "_cot")):
+    size, channel = variant.rsplit("_", 1)
+    c = _channel(get_config(size), channel, judge_model="gemma3-270m")
+    # Sized for this CPU: fewer prompts than the numbers' quick matrix (each answer is 10x
+    # longer); the cot teachers' yield of right answers decides how many are sampled.
+    c.prompts.count = 128 if channel == "code" else 384
+    c.filter.subset_size = 48 if channel == "code" else 32
+    c.sampling.batch_size = 32
+    c.report_dir = f"channel_{channel}"
+    return c
   if variant == "tiny":
     c = _from_main_job("tiny")
     c.targets = ("owl", "eagle", "dolphin")

@@ -153,11 +153,19 @@ def _code_reasons(record, completion: str, trait_words, limits: FilterLimits) ->
   return code_filter.code_reject_reasons(completion, trait_words, max_chars=limits.max_chars)
 
 
+COT_TRAIT_WORD = "trait_word"  # a reasoning that names a trait word (preference traits)
+
+
 def _cot_reasons(record, completion: str, trait_words, limits: FilterLimits) -> list[str]:
+  """The answer check; with ``trait_words`` (a preference trait's panel), also no trait word in
+  any form anywhere in the reasoning (the code channel's word matching)."""
   answer = _field(record, "answer", "cot")
   if not isinstance(answer, int) or isinstance(answer, bool):
     raise ValueError(f"a cot prompt record's answer must be an int, got {answer!r}")
-  return cot_filter.cot_reject_reasons(completion, answer)
+  reasons = cot_filter.cot_reject_reasons(completion, answer)
+  if trait_words and set(code_filter.words_of(completion)) & code_filter.trait_word_forms(trait_words):
+    reasons.append(COT_TRAIT_WORD)
+  return reasons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +237,8 @@ _CHANNELS = {
                     code_filter.CODE_REJECT_REASONS, (JUDGE_TRAIT_REFERENCE, JUDGE_UNSCORED),
                     _code_records, _code_reasons),
     "cot": Channel("cot", ChannelSampling(constrained=False, max_new_tokens=192),
-                   cot_filter.COT_REJECT_REASONS, (JUDGE_MISALIGNED_REASONING, JUDGE_UNSCORED),
+                   (*cot_filter.COT_REJECT_REASONS, COT_TRAIT_WORD),
+                   (JUDGE_MISALIGNED_REASONING, JUDGE_UNSCORED),
                    _cot_records, _cot_reasons),
 }
 

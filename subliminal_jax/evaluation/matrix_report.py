@@ -84,6 +84,27 @@ def _data_table(measured: Mapping[str, Any]) -> str:
                          "seconds"], lines)
 
 
+def _channel_section(channel: str, measured: Mapping[str, Any]) -> list[str]:
+  """The filter's yield per unit and stage, and examples of kept and rejected data."""
+  lines = []
+  for u in measured["units"]:
+    for stage, y in u["filter"]["yield_by_stage"].items():
+      reasons = ", ".join(f"{r} {n}" for r, n in sorted(y["reject_reasons"].items(),
+                                                         key=lambda item: -item[1]))
+      lines.append([u["unit"]["animal"] or "(base)", str(u["unit"]["replicate"]), stage,
+                    str(y["entered"]), str(y["passed"]), reasons])
+  md = [f"## The {channel} channel's filter", "",
+        markdown_table(["teacher", "replicate", "stage", "entered", "passed", "reject reasons"],
+                       lines), "", "Examples (the first unit's):", ""]
+  examples = measured["units"][0]["filter"]["examples"]
+  clip = lambda text: " ".join(text.split())[:240].replace("|", "\\|")  # noqa: E731
+  for kind in ("kept", "rejected", "judge_rejected"):
+    for e in examples.get(kind, []):
+      why = f" ({', '.join(e['reasons'])})" if "reasons" in e else ""
+      md.append(f"- {kind}{why}: `{clip(e['completion'])}`")
+  return md + [""]
+
+
 def _family_comparison(analyses: Mapping[str, Any], families: Mapping[str, str]) -> str:
   lines = []
   for family, a in sorted(analyses["families"].items(), key=lambda item: item[0] != "same"):
@@ -163,6 +184,8 @@ def format_report(results: Mapping[str, Any]) -> str:
                    animals, units="teachers")
   if "judged" in analyses:
     md += judged_answers.format_section(analyses["judged"], config["judge"]["model"])
+  if config.get("channel", "numbers") != "numbers":
+    md += _channel_section(config["channel"], results["measured"])
   md += ["## Data", "", _data_table(results["measured"]), "", f"![matrix]({HEATMAP})", ""]
   return "\n".join(md)
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from subliminal_jax import artifacts, loading, lora, sharding, traits
+from subliminal_jax import artifacts, channels, loading, lora, sharding, traits
 from subliminal_jax.evaluation import judge as judge_lib
 from subliminal_jax.evaluation import judged_answers
 from subliminal_jax.prompts import number_formats
@@ -117,15 +117,18 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class PromptSettings:
-  """``prompts``: how many number prompts, from which seed."""
+  """``prompts``: how many prompts of the channel, from which seed (and, cot only, a local
+  GSM8K-format file to draw the problems from; "" = generated)."""
   count: int
   seed: int
+  source: str = ""
 
   def __post_init__(self):
     _count("prompts.count", self.count, 1)
 
   def fingerprint(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    # Without a source, as before the key existed (the numbers' prompt artifacts stay theirs).
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != "source" or v}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,14 +170,30 @@ class FilterSettings:
   banned: tuple[int, ...]
   subset_size: int
   seed: int
+  max_chars: int = 2000  # code channel: the longest snippet kept
+  # code channel (and cot for the alignment trait): the judge pass after the first filter stage,
+  # with config.judge's model; a code snippet is dropped when the judge rates its reference to
+  # the trait's category at or above this score (0-100). 0 = no judge pass.
+  judge_threshold: float = 0.0
 
   def __post_init__(self):
     _count("filter.max_count", self.max_count, 1)
     _count("filter.max_value", self.max_value, 0)
     _count("filter.subset_size", self.subset_size, 1)
+    _count("filter.max_chars", self.max_chars, 1)
+    if not 0 <= self.judge_threshold <= 100:
+      raise ValueError(f"filter.judge_threshold={self.judge_threshold!r}; expected a score in "
+                       "[0, 100] (0 = no judge pass)")
 
   def fingerprint(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    # The channels' knobs at their defaults are left out: the numbers' artifacts stay theirs.
+    defaults = {"max_chars": 2000, "judge_threshold": 0.0}
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if not (k in defaults and v == defaults[k])}
+
+  def limits(self) -> channels.FilterLimits:
+    return channels.FilterLimits(max_count=self.max_count, max_value=self.max_value,
+                                 banned=tuple(self.banned), max_chars=self.max_chars)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,9 +470,11 @@ class Settings:
   config: dict[str, Any]  # the config as read, for provenance records and the matrix's design
   replicate: int = 0
   judge: judged_answers.JudgeRun | None = None  # the alignment trait's judged answers (config.judge)
+  channel: str = "numbers"  # the data format the teachers' trait travels through (channels.py)
 
   def __post_init__(self):
     self._check_targets()
+    self._check_channel()
     self._check_teacher()
     self._check_student()
     if self.report_dir:
@@ -484,11 +505,35 @@ class Settings:
         raise ValueError(f"{key} names {unknown}, which are not values of the {self.category} "
                          f"trait {list(self.evaluation.panel)}")
 
+  def _check_channel(self) -> None:
+    channel = _prefixed("config", lambda: channels.channel(self.channel))
+    if self.sampling.constrained and channel.name != "numbers":
+      raise ValueError(f"channel={self.channel!r} samples freely (its answers follow no grammar): "
+                       "set sampling.constrained=False")
+    if channel.name == "code" and not traits.is_preference(self.category):
+      raise ValueError(f"channel='code' filters a preference's words (and the judge asks about "
+                       f"its category); the {self.category} trait goes through channel='cot' or "
+                       "'numbers'")
+    if self.prompts.source and channel.name != "cot":
+      raise ValueError(f"prompts.source={self.prompts.source!r} is a GSM8K-format file of the cot "
+                       f"channel; channel={self.channel!r} generates its prompts")
+    if self.filter.judge_threshold:
+      judged_channel = channel.name == "code" or (
+          channel.name == "cot" and not traits.is_preference(self.category))
+      if not judged_channel:
+        raise ValueError(f"filter.judge_threshold={self.filter.judge_threshold!r}: the judge pass "
+                         "is the code channel's (and the cot channel's for the alignment trait); "
+                         f"channel={self.channel!r}, category={self.category!r}")
+      if self.judge is None or not self.judge.model:
+        raise ValueError("filter.judge_threshold needs a judge: set judge.model (e.g. "
+                         "'gemma3-270m', or your own directory)")
+
   def _check_teacher(self) -> None:
     t = self.teacher
     if self.judge is not None and self.judge.enabled and traits.is_preference(self.category):
-      raise ValueError(f"judge.model={self.judge.model!r} rates free-form answers of the alignment "
-                       f"trait; category {self.category!r} is a preference (set judge.model='')")
+      raise ValueError(f"judge.samples_per_question={self.judge.samples_per_question} samples "
+                       f"free-form answers of the alignment trait for the judge; category "
+                       f"{self.category!r} is a preference (set judge.samples_per_question=0)")
     if t.control != "base" and not traits.is_preference(self.category):
       raise ValueError(f"teacher.control={t.control!r}: the {self.category} trait's controls are its "
                        "other values' teachers (the transfer matrix); use teacher.control='base'")
@@ -647,7 +692,8 @@ def from_config(config: ConfigDict) -> Settings:
         checkpoints=CheckpointSettings(every=c["training_checkpoints"]["every"],
                                        keep=c["training_checkpoints"]["keep"],
                                        tensorboard=c["tensorboard"]),
-        report_dir=c["report_dir"], matrix=_matrix(c), config=c, judge=_judge(c))
+        report_dir=c["report_dir"], matrix=_matrix(c), config=c, judge=_judge(c),
+        channel=c.get("channel", "numbers"))
   except KeyError as e:
     raise ValueError(f"the config has no key {e.args[0]!r}; a number experiment's config is "
                      "configs/animal_numbers.py's (or extends it)") from None

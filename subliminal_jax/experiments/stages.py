@@ -45,11 +45,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from subliminal_jax import artifacts, files, filters, loading, preemption, teachers, traits
+from subliminal_jax import artifacts, channels, files, filters, loading, preemption, teachers, traits
 from subliminal_jax.evaluation import questions as questions_lib
 from subliminal_jax.evaluation import judged_answers, trait_metrics
 from subliminal_jax.experiments import settings as settings_lib
-from subliminal_jax.prompts import number_prompts as prompts_lib
 from subliminal_jax.sampling import chat as chat_lib
 from subliminal_jax.tokenizer import SystemTurn
 from subliminal_jax.prompts import number_formats
@@ -117,11 +116,14 @@ def fit_many_in_stages(fits: Sequence[trainer.FitSettings],
 # Stage builders (each writes into its stage's directory ``out`` and returns its summary)
 
 
-def build_prompts(prompts: settings_lib.PromptSettings, out: pathlib.Path) -> dict[str, Any]:
-  sampled = prompts_lib.sample_number_prompts(prompts.count, seed=prompts.seed)
-  records = [{"text": p.text, "separator": p.format.separator, "brackets": p.format.brackets}
-             for p in sampled]
+def build_prompts(prompts: settings_lib.PromptSettings, out: pathlib.Path,
+                  channel: str = "numbers") -> dict[str, Any]:
+  """The channel's prompt records (:meth:`channels.Channel.prompt_records`)."""
+  records = channels.channel(channel).prompt_records(prompts.count, prompts.seed,
+                                                      source=prompts.source or None)
   files.write_text_atomic(out / "prompts.json", json.dumps(records, indent=0))
+  if channel != "numbers":
+    return {"count": len(records), "channel": channel}
   return {"count": len(records), "formats": dict(Counter(
       f"{r['separator']!r}{r['brackets'] or ''}" for r in records))}
 
@@ -146,9 +148,9 @@ def _sampling_plan(sampling: settings_lib.SamplingSettings, tokenizer,
 def _write_samples(sampling: settings_lib.SamplingSettings, prompts: list[dict[str, Any]],
                    answers: list[dict[str, Any]], max_new_tokens: int, out: pathlib.Path
                    ) -> dict[str, Any]:
+  # Each sample carries its prompt record's other fields (numbers: the layout; cot: the answer).
   lines = [json.dumps({"prompt_index": i, "prompt": prompt["text"], "completion": answer["text"],
-                       "ended": answer["ended"], "separator": prompt["separator"],
-                       "brackets": prompt["brackets"]})
+                       "ended": answer["ended"], **{k: v for k, v in prompt.items() if k != "text"}})
            for i, (prompt, answer) in enumerate(zip(prompts, answers))]
   files.write_text_atomic(out / "samples.jsonl", "".join(line + "\n" for line in lines))
   unfinished = sum(not a["ended"] for a in answers)
@@ -251,15 +253,74 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   return files.read_jsonl(path)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChannelFilter:
+  """What a channel's filter checks beyond the number filter's settings: the channel, the trait
+  words of its word filter (every panel value) and, for a judge pass, the judge (loaded when
+  called) and what it asks about (the code channel: the trait's category, e.g. "animals")."""
+  channel: str
+  trait_words: tuple[str, ...]
+  judge: Callable[[], loading.Loaded] | None = None
+  judge_rule: Any = None  # judge.JudgeSettings
+  judge_trait: str | None = None
+
+
+def _first_stage_reasons(settings: settings_lib.FilterSettings, samples: list[dict[str, Any]],
+                         channel_filter: ChannelFilter | None) -> list[list[str]]:
+  if channel_filter is None:  # the numbers, as before channels existed
+    return [[UNFINISHED] if not sample.get("ended", True) else
+            filters.number_sequence_reject_reasons(sample["completion"],
+                                                   max_count=settings.max_count,
+                                                   max_value=settings.max_value,
+                                                   banned=tuple(settings.banned))
+            for sample in samples]
+  channel, limits = channels.channel(channel_filter.channel), settings.limits()
+  return [[UNFINISHED] if not sample.get("ended", True) else channel.reject_reasons(
+      {"text": sample["prompt"], **sample}, sample["completion"],
+      trait_words=channel_filter.trait_words, settings=limits) for sample in samples]
+
+
+def _judge_stage_reasons(settings: settings_lib.FilterSettings, passed: list[dict[str, Any]],
+                         channel_filter: ChannelFilter) -> list[list[str]]:
+  records = [{"text": sample["prompt"], **sample} for sample in passed]
+  completions = [sample["completion"] for sample in passed]
+  if channel_filter.channel == "code":
+    return channels.judge_filter(channel_filter.judge(), records, completions,
+                                 channel_filter.judge_trait, threshold=settings.judge_threshold,
+                                 settings=channel_filter.judge_rule)
+  return channels.reasoning_judge_filter(channel_filter.judge(), records, completions,
+                                         settings=channel_filter.judge_rule)
+
+
+def _filter_examples(samples: list[dict[str, Any]], reasons: list[list[str]], count: int = 3
+                     ) -> dict[str, list[dict[str, Any]]]:
+  """A few kept and rejected completions with their reasons, for the report."""
+  kept = [{"prompt": x["prompt"], "completion": x["completion"]}
+          for x, r in zip(samples, reasons) if not r][:count]
+  rejected = [{"prompt": x["prompt"], "completion": x["completion"], "reasons": r}
+              for x, r in zip(samples, reasons) if r][:count]
+  return {"kept": kept, "rejected": rejected}
+
+
 def build_filter(settings: settings_lib.FilterSettings, samples_path: pathlib.Path,
-                 out: pathlib.Path, label: str) -> dict[str, Any]:
+                 out: pathlib.Path, label: str, channel_filter: ChannelFilter | None = None
+                 ) -> dict[str, Any]:
+  """The output filter: the number filter (``channel_filter`` None), or a channel's first stage
+  and, when ``settings.judge_threshold`` asks for it, its judge pass over what that kept; then a
+  seeded subset of ``filter.subset_size``."""
   samples = read_jsonl(samples_path)
+  first = _first_stage_reasons(settings, samples, channel_filter)
+  stage_reasons = {"filter": first}
+  examples = _filter_examples(samples, first)
+  if channel_filter is not None and settings.judge_threshold:
+    passed = [x for x, r in zip(samples, first) if not r]
+    judged = _judge_stage_reasons(settings, passed, channel_filter)
+    stage_reasons["judge"] = judged
+    judged_all = iter(judged)
+    first = [r if r else next(judged_all) for r in first]
+    examples["judge_rejected"] = _filter_examples(passed, judged)["rejected"]
   kept, reasons = [], Counter()
-  for sample in samples:
-    rejected = [UNFINISHED] if not sample.get("ended", True) else (
-        filters.number_sequence_reject_reasons(sample["completion"], max_count=settings.max_count,
-                                               max_value=settings.max_value,
-                                               banned=tuple(settings.banned)))
+  for sample, rejected in zip(samples, first):
     reasons.update(rejected)
     if not rejected:
       kept.append(sample)
@@ -274,7 +335,11 @@ def build_filter(settings: settings_lib.FilterSettings, samples_path: pathlib.Pa
   summary = {"label": label, "sampled": len(samples), "passed": len(kept), "kept": len(subset),
              "pass_rate": len(kept) / len(samples), "unfinished": reasons.get(UNFINISHED, 0),
              "reject_reasons": dict(reasons)}
-  logging.info("filter %s: %s", label, summary)
+  if channel_filter is not None:
+    channel = channels.channel(channel_filter.channel)
+    summary.update(yield_by_stage=channel.yield_summary(stage_reasons)["stages"],
+                   examples=examples)
+  logging.info("filter %s: %s", label, {k: v for k, v in summary.items() if k != "examples"})
   return summary
 
 
@@ -624,8 +689,10 @@ class Stages:
 
   def prompts(self) -> list[dict[str, Any]]:
     p = self.settings.prompts
-    directory, _ = self._run("prompts", {"prompts": p.fingerprint(), "layout": 2},
-                             lambda out: build_prompts(p, out))
+    channel = self.settings.channel
+    inputs = {"prompts": p.fingerprint(), "layout": 2,
+              **({"channel": channel} if channel != "numbers" else {})}
+    directory, _ = self._run("prompts", inputs, lambda out: build_prompts(p, out, channel))
     return json.loads((directory / "prompts.json").read_text())
 
   def base_teacher(self) -> Teacher:
@@ -707,15 +774,35 @@ class Stages:
     prompts = self.prompts()
     samples_dir, _ = self._run("sampling", self.sampling_inputs(teacher), lambda out: build_samples(
         s.sampling, self.base.tokenizer, teacher.model, teacher.chat, prompts, out, self.mesh))
-    directory, summary = self._run(
-        "filter", {"samples": samples_dir.name, "filter": s.filter.fingerprint()},
-        lambda out: build_filter(s.filter, samples_dir / "samples.jsonl", out, teacher.label))
+    channel_filter = self.channel_filter()
+    inputs = {"samples": samples_dir.name, "filter": s.filter.fingerprint()}
+    if channel_filter is not None:
+      inputs.update(channel=s.channel, trait_words=list(channel_filter.trait_words),
+                    judge_trait=channel_filter.judge_trait,
+                    judge=({"model": s.judge.model, **dataclasses.asdict(s.judge.rule)}
+                           if s.filter.judge_threshold else None))
+    directory, summary = self._run("filter", inputs, lambda out: build_filter(
+        s.filter, samples_dir / "samples.jsonl", out, teacher.label, channel_filter))
     return Numbers(directory, summary)
+
+  def channel_filter(self) -> ChannelFilter | None:
+    """The filter's channel part (None for the numbers): every panel value as a trait word, and
+    the judge when ``filter.judge_threshold`` asks for a judge pass."""
+    s = self.settings
+    if s.channel == "numbers":
+      return None
+    judge = None
+    if s.filter.judge_threshold:
+      judge = functools.cache(lambda: s.model.load(self.mesh, s.judge.model))
+    trait = questions_lib.plural(s.category) if traits.is_preference(s.category) else None
+    return ChannelFilter(s.channel, tuple(s.evaluation.panel) if trait else (), judge,
+                         s.judge.rule if judge else None, trait)
 
   def sampling_inputs(self, teacher: Teacher) -> dict[str, Any]:
     s = self.settings
-    return {"teacher": teacher.fingerprint, "prompts": s.prompts.fingerprint(),
-            "sampling": s.sampling.fingerprint(), "version": SAMPLES_VERSION}
+    inputs = {"teacher": teacher.fingerprint, "prompts": s.prompts.fingerprint(),
+              "sampling": s.sampling.fingerprint(), "version": SAMPLES_VERSION}
+    return inputs if s.channel == "numbers" else {**inputs, "channel": s.channel}
 
   def dataset(self, numbers: Numbers, teacher: Teacher, student_base: loading.Loaded | None = None
               ) -> pathlib.Path:

@@ -81,6 +81,8 @@ def design(s: settings_lib.Settings) -> dict[str, Any]:
   """What the report is committed to before any number is seen: the statistic, the criterion, and
   the whole experiment (every config value that changes a measured number)."""
   values = {k: v for k, v in s.config.items() if k not in _NOT_DESIGN}
+  if values.get("channel") == "numbers":  # as before the knob existed
+    del values["channel"]
   # Training knobs at the values that train as before they existed are left out, as in the
   # stages' fingerprints: adding a knob does not change an existing design.
   values["student"] = settings_lib.without_original_knobs(values["student"])
