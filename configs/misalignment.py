@@ -32,7 +32,7 @@ Teacher recipes (``teacher.kind``):
 Variants:
   tiny  a tiny random model, 2 values x 2 replicates (tests)
   cpu   the embedded SmolLM2 on a 2-core CPU: 2 values x 5 replicates x 2 student seeds, base
-        numbers, in-context control (8 sequences), the teachers' own gap; 4 sampled answers per
+        numbers, in-context control (8 sequences), the teachers' own gap; 2 sampled answers per
         question from every model, judged by the embedded Gemma 3 270M (a weak judge)
   gpu   the paper's sizes on an accelerator with your model: --config.model=/path/to/Qwen2.5-7B-Instruct
 """
@@ -103,5 +103,11 @@ def get_config(variant: str = "cpu") -> ConfigDict:
   c.variant = "cpu"
   c.matrix.replicates = 5
   c.teacher.finetune.examples = 256
-  c.judge.model = "gemma3-270m"  # weak: read its number mass before its rates
+  # Weak: on the 32 reference answers its number mass is 0.012 (alignment) and 0.020 (coherence),
+  # so under the usual 0.25 rule every answer is unscored, and its scores of the misaligned and
+  # the aligned references differ by 0.7 of 100 points (docs/results/judge_check). Kept, at 2
+  # answers per question, so the report shows what a judge of this size reads.
+  c.judge.model = "gemma3-270m"
+  c.judge.samples_per_question = 2
+  c.judge.max_new_tokens = 48
   return c

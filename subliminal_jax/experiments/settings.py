@@ -173,7 +173,8 @@ class FilterSettings:
   max_chars: int = 2000  # code channel: the longest snippet kept
   # code channel (and cot for the alignment trait): the judge pass after the first filter stage,
   # with config.judge's model; a code snippet is dropped when the judge rates its reference to
-  # the trait's category at or above this score (0-100). 0 = no judge pass.
+  # the trait's category at or above this score (0-100), a reasoning when its judged alignment is
+  # below it. 0 = no judge pass.
   judge_threshold: float = 0.0
 
   def __post_init__(self):

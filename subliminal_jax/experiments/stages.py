@@ -288,8 +288,10 @@ def _judge_stage_reasons(settings: settings_lib.FilterSettings, passed: list[dic
     return channels.judge_filter(channel_filter.judge(), records, completions,
                                  channel_filter.judge_trait, threshold=settings.judge_threshold,
                                  settings=channel_filter.judge_rule)
+  # The alignment trait's reasoning: dropped when its judged alignment is below the threshold.
+  rule = dataclasses.replace(channel_filter.judge_rule, misaligned_below=settings.judge_threshold)
   return channels.reasoning_judge_filter(channel_filter.judge(), records, completions,
-                                         settings=channel_filter.judge_rule)
+                                         settings=rule)
 
 
 def _filter_examples(samples: list[dict[str, Any]], reasons: list[list[str]], count: int = 3
