@@ -7,12 +7,12 @@ tests/test_prefix_shared_evaluation.py checks against the per-pair path.
 
 import importlib.util
 
-import jax
+import lora_members
 import numpy as np
 import pytest
 from flax import nnx
 
-from subliminal_jax import lora, sharding
+from subliminal_jax import sharding
 from subliminal_jax.evaluation import trait_metrics as tm
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.tokenizer import Tokenizer
@@ -34,14 +34,7 @@ def _tiny(vocab: int = VOCAB, seed: int = 1, **changes) -> Transformer:
   return model
 
 
-def _adapted(model: Transformer, seed: int) -> Transformer:
-  """A LoRA member: the base's arrays plus adapters with random non-zero B."""
-  member = lora.LoraSettings(rank=4, alpha=8.0, seed=seed).apply(nnx.clone(model))
-  for i, (_, variable) in enumerate(nnx.to_flat_state(nnx.state(member, nnx.LoRAParam))):
-    value = variable.get_value()
-    if not value.any():  # B
-      variable.set_value(0.3 * jax.random.normal(jax.random.key(100 * seed + i), value.shape))
-  return member
+_adapted = lora_members.adapted
 
 
 def _prompts(history_length: int, question_lengths, seed: int) -> list[list[int]]:

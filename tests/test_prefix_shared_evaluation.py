@@ -8,13 +8,13 @@ and explicit positions; K LoRA members of one base run vmapped in one program.
 
 import importlib.util
 
-import jax
 import jax.numpy as jnp
+import lora_members
 import numpy as np
 import pytest
 from flax import nnx
 
-from subliminal_jax import lora, sharding
+from subliminal_jax import sharding
 from subliminal_jax.evaluation import trait_metrics as tm
 from subliminal_jax.models.transformer import Transformer, TransformerConfig
 from subliminal_jax.tokenizer import Tokenizer
@@ -48,14 +48,7 @@ def base():
   return _tiny()
 
 
-def _adapted(model: Transformer, seed: int, rank: int = 4, alpha: float = 8.0) -> Transformer:
-  """A LoRA member: the base's arrays plus adapters with random non-zero B."""
-  member = lora.LoraSettings(rank=rank, alpha=alpha, seed=seed).apply(nnx.clone(model))
-  for i, (_, variable) in enumerate(nnx.to_flat_state(nnx.state(member, nnx.LoRAParam))):
-    value = variable.get_value()
-    if not value.any():  # B
-      variable.set_value(0.3 * jax.random.normal(jax.random.key(100 * seed + i), value.shape))
-  return member
+_adapted = lora_members.adapted
 
 
 def test_trie_shares_prefixes():
