@@ -84,7 +84,9 @@ def get_config(variant: str = "cpu") -> ConfigDict:
     c.variant = "tiny"
     c.matrix.replicates = 2
     c.evaluation.num_questions = 4
-    c.teacher.finetune.examples = 32
+    c.teacher.finetune.examples = 16
+    c.teacher.finetune.epochs = 1
+    c.teacher.finetune.warmup_steps = 1
     c.teacher.finetune.lora.rank = c.student.lora.rank = 4
     c.judge.model = "tiny-random"
     c.judge.samples_per_question = 2
