@@ -551,7 +551,7 @@ def _packed_prompt_batch(cfg, num_members: int, cache_length: int, trie_size: in
   return padding.round_up(rows, data_parallel)
 
 
-class _PanelJob(NamedTuple):
+class _PackedMembers(NamedTuple):
   """What both packed paths share: the stacked members and the panel's trie and boundary."""
   config: Any               # the members' TransformerConfig
   graphdef: Any
@@ -567,7 +567,7 @@ class _PanelJob(NamedTuple):
     return _Trie(*(jnp.asarray(a) for a in self.trie))
 
 
-def _whole_prompt_logprobs(job: _PanelJob, prompt_ids: Sequence[Sequence[Sequence[int]]],
+def _whole_prompt_logprobs(job: _PackedMembers, prompt_ids: Sequence[Sequence[Sequence[int]]],
                            pad_id: int, batch_size: int, bar) -> np.ndarray:
   """float64 [K, P, C]: every (member, prompt) prefilled whole, the trie after each."""
   num_members, num_prompts = len(prompt_ids), len(prompt_ids[0])
@@ -629,7 +629,7 @@ def continuation_logprobs_many(models: Sequence[Transformer],
   continuations, boundary = _checked_continuations(continuations, boundary,
                                                    models[0].config.vocab_size)
   with_boundary = boundary is not None
-  job = _PanelJob(models[0].config, graphdef, base_state, adapters,
+  job = _PackedMembers(models[0].config, graphdef, base_state, adapters,
                   _packed_trie(continuations, with_boundary), with_boundary,
                   jnp.asarray(boundary if with_boundary else np.zeros(1, bool)), mesh)
   prefix_lengths = _shared_prefix_lengths(prompt_ids, shared_prefix_min)
@@ -803,7 +803,7 @@ def _questions_per_row(cfg, num_members: int, num_rows: int, prefix_width: int, 
   return -(-num_prompts // (num_rows * calls))
 
 
-def _shared_prefix_logprobs(job: _PanelJob, prompt_ids: Sequence[Sequence[Sequence[int]]],
+def _shared_prefix_logprobs(job: _PackedMembers, prompt_ids: Sequence[Sequence[Sequence[int]]],
                             prefix_lengths: Sequence[int], pad_id: int, batch_size: int,
                             chunk_limit: int, bar) -> np.ndarray:
   """float64 [K, P, C]: each member's common prefix prefilled once, its questions after it."""
