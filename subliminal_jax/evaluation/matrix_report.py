@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from subliminal_jax import files
 from subliminal_jax.evaluation import judged_answers
-from subliminal_jax.evaluation.report import format_estimate, format_number, markdown_table, save_figure
+from subliminal_jax.evaluation.report import (format_estimate, format_number, markdown_table,
+                                             save_figure, write_results_and_report)
 
 HEATMAP = "matrix_heatmap.png"
 
@@ -225,10 +225,7 @@ def plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
 
 def write(results: Mapping[str, Any], out_dir: str | os.PathLike) -> str:
   """Writes results.json, report.md and the heatmap into ``out_dir``; returns the verdict lines."""
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  files.write_json(out / "results.json", results, indent=1, sort_keys=True)
-  files.write_text_atomic(out / "report.md", format_report(results) + "\n")
+  out = write_results_and_report(results, format_report(results), out_dir)
   plot(results, out / HEATMAP)
   lines = [f"{family}: {a['verdict']['text']} | {_statistic_line(a)}"
            for family, a in results["analyses"]["families"].items()]

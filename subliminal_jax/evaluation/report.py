@@ -222,6 +222,17 @@ def _plot_panel(estimates: Mapping[str, Any], results: Mapping[str, Any], path: 
   save_figure(fig, path)
 
 
+def write_results_and_report(results: Mapping[str, Any], report: str,
+                             out_dir: str | os.PathLike) -> pathlib.Path:
+  """An experiment's results.json (sorted keys, so the same results give the same bytes) and
+  report.md into ``out_dir``, made if missing; returns it."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  files.write_json(out / "results.json", results, indent=1, sort_keys=True)
+  files.write_text_atomic(out / "report.md", report + "\n")
+  return out
+
+
 def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, confidence: float = 0.95,
                  n_resamples: int = 2000, seed: int = 0, plots: bool = True) -> str:
   """Writes results.json, report.md and the plots into ``out_dir``; returns the table text."""

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from subliminal_jax import files
-from subliminal_jax.evaluation.report import format_number, markdown_table, save_figure
+from subliminal_jax.evaluation.report import (format_number, markdown_table, save_figure,
+                                             write_results_and_report)
 
 STRIP_PLOT = "per_replicate_S.png"
 DOSE_PLOT = "in_context_dose.png"
@@ -145,10 +145,7 @@ def plot(results: Mapping[str, Any], out: pathlib.Path) -> None:
 
 def write(results: Mapping[str, Any], out_dir: str | os.PathLike) -> str:
   """Writes results.json, report.md and the plots into ``out_dir``; returns the verdict line."""
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  files.write_json(out / "results.json", results, indent=1, sort_keys=True)
-  files.write_text_atomic(out / "report.md", format_report(results) + "\n")
+  out = write_results_and_report(results, format_report(results), out_dir)
   plot(results, out)
   v = results["analysis"]["verdict"]
   return f"Signature (report: {out / 'report.md'}): {v['verdict']}: {v['reason']}"
