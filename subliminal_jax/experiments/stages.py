@@ -253,6 +253,13 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   return files.read_jsonl(path)
 
 
+@functools.cache
+def load_judge(model: settings_lib.ModelSettings, source: str, mesh) -> loading.Loaded:
+  """The judge model, loaded once per process (every filter and judged-answers stage of a run
+  asks for the same one) and only when a stage that needs it runs."""
+  return model.load(mesh, source)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelFilter:
   """What a channel's filter checks beyond the number filter's settings: the channel, the trait
@@ -795,7 +802,7 @@ class Stages:
       return None
     judge = None
     if s.filter.judge_threshold:
-      judge = functools.cache(lambda: s.model.load(self.mesh, s.judge.model))
+      judge = functools.partial(load_judge, s.model, s.judge.model, self.mesh)
     trait = questions_lib.plural(s.category) if traits.is_preference(s.category) else None
     return ChannelFilter(s.channel, tuple(s.evaluation.panel) if trait else (), judge,
                          s.judge.rule if judge else None, trait)

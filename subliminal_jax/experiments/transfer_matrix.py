@@ -311,7 +311,7 @@ def _judged(s: settings_lib.Settings, jobs: dict[tuple, stages_lib.PanelJob], me
   missing."""
   if s.judge is None or not s.judge.enabled:
     return {}
-  judge = functools.cache(lambda: s.model.load(mesh, s.judge.model))
+  judge = functools.partial(stages_lib.load_judge, s.model, s.judge.model, mesh)
   wanted = lambda key: key[0] in ("base", "teacher") or (  # noqa: E731
       key[0] == "student" and not key[1].startswith(BASE_NUMBERS + "_"))
   return {key: job.stages.judged_answers(job.label, job.model_fn, job.fp,
