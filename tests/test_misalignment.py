@@ -61,6 +61,14 @@ def test_bad_alignment_settings_are_clear_errors(change, message):
     settings_lib.from_config(config)
 
 
+def test_the_users_own_teacher_data_is_for_the_alignment_trait():
+  from configs import transfer_matrix as matrix_config
+  config = matrix_config.get_config("quick")
+  config.teacher.finetune.data = {"owl": "owls.jsonl"}
+  with pytest.raises(ValueError, match="is for the alignment trait"):
+    settings_lib.from_config(config)
+
+
 def test_the_main_job_refuses_the_alignment_trait_before_any_work(tmp_path):
   config = misalignment_config.get_config("tiny")
   config.experiment = "animal_numbers"
