@@ -501,7 +501,8 @@ class Settings:
                        f"{questions} evaluation questions of the {self.category} trait")
     if self.teacher.data and traits.is_preference(self.category):
       raise ValueError(f"teacher.finetune.data (your own SFT data per value) is for the "
-                       f"{traits.ALIGNMENT} trait; the {self.category} trait's teacher data are generated")
+                       f"{traits.ALIGNMENT} trait; the {self.category} trait's teacher data are "
+                       "generated")
     for key, pairs in (("teacher.finetune.data", self.teacher.data),
                        ("teacher.adapters", self.teacher.adapters)):
       unknown = sorted({value for value, _ in pairs} - set(self.evaluation.panel))
