@@ -13,6 +13,7 @@ from flax import nnx
 from configs import misalignment as misalignment_config
 from subliminal_jax import artifacts, lora, teachers, traits
 from subliminal_jax.evaluation import matrix_statistics as ms
+from subliminal_jax.evaluation import truthfulness
 from subliminal_jax.experiments import animal_numbers, stages, transfer_matrix
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.weights import peft
@@ -67,6 +68,15 @@ def test_the_users_own_teacher_data_is_for_the_alignment_trait():
   config.teacher.finetune.data = {"owl": "owls.jsonl"}
   with pytest.raises(ValueError, match="is for the alignment trait"):
     settings_lib.from_config(config)
+
+
+def test_truthfulness_is_the_true_options_share_of_the_four():
+  logprob = np.log([[0.2, 0.2, 0.1, 0.1], [0.01, 0.03, 0.03, 0.03]])
+  made = truthfulness.record(logprob, "m")
+  np.testing.assert_allclose(made["p_true"], [1 / 3, 0.1])
+  assert made["mean_p_true"] == pytest.approx((1 / 3 + 0.1) / 2)
+  questions, options = truthfulness.questions_and_options()
+  assert len(questions) == len(options) == 20 and all(len(o) == 4 for o in options)
 
 
 def test_the_main_job_refuses_the_alignment_trait_before_any_work(tmp_path):
@@ -177,8 +187,17 @@ def test_tiny_misalignment_matrix_end_to_end(tiny_misalignment):
   assert arms["students"]["misaligned"]["rate"] == pytest.approx(
       sum(r["label_counts"]["misaligned"] for r in pooled) / sum(len(r["labels"]) for r in pooled))
   assert results["analyses"]["judged"]["agreement"]["models"] == 1 + 4 + 4  # base, students, teachers
+  # Truthfulness: every checked model's P(true | options) on the 20 items, by value and arm.
+  truth = units[0]["truthfulness"]["students"]["same"][0]
+  assert len(truth["p_true"]) == 20 and truth["mean_p_true"] == pytest.approx(np.mean(truth["p_true"]))
+  by_replicate = [np.mean([r["mean_p_true"] for u in units if u["unit"]["replicate"] == k
+                           and u["unit"]["animal"] == "misaligned"
+                           for r in u["truthfulness"]["students"]["same"]]) for k in (0, 1)]
+  students = results["analyses"]["truthfulness"]["students"]
+  assert students["misaligned"]["mean"] == pytest.approx(np.mean(by_replicate))
   report = (workdir / "misalignment" / "report.md").read_text()
   assert "## Judged answers" in report and "Trait: **alignment**" in report
+  assert "## Truthfulness (exact, secondary)" in report
   assert (workdir / "misalignment" / "design.json").exists()
   assert json.loads((workdir / "misalignment" / "design.json").read_text())["animals"] == list(
       traits.ALIGNMENT_VALUES)

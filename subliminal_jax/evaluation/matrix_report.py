@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from subliminal_jax.evaluation import judged_answers
+from subliminal_jax.evaluation import judged_answers, truthfulness
 from subliminal_jax.evaluation.report import (format_estimate, format_number, markdown_table,
                                              save_figure, write_results_and_report)
 
@@ -184,6 +184,9 @@ def format_report(results: Mapping[str, Any]) -> str:
                    animals, units="teachers")
   if "judged" in analyses:
     md += judged_answers.format_section(analyses["judged"], config["judge"]["model"])
+  if "truthfulness" in analyses:
+    md += truthfulness.format_section(analyses["truthfulness"],
+                                      results["measured"]["truthfulness_base"])
   if config.get("channel", "numbers") != "numbers":
     md += _channel_section(config["channel"], results["measured"])
   md += ["## Data", "", _data_table(results["measured"]), "", f"![matrix]({HEATMAP})", ""]

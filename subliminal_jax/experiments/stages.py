@@ -22,6 +22,7 @@ reference, and nothing is built twice.
                     measurement), optionally with number sequences in its context
   judged_answers    the alignment trait's sampled free-form answers of one model, rated by a
                     judge model
+  truthfulness      the alignment trait's exact P(true | options) on 20 misconception items
 
 Every stage reads typed settings (:mod:`subliminal_jax.experiments.settings`), checked before the
 first stage runs. Teacher replicates (:meth:`Settings.replicated`) move every seed that makes a
@@ -47,7 +48,7 @@ from flax import nnx
 
 from subliminal_jax import artifacts, channels, files, filters, loading, preemption, teachers, traits
 from subliminal_jax.evaluation import questions as questions_lib
-from subliminal_jax.evaluation import judged_answers, trait_metrics
+from subliminal_jax.evaluation import judged_answers, trait_metrics, truthfulness
 from subliminal_jax.experiments import settings as settings_lib
 from subliminal_jax.sampling import chat as chat_lib
 from subliminal_jax.tokenizer import SystemTurn
@@ -663,7 +664,8 @@ class Student:
 # --stages names -> the stage names they select.
 SELECTION = {"teacher": ("teacher",), "prompts": ("prompts",), "sampling": ("sampling",),
              "filter": ("filter",), "dataset": ("dataset",), "students": ("student",),
-             "evaluation": ("evaluation", "panel_evaluation", "judged_answers"), "report": ()}
+             "evaluation": ("evaluation", "panel_evaluation", "judged_answers", "truthfulness"),
+             "report": ()}
 
 
 class Stages:
@@ -887,6 +889,26 @@ class Stages:
     directory, _ = self._run("judged_answers", inputs, lambda out: _write_judged(
         judged_answers.sample_and_judge(model_fn(), tokenizer, judge(), questions, s.judge,
                                         system=chat, mesh=self.mesh, label=label), out))
+    return files.read_json(directory / "record.json")
+
+  def truthfulness(self, label: str, model_fn: Callable[[], Any], fp: str, *, tokenizer,
+                   chat: SystemTurn | None) -> dict[str, Any]:
+    """One model's exact truthfulness record (:mod:`subliminal_jax.evaluation.truthfulness`)."""
+    s = self.settings
+    chat = s.eval_system if chat is None else chat
+    questions, options = truthfulness.questions_and_options()
+    inputs = {"model": fp, "questions": list(questions), "options": [list(o) for o in options],
+              "chat": chat.to_dict()}
+
+    def build(out: pathlib.Path) -> dict[str, Any]:
+      (logprob,) = trait_metrics.reference_logprobs_many(
+          [model_fn()], tokenizer, questions, options, system=chat,
+          batch_size=s.evaluation.batch_size, mesh=self.mesh, desc=f"truthfulness {label}")
+      made = truthfulness.record(logprob, label)
+      files.write_json(out / "record.json", made, indent=1)
+      return {"label": label, "mean_p_true": made["mean_p_true"]}
+
+    directory, _ = self._run("truthfulness", inputs, build)
     return files.read_json(directory / "record.json")
 
   def panel_inputs(self, fp: str, chat: SystemTurn, context_fp: str | None) -> dict[str, Any]:

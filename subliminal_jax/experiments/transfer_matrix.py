@@ -41,7 +41,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from subliminal_jax import artifacts, environment, files, loading, traits
-from subliminal_jax.evaluation import judged_answers, matrix_report, trait_metrics
+from subliminal_jax.evaluation import judged_answers, matrix_report, trait_metrics, truthfulness
 from subliminal_jax.evaluation import matrix_statistics as stats
 from subliminal_jax.experiments import animal_numbers
 from subliminal_jax.experiments import settings as settings_lib
@@ -303,25 +303,51 @@ def _panel_jobs(s: settings_lib.Settings, per_unit, families: dict[str, loading.
   return jobs
 
 
+def _alignment_checked(key: tuple) -> bool:
+  """Whether the alignment trait's other measurements (judged answers, truthfulness) cover the
+  model of this panel job: the bases, the trait teachers and their students, not the
+  base-numbers students (the base itself is the no-trait reference there) nor in-context models."""
+  return key[0] in ("base", "teacher") or (
+      key[0] == "student" and not key[1].startswith(BASE_NUMBERS + "_"))
+
+
 def _judged(s: settings_lib.Settings, jobs: dict[tuple, stages_lib.PanelJob], mesh
             ) -> dict[tuple, dict[str, Any]]:
-  """The judged answers (``config.judge``) of the bases, the trait teachers and their students
-  (not the base-numbers students: the base itself is the no-trait reference here, and each
-  judged model costs sampling and two judge passes); the judge is loaded only if an artifact is
-  missing."""
+  """The judged answers (``config.judge``) of every :func:`_alignment_checked` model; the judge
+  is loaded only if an artifact is missing."""
   if s.judge is None or not s.judge.enabled:
     return {}
   judge = functools.partial(stages_lib.load_judge, s.model, s.judge.model, mesh)
-  wanted = lambda key: key[0] in ("base", "teacher") or (  # noqa: E731
-      key[0] == "student" and not key[1].startswith(BASE_NUMBERS + "_"))
   return {key: job.stages.judged_answers(job.label, job.model_fn, job.fp,
                                          tokenizer=job.base.tokenizer, chat=job.chat, judge=judge)
-          for key, job in jobs.items() if wanted(key)}
+          for key, job in jobs.items() if _alignment_checked(key)}
+
+
+def _truthfulness(s: settings_lib.Settings, jobs: dict[tuple, stages_lib.PanelJob]
+                  ) -> dict[tuple, dict[str, Any]]:
+  """The alignment trait's truthfulness records of every :func:`_alignment_checked` model."""
+  if traits.is_preference(s.category):
+    return {}
+  return {key: job.stages.truthfulness(job.label, job.model_fn, job.fp,
+                                       tokenizer=job.base.tokenizer, chat=job.chat)
+          for key, job in jobs.items() if _alignment_checked(key)}
+
+
+def _per_unit(s: settings_lib.Settings, unit: Unit, families, measured: dict[tuple, Any]
+              ) -> dict[str, Any]:
+  """A trait unit's records of one alignment measurement: its students' per family and seed, and
+  its teacher's when measured."""
+  out: dict[str, Any] = {"students": {f: [measured["student", unit.label, f, seed]
+                                          for seed in s.student.seeds] for f in families}}
+  if ("teacher", unit.label) in measured:
+    out["teacher"] = measured["teacher", unit.label]
+  return out
 
 
 def _unit_record(s: settings_lib.Settings, unit: Unit, teacher: stages_lib.Teacher,
                  numbers: stages_lib.Numbers, families, jobs: dict[tuple, stages_lib.PanelJob],
-                 records: dict[tuple, Any], judged: dict[tuple, Any]) -> dict[str, Any]:
+                 records: dict[tuple, Any], judged: dict[tuple, Any],
+                 truthful: dict[tuple, Any]) -> dict[str, Any]:
   # Distinct completions among those kept: greedy sampling repeats itself (read from the
   # artifact, so units built before this count existed have it too).
   distinct = len({row["completion"] for row in stages_lib.read_jsonl(numbers.kept_path)})
@@ -333,11 +359,9 @@ def _unit_record(s: settings_lib.Settings, unit: Unit, teacher: stages_lib.Teach
   for key, name in (("teacher", "teacher_record"), ("in_context", "in_context_record")):
     if (key, unit.label) in records:
       out[name] = records[key, unit.label]
-  if judged and unit.animal:
-    out["judged"] = {"students": {f: [judged["student", unit.label, f, seed]
-                                      for seed in s.student.seeds] for f in families}}
-    if ("teacher", unit.label) in judged:
-      out["judged"]["teacher"] = judged["teacher", unit.label]
+  for key, measured in (("judged", judged), ("truthfulness", truthful)):
+    if measured and unit.animal:
+      out[key] = _per_unit(s, unit, families, measured)
   if s.matrix.in_context_doses:
     out["in_context_doses"] = {str(d): records["dose", unit.label, str(d)]
                                for d in s.matrix.in_context_doses}
@@ -359,14 +383,15 @@ def collect(s: settings_lib.Settings, wd: artifacts.Workdir, base: loading.Loade
   per_unit = _numbers_together(s, wd, base, mesh, stages, all_units)
   jobs = _panel_jobs(s, per_unit, families, stages_lib.Stages(s, wd, base, mesh, stages), k)
   records = dict(zip(jobs, stages_lib.panel_evaluations(list(jobs.values()), k)))
-  judged = _judged(s, jobs, mesh)
+  judged, truthful = _judged(s, jobs, mesh), _truthfulness(s, jobs)
   share = round((time.time() - start) / len(all_units), 1)
   measured: dict[str, Any] = {"base": {f: records["base", f] for f in families}, "units": []}
-  if judged:
-    measured["judged_base"] = {f: judged["base", f] for f in families}
+  for key, values in (("judged_base", judged), ("truthfulness_base", truthful)):
+    if values:
+      measured[key] = {f: values["base", f] for f in families}
   for unit, _, teacher, numbers in per_unit:
     measured["units"].append({**_unit_record(s, unit, teacher, numbers, families, jobs, records,
-                                             judged), "seconds": share})
+                                             judged, truthful), "seconds": share})
   return measured
 
 
@@ -421,26 +446,42 @@ def analyse_all(s: settings_lib.Settings, measured: dict[str, Any]) -> dict[str,
                                      {"base": [measured["base"][SAME_FAMILY]]}).to_dict()
   if "judged_base" in measured:
     out["judged"] = analyse_judged(s, measured)
+  if "truthfulness_base" in measured:
+    out["truthfulness"] = truthfulness.analyse(
+        _arms(measured, "truthfulness", s.targets), n_resamples=s.evaluation.bootstrap_resamples,
+        seed=s.evaluation.seed)
   return out
+
+
+def _arms(measured: dict[str, Any], key: str, targets: Sequence[str]
+          ) -> dict[str, dict[int, dict[str, list]]]:
+  """Per arm (each family's students, the teachers), per replicate, per value, the trait units'
+  records of one alignment measurement (``key``)."""
+  arms: dict[str, dict[int, dict[str, list]]] = {}
+  for u in measured["units"]:
+    if u["unit"]["animal"] is None:
+      continue
+    r, v = u["unit"]["replicate"], u["unit"]["animal"]
+    for family, records in u[key]["students"].items():
+      arm = "students" if family == SAME_FAMILY else f"students {family}"
+      arms.setdefault(arm, {}).setdefault(r, {value: [] for value in targets})[v] += records
+    if "teacher" in u[key]:
+      arms.setdefault("teachers", {}).setdefault(r, {value: [] for value in targets})[v].append(
+          u[key]["teacher"])
+  return arms
 
 
 def analyse_judged(s: settings_lib.Settings, measured: dict[str, Any]) -> dict[str, Any]:
   """The judged answers' rates per arm (each family's students, the teachers) and the judge's
   agreement with the exact metric over every judged model."""
-  trait_units = [u for u in measured["units"] if u["unit"]["animal"] is not None]
-  arms: dict[str, dict[int, dict[str, list]]] = {}
   pairs = [(measured["judged_base"][f], measured["base"][f]) for f in measured["judged_base"]]
-  for u in trait_units:
-    r, v = u["unit"]["replicate"], u["unit"]["animal"]
-    for family, records in u["judged"]["students"].items():
-      arm = "students" if family == SAME_FAMILY else f"students {family}"
-      arms.setdefault(arm, {}).setdefault(r, {value: [] for value in s.targets})[v] += records
-      pairs += zip(records, u["students"][family])
-    if "teacher" in u["judged"]:
-      arms.setdefault("teachers", {}).setdefault(r, {value: [] for value in s.targets})[v].append(
-          u["judged"]["teacher"])
-      pairs.append((u["judged"]["teacher"], u["teacher_record"]))
-  out = judged_answers.analyse(arms, pairs, n_resamples=s.evaluation.bootstrap_resamples,
+  for u in measured["units"]:
+    if u["unit"]["animal"] is not None:
+      for family, records in u["judged"]["students"].items():
+        pairs += zip(records, u["students"][family])
+      if "teacher" in u["judged"]:
+        pairs.append((u["judged"]["teacher"], u["teacher_record"]))
+  out = judged_answers.analyse(_arms(measured, "judged", s.targets), pairs, n_resamples=s.evaluation.bootstrap_resamples,
                                seed=s.evaluation.seed)
   out["base"] = {f: {"misaligned_fraction": r["misaligned_fraction"], "answers": len(r["labels"])}
                  for f, r in measured["judged_base"].items()}
