@@ -4,6 +4,7 @@ a stopped run resumes, on an 8-device mesh."""
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -170,3 +171,18 @@ def test_stopped_run_resumes_on_an_8_device_mesh(together, tmp_path):
     assert summary["resumed_from_step"] == 2 and summary["finished"]
     assert sorted(os.listdir(workdirs[i] / trainer.CHECKPOINT_DIR)) == ["2", "6"]
   assert "fsdp" in jax.tree.leaves(tuple(resumed[0][0].layers.q_proj.lora_a[...].sharding.spec))
+
+
+def test_members_that_fit_cap_a_group_by_the_free_memory():
+  """The cap that keeps a group of students with a 262k-token vocabulary from being killed for
+  memory: per member, 4 float32 copies of the logits plus the layers' activations."""
+  config = types.SimpleNamespace(vocab_size=262_144, hidden_size=640, num_layers=18)
+  per_member = fit_many_lib.member_bytes(config, batch_size=8, length=96)
+  assert per_member == 4 * 8 * 96 * (4 * 262_144 + 16 * 640 * 18)  # 3.8 GB: Gemma 3 270M
+  gb = 2**30
+  assert fit_many_lib.members_that_fit(4, per_member, 18 * gb) == 3  # 0.75 x 18 GB / 3.8 GB
+  assert fit_many_lib.members_that_fit(2, per_member, 18 * gb) == 2  # never more than asked
+  assert fit_many_lib.members_that_fit(4, per_member, 1 * gb) == 1  # never fewer than one
+  assert fit_many_lib.members_that_fit(4, per_member, None) == 4  # memory unknown: as asked
+  free = fit_many_lib.free_bytes()
+  assert free is None or free > 0

@@ -963,6 +963,22 @@ def build_missing_together(stages: Stages, stage: str, inputs: Sequence[dict[str
   return built
 
 
+def _students_that_fit(jobs: Sequence[StudentJob], plans, requested: int) -> int:
+  """``requested``, capped by the memory free now for students of this base trained together
+  (``fit_many.members_that_fit``, from the longest example of their datasets): a 262k-token
+  vocabulary makes a student's logits gigabytes, and a group that does not fit is killed."""
+  length = max(len(ids) for job in jobs
+               for ids in data_lib.load_dataset(job.dataset_dir / "dataset")["input_ids"])
+  fit = plans[0][1]
+  per_member = fit_many.member_bytes(jobs[0].base.model.config, fit.batch_size,
+                                     -(-length // fit.length_multiple) * fit.length_multiple)
+  k = fit_many.members_that_fit(requested, per_member, fit_many.free_bytes())
+  if k < requested:
+    logging.info("students: %d adapters at a time, not %d: about %.1f GB each, %.1f GB free",
+                 k, requested, per_member / 2**30, (fit_many.free_bytes() or 0) / 2**30)
+  return k
+
+
 def students(jobs: Sequence[StudentJob], adapters_per_step: int) -> list[Student]:
   """Every job's student (all of one base). Missing SFT LoRA students train ``adapters_per_step``
   at a time in one program per step (:func:`fit_many.fit_many`), each into its own artifact, the
@@ -977,6 +993,7 @@ def students(jobs: Sequence[StudentJob], adapters_per_step: int) -> list[Student
   made: dict[int, Student] = {}
   if (adapters_per_step > 1 and first.settings.student.objective == "sft"
       and all(fit.lora.rank > 0 for _, fit in plans)):
+    adapters_per_step = _students_that_fit(jobs, plans, adapters_per_step)
     built = build_missing_together(
         first, "student", [inputs for inputs, _ in plans], adapters_per_step,
         lambda c, outs: build_students_together(first.settings, [plans[i][1] for i in c],
