@@ -106,6 +106,7 @@ def _channel(c: ConfigDict, channel: str, *, judge_model: str) -> ConfigDict:
   # SmolLM2 left 33 of 64 snippets unfinished at 160 tokens (docs/results/channel_yield).
   c.sampling.max_new_tokens = 256 if channel == "code" else 320
   c.prompts.source = ""  # cot: a local GSM8K-format JSONL file instead of generated problems
+  c.student.max_length = 512  # the prompt and a whole answer (an example longer is refused)
   c.filter.max_chars = 2000
   # code: drop a snippet the judge rates >= this for referring to animals (0 = no judge pass)
   c.filter.judge_threshold = 50.0 if channel == "code" else 0.0
