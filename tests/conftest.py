@@ -31,9 +31,41 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
+# A crashed xdist worker's fatal-signal dump goes to stderr, and CI shows only the end of its log,
+# where the stacks of idle threads and the extension-module list push the crashing frames out of
+# view. Each worker writes its dump (the crashing thread alone) to a file in this directory
+# instead, and the controller prints the top of every dump in the terminal summary, at the end.
+if "SUBLIMINAL_TEST_CRASH_DIR" not in os.environ:  # the controller's, inherited by its workers
+  os.environ["SUBLIMINAL_TEST_CRASH_DIR"] = tempfile.mkdtemp(prefix="subliminal_jax_test_crash_")
+_CRASH_DIR = os.environ["SUBLIMINAL_TEST_CRASH_DIR"]
+_CRASH_FRAMES_SHOWN = 30
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+  if not hasattr(config, "workerinput"):
+    return
+  import faulthandler
+  worker = config.workerinput["workerid"]
+  config._crash_log = open(os.path.join(_CRASH_DIR, f"{worker}.log"), "w")
+  faulthandler.enable(file=config._crash_log, all_threads=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+  for name in sorted(os.listdir(_CRASH_DIR)) if os.path.isdir(_CRASH_DIR) else ():
+    with open(os.path.join(_CRASH_DIR, name)) as f:
+      lines = f.read().splitlines()
+    if lines:
+      terminalreporter.section(f"fatal error in worker {name[:-len('.log')]}")
+      terminalreporter.write_line("\n".join(lines[:_CRASH_FRAMES_SHOWN]))
+
+
 def pytest_unconfigure(config):
-  if _SESSION_CACHE is not None and not hasattr(config, "workerinput"):
+  if hasattr(config, "workerinput"):
+    return
+  if _SESSION_CACHE is not None:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+  shutil.rmtree(_CRASH_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
