@@ -5,6 +5,7 @@ once per session."""
 
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -60,9 +61,15 @@ def pytest_terminal_summary(terminalreporter):
       terminalreporter.write_line("\n".join(lines[:_CRASH_FRAMES_SHOWN]))
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
   if hasattr(config, "workerinput"):
-    return
+    # A worker has sent its last report by now; its interpreter teardown (jaxlib's and torch's
+    # native libraries, and their threads, in one process) is skipped. A worker here aborted
+    # with its main thread past the end of execnet's serve loop, where no test code runs.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
   if _SESSION_CACHE is not None:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
   shutil.rmtree(_CRASH_DIR, ignore_errors=True)
