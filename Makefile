@@ -41,8 +41,10 @@ setup-cuda: $(VENV)/.setup-cuda
 run: setup
 	$(PY) -m subliminal_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# --capture=sys: what native code (XLA, torch) writes to stderr reaches the log, so a worker that
+# aborts leaves its reason there, not in a capture file lost with the worker.
 test: setup-test
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --capture=sys --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup-test
 	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -5,7 +5,6 @@ once per session."""
 
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
@@ -33,13 +32,14 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 # A crashed xdist worker's fatal-signal dump goes to stderr, and CI shows only the end of its log,
-# where the stacks of idle threads and the extension-module list push the crashing frames out of
-# view. Each worker writes its dump (the crashing thread alone) to a file in this directory
-# instead, and the controller prints the top of every dump in the terminal summary, at the end.
+# where idle threads, pytest's own frames and the extension-module list push the crashing frames
+# out of view. Each worker writes its dump to a file in this directory instead, and the controller
+# prints the project's and its libraries' frames of every dump at the end of the terminal summary.
 if "SUBLIMINAL_TEST_CRASH_DIR" not in os.environ:  # the controller's, inherited by its workers
   os.environ["SUBLIMINAL_TEST_CRASH_DIR"] = tempfile.mkdtemp(prefix="subliminal_jax_test_crash_")
 _CRASH_DIR = os.environ["SUBLIMINAL_TEST_CRASH_DIR"]
-_CRASH_FRAMES_SHOWN = 30
+_CRASH_LINES_SHOWN = 60
+_TEST_RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", 'File "<string>"')
 
 
 @pytest.hookimpl(trylast=True)
@@ -49,27 +49,23 @@ def pytest_configure(config):
   import faulthandler
   worker = config.workerinput["workerid"]
   config._crash_log = open(os.path.join(_CRASH_DIR, f"{worker}.log"), "w")
-  faulthandler.enable(file=config._crash_log, all_threads=False)
+  faulthandler.enable(file=config._crash_log, all_threads=True)
 
 
 def pytest_terminal_summary(terminalreporter):
   for name in sorted(os.listdir(_CRASH_DIR)) if os.path.isdir(_CRASH_DIR) else ():
     with open(os.path.join(_CRASH_DIR, name)) as f:
-      lines = f.read().splitlines()
+      lines = [line for line in f.read().splitlines()
+               if line.strip() and not line.startswith("Extension modules")
+               and not any(frame in line for frame in _TEST_RUNNER_FRAMES)]
     if lines:
       terminalreporter.section(f"fatal error in worker {name[:-len('.log')]}")
-      terminalreporter.write_line("\n".join(lines[:_CRASH_FRAMES_SHOWN]))
+      terminalreporter.write_line("\n".join(lines[:_CRASH_LINES_SHOWN]))
 
 
-@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
   if hasattr(config, "workerinput"):
-    # A worker has sent its last report by now; its interpreter teardown (jaxlib's and torch's
-    # native libraries, and their threads, in one process) is skipped. A worker here aborted
-    # with its main thread past the end of execnet's serve loop, where no test code runs.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return
   if _SESSION_CACHE is not None:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
   shutil.rmtree(_CRASH_DIR, ignore_errors=True)
