@@ -47,6 +47,12 @@ def pytest_configure(config):
   if not hasattr(config, "workerinput"):
     return
   import faulthandler
+  import jax
+  # Workers read the session's cache but write none of it: a worker segfaulted inside jax's
+  # cache write (executable.serialize() of a panel-evaluation program, jaxlib 0.10.2) in a
+  # clean-clone run, in the test CI saw crash too; the test passes alone. The main jobs the tests
+  # start as subprocesses (the ~0.1 s compiles they would repeat) still fill it.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
   worker = config.workerinput["workerid"]
   config._crash_log = open(os.path.join(_CRASH_DIR, f"{worker}.log"), "w")
   faulthandler.enable(file=config._crash_log, all_threads=True)
