@@ -371,6 +371,7 @@ class Workdir:
       raise RuntimeError(f"stage {stage}: the build returned {len(summaries)} summaries for "
                          f"{len(members)} artifacts")
     _sync_processes(f"{stage} {names} built")
+    compilation_cache.release_programs_near_map_limit()
     seconds = round(time.time() - start, 2)
     compile_seconds = round(compilation_cache.compile_seconds() - compile_start, 2)
     share = len(members)

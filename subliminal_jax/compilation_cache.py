@@ -7,6 +7,10 @@ job, ``generate``, the benchmarks) imports this module, which defines ``--compil
 ``$XDG_CACHE_HOME`` if set; ``''`` turns the cache off), and calls :func:`enable_from_flags`.
 The tests use one fresh cache directory per session (tests/conftest.py).
 
+:func:`release_programs_near_map_limit` drops the programs jax holds in memory once the process
+nears the kernel's limit on memory mappings (each XLA:CPU executable maps its machine code in a
+few; LLVM aborts a compile past the limit); the stage runner calls it after every stage.
+
 :func:`compile_seconds` is the wall time this process has spent in XLA compiles (and persistent
 cache reads) so far, from jax's own monitoring events; the stage runner reports it beside each
 stage's run time.
@@ -14,13 +18,16 @@ stage's run time.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 
 import jax
 from absl import flags
+from absl import logging
 
-__all__ = ["default_dir", "enable", "enable_from_flags", "compile_seconds"]
+__all__ = ["default_dir", "enable", "enable_from_flags", "compile_seconds",
+           "release_programs_near_map_limit"]
 
 # Compiles shorter than this are not written (reading them back would cost about as much), unless
 # $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise (jax reads and checks it at import).
@@ -76,3 +83,35 @@ def compile_seconds() -> float:
   """Seconds this process has spent in XLA compiles (or reading them from the cache) so far."""
   with _lock:
     return _compile_total
+
+
+# Of the kernel's mappings per process (vm.max_map_count, 65,530 by default), the share past which
+# the programs jax holds in memory are dropped: far enough below it that the next stage's
+# compiles fit, far enough above a stage's own needs (thousands) that it rarely fires.
+MAP_SHARE = 0.5
+
+
+def _map_counts() -> tuple[int, int] | None:
+  """(mappings of this process, the kernel's limit), or None where /proc does not say."""
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      limit = int(f.read())
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f), limit
+  except (OSError, ValueError):
+    return None
+
+
+def release_programs_near_map_limit(share: float = MAP_SHARE) -> bool:
+  """Clears jax's in-memory caches of compiled programs (later calls recompile, or read the
+  persistent cache) when this process holds more than ``share`` of the memory mappings the kernel
+  allows. Returns whether it did."""
+  counts = _map_counts()
+  if counts is None or counts[0] <= share * counts[1]:
+    return False
+  jax.clear_caches()
+  gc.collect()
+  after = _map_counts()
+  logging.info("%d of %d memory mappings in use: compiled programs released (%s now)",
+               counts[0], counts[1], after[0] if after else "?")
+  return True

@@ -1,8 +1,9 @@
 """The persistent compilation cache: a second process reads what the first compiled, the flag
 turns it off, the stage runner's compile clock counts compiles, and a threshold from the
-environment wins over the default (a bad one is refused).
+environment wins over the default (a bad one is refused); compiled programs are released near the
+kernel's limit on memory mappings.
 
-Each case runs in a fresh process: the cache directory is process-wide jax configuration, and this
+The cache cases run in fresh processes: the cache directory is process-wide jax configuration, and this
 test session already has its own."""
 
 import json
@@ -62,3 +63,25 @@ def test_a_threshold_that_is_not_a_number_is_refused(tmp_path):
   bad = _run(str(tmp_path / "xla"), {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "half"})
   assert bad.returncode != 0
   assert 'Invalid value "half" for JAX flag jax_persistent_cache_min_compile_time_secs' in bad.stderr
+
+
+def test_programs_are_released_past_the_share_of_the_map_limit_and_kept_below_it():
+  """Each compiled XLA:CPU program holds memory mappings; past the given share of the kernel's
+  limit the stage runner's call drops jax's in-memory programs and the mappings with them."""
+  import jax
+  import jax.numpy as jnp
+  from subliminal_jax import compilation_cache
+
+  def mappings() -> int:
+    return sum(1 for _ in open("/proc/self/maps", "rb"))
+
+  programs = [jax.jit(lambda x, i=i: jnp.tanh(x * i).sum() + i) for i in range(100)]
+  for program in programs:
+    program(jnp.ones((4, 4))).block_until_ready()
+  assert all(program._cache_size() == 1 for program in programs)
+  assert not compilation_cache.release_programs_near_map_limit(share=1.0)  # far below the limit
+  assert all(program._cache_size() == 1 for program in programs)
+  before = mappings()
+  assert compilation_cache.release_programs_near_map_limit(share=0.0)
+  assert all(program._cache_size() == 0 for program in programs)
+  assert mappings() < before - 100  # at least one mapping per program went with it
