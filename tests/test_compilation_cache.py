@@ -3,8 +3,8 @@ turns it off, the stage runner's compile clock counts compiles, and a threshold 
 environment wins over the default (a bad one is refused); compiled programs are released near the
 kernel's limit on memory mappings.
 
-The cache cases run in fresh processes: the cache directory is process-wide jax configuration, and this
-test session already has its own."""
+The cache cases run in fresh processes: the cache directory is process-wide jax configuration,
+and this test session already has its own."""
 
 import json
 import os
@@ -73,7 +73,8 @@ def test_programs_are_released_past_the_share_of_the_map_limit_and_kept_below_it
   from subliminal_jax import compilation_cache
 
   def mappings() -> int:
-    return sum(1 for _ in open("/proc/self/maps", "rb"))
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
 
   programs = [jax.jit(lambda x, i=i: jnp.tanh(x * i).sum() + i) for i in range(100)]
   for program in programs:
