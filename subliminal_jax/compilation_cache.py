@@ -26,7 +26,7 @@ import jax
 from absl import flags
 from absl import logging
 
-__all__ = ["default_dir", "enable", "enable_from_flags", "compile_seconds",
+__all__ = ["default_dir", "enable", "enable_from_flags", "compile_seconds", "release_programs",
            "release_programs_near_map_limit"]
 
 # Compiles shorter than this are not written (reading them back would cost about as much), unless
@@ -102,15 +102,20 @@ def _map_counts() -> tuple[int, int] | None:
     return None
 
 
+def release_programs() -> None:
+  """Drops the compiled programs jax holds in memory, and the mappings of their machine code
+  (later calls recompile, or read the persistent cache)."""
+  jax.clear_caches()
+  gc.collect()
+
+
 def release_programs_near_map_limit(share: float = MAP_SHARE) -> bool:
-  """Clears jax's in-memory caches of compiled programs (later calls recompile, or read the
-  persistent cache) when this process holds more than ``share`` of the memory mappings the kernel
-  allows. Returns whether it did."""
+  """:func:`release_programs` when this process holds more than ``share`` of the memory mappings
+  the kernel allows. Returns whether it did."""
   counts = _map_counts()
   if counts is None or counts[0] <= share * counts[1]:
     return False
-  jax.clear_caches()
-  gc.collect()
+  release_programs()
   after = _map_counts()
   logging.info("%d of %d memory mappings in use: compiled programs released (%s now)",
                counts[0], counts[1], after[0] if after else "?")

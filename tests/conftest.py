@@ -78,10 +78,8 @@ def _release_compiled_programs():
   (vm.max_map_count) and LLVM aborted a compile with "Unable to allocate section memory" (10,061
   mappings after three of the 58 test files). Programs are dropped after every test file."""
   yield
-  import gc
-  import jax
-  jax.clear_caches()
-  gc.collect()
+  from subliminal_jax import compilation_cache
+  compilation_cache.release_programs()
 
 
 @pytest.fixture(autouse=True)
