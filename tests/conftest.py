@@ -44,6 +44,7 @@ _TEST_RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", 'File "<
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
+  from subliminal_jax import compilation_cache  # noqa: F401 (counts compile time from here on)
   if not hasattr(config, "workerinput"):
     return
   import faulthandler
@@ -53,6 +54,7 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
+  _report_time_per_file(terminalreporter)
   for name in sorted(os.listdir(_CRASH_DIR)) if os.path.isdir(_CRASH_DIR) else ():
     with open(os.path.join(_CRASH_DIR, name)) as f:
       lines = [line for line in f.read().splitlines()
@@ -61,6 +63,43 @@ def pytest_terminal_summary(terminalreporter):
     if lines:
       terminalreporter.section(f"fatal error in worker {name[:-len('.log')]}")
       terminalreporter.write_line("\n".join(lines[:_CRASH_LINES_SHOWN]))
+
+
+# Where the suite's time goes, printed at the end of every run: the test files that took longest
+# (setup, call and teardown summed) and how much of that was XLA compiling in the test process
+# (subprocess jobs not counted), the figures a change aimed at the suite's length needs.
+_FILES_SHOWN = 15
+_COMPILE_PROPERTY = "xla_compile_s"
+_compile_seen = 0.0
+_time_per_file: dict[str, list[float]] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  global _compile_seen
+  from subliminal_jax import compilation_cache
+  now = compilation_cache.compile_seconds()
+  outcome.get_result().user_properties.append((_COMPILE_PROPERTY, now - _compile_seen))
+  _compile_seen = now
+
+
+def pytest_runtest_logreport(report):
+  seconds = _time_per_file.setdefault(report.nodeid.split("::")[0], [0.0, 0.0])
+  seconds[0] += report.duration
+  seconds[1] += sum(v for k, v in report.user_properties if k == _COMPILE_PROPERTY)
+
+
+def _report_time_per_file(terminalreporter) -> None:
+  if not _time_per_file:
+    return
+  total, compiling = (sum(s[i] for s in _time_per_file.values()) for i in (0, 1))
+  terminalreporter.section("time per test file (all workers)")
+  terminalreporter.write_line(f"{total:.0f} s in tests, {compiling:.0f} s of it XLA compiling "
+                              f"({compiling / max(total, 1e-9):.0%}); the {_FILES_SHOWN} longest files:")
+  longest = sorted(_time_per_file.items(), key=lambda kv: -kv[1][0])[:_FILES_SHOWN]
+  for path, (seconds, compile_seconds) in longest:
+    terminalreporter.write_line(f"{seconds:8.1f} s  {compile_seconds:7.1f} s compiling  {path}")
 
 
 def pytest_unconfigure(config):
