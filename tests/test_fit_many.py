@@ -178,11 +178,47 @@ def test_members_that_fit_cap_a_group_by_the_free_memory():
   memory: per member, 4 float32 copies of the logits plus the layers' activations."""
   config = types.SimpleNamespace(vocab_size=262_144, hidden_size=640, num_layers=18)
   per_member = fit_many_lib.member_bytes(config, batch_size=8, length=96)
-  assert per_member == 4 * 8 * 96 * (4 * 262_144 + 16 * 640 * 18)  # 3.8 GB: Gemma 3 270M
+  assert per_member == 4 * 8 * 96 * (4 * 262_144 + 24 * 640 * 18)  # 4.1 GB: Gemma 3 270M
   gb = 2**30
-  assert fit_many_lib.members_that_fit(4, per_member, 18 * gb) == 3  # 0.75 x 18 GB / 3.8 GB
+  assert fit_many_lib.members_that_fit(4, per_member, 18 * gb) == 3  # 0.75 x 18 GB / 4.1 GB
   assert fit_many_lib.members_that_fit(2, per_member, 18 * gb) == 2  # never more than asked
   assert fit_many_lib.members_that_fit(4, per_member, 1 * gb) == 1  # never fewer than one
   assert fit_many_lib.members_that_fit(4, per_member, None) == 4  # memory unknown: as asked
   free = fit_many_lib.free_bytes()
   assert free is None or free > 0
+
+
+def test_members_beyond_the_free_memory_train_in_further_programs(tmp_path, monkeypatch):
+  """The stages' entry point trains as many members per program as the free memory holds (here
+  one: the host reports room for 1.5 of them), and the rest in further programs: each member
+  ends where the three trained in one program end."""
+  from subliminal_jax.experiments import settings as settings_lib
+  from subliminal_jax.experiments import stages
+  from subliminal_jax.weights import finetuned
+
+  base, data = tiny_model(), member_data()
+  fits = [trainer.FitSettings.from_config(c) for c in member_configs()]
+  longest = max(len(ids) for d in data for ids in d["input_ids"])
+  per_member = fit_many_lib.member_bytes(base.config, fits[0].batch_size, -(-longest // 32) * 32)
+  assert stages.members_per_program(fits, base.config, data) == 3  # this host: all at once
+  one_program = fit_many_lib.fit_many(base, data, fits, [tmp_path / f"one{i}" for i in range(3)],
+                                      progress=False)
+
+  monkeypatch.setattr(fit_many_lib, "free_bytes",
+                      lambda: int(1.5 * per_member / fit_many_lib.MEMORY_SHARE))
+  assert stages.members_per_program(fits, base.config, data) == 1
+  programs = []
+  real_fit_many = fit_many_lib.fit_many
+  monkeypatch.setattr(fit_many_lib, "fit_many",
+                      lambda base, data, *args, **kwargs: programs.append(len(data))
+                      or real_fit_many(base, data, *args, **kwargs))
+  outs = [tmp_path / f"member{i}" for i in range(3)]
+  histories = stages.fit_many_in_stages(
+      fits, settings_lib.CheckpointSettings(every=0, keep=False, tensorboard=False), base, data,
+      outs, mesh=None)
+  assert programs == [1, 1, 1]
+  for i, (model, history) in enumerate(one_program):
+    assert [r["loss"] for r in histories[i]] == pytest.approx([r["loss"] for r in history],
+                                                               rel=1e-5)
+    saved = finetuned.restore(base, fits[i].lora, outs[i])
+    assert_adapters_close(saved, model, rtol=1e-4, atol=1e-5)

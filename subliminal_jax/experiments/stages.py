@@ -104,13 +104,41 @@ def fit_many_in_stages(fits: Sequence[trainer.FitSettings],
                        checkpoints: settings_lib.CheckpointSettings, base_model, datasets,
                        outs: Sequence[pathlib.Path], mesh) -> list[list[dict[str, Any]]]:
   """:func:`fit_in_stage` for K LoRA finetunes of one base trained together
-  (:func:`fit_many.fit_many`), each in its own stage directory; returns each one's history."""
+  (:func:`fit_many.fit_many`), each in its own stage directory; returns each one's history.
+
+  As many train in one program as the memory free now holds (:func:`members_per_program`); the
+  rest follow in further programs, the same members with the same seeds (K is in no fingerprint).
+  """
   fits = [dataclasses.replace(fit, checkpoint_every=checkpoints.every) for fit in fits]
-  trained = fit_many.fit_many(base_model, datasets, fits, [str(out / "training") for out in outs],
-                              mesh=mesh, tensorboard=checkpoints.tensorboard)
-  for (model, _), fit, out in zip(trained, fits, outs):
-    _keep_trained(model, fit, checkpoints, out)
-  return [history for _, history in trained]
+  datasets = [trainer.as_dataset(d) for d in datasets]
+  together = members_per_program(fits, base_model.config, datasets)
+  histories = []
+  for chunk in batched(range(len(fits)), together):
+    trained = fit_many.fit_many(base_model, [datasets[i] for i in chunk], [fits[i] for i in chunk],
+                                [str(outs[i] / "training") for i in chunk],
+                                mesh=mesh, tensorboard=checkpoints.tensorboard)
+    for i, (model, history) in zip(chunk, trained):
+      _keep_trained(model, fits[i], checkpoints, outs[i])
+      histories.append(history)
+  return histories
+
+
+def members_per_program(fits: Sequence[trainer.FitSettings], model_config, datasets) -> int:
+  """How many of these LoRA finetunes to train in one program: all of them, capped by the memory
+  free now (:func:`fit_many.members_that_fit`, estimated from the longest example of their
+  datasets). A 262k-token vocabulary makes a member's logits gigabytes, and long finetuning
+  examples do the same at 49k: eight misalignment teachers asked for 27 GB on a 24 GB host."""
+  fit = fits[0]
+  length = max(len(ids) for dataset in datasets for ids in dataset["input_ids"])
+  padded = max(-(-length // f.length_multiple) * f.length_multiple for f in fits)
+  per_member = fit_many.member_bytes(model_config, fit.batch_size, padded)
+  free = fit_many.free_bytes()
+  together = fit_many.members_that_fit(len(fits), per_member, free)
+  if together < len(fits):
+    logging.info("%d LoRA finetunes, %d per program: about %.1f GB each (%d tokens x batch %d), "
+                 "%.1f GB free", len(fits), together, per_member / 2**30, padded, fit.batch_size,
+                 (free or 0) / 2**30)
+  return together
 
 
 # ---------------------------------------------------------------------------------------------
@@ -963,22 +991,6 @@ def build_missing_together(stages: Stages, stage: str, inputs: Sequence[dict[str
   return built
 
 
-def _students_that_fit(jobs: Sequence[StudentJob], plans, requested: int) -> int:
-  """``requested``, capped by the memory free now for students of this base trained together
-  (``fit_many.members_that_fit``, from the longest example of their datasets): a 262k-token
-  vocabulary makes a student's logits gigabytes, and a group that does not fit is killed."""
-  length = max(len(ids) for job in jobs
-               for ids in data_lib.load_dataset(job.dataset_dir / "dataset")["input_ids"])
-  fit = plans[0][1]
-  per_member = fit_many.member_bytes(jobs[0].base.model.config, fit.batch_size,
-                                     -(-length // fit.length_multiple) * fit.length_multiple)
-  k = fit_many.members_that_fit(requested, per_member, fit_many.free_bytes())
-  if k < requested:
-    logging.info("students: %d adapters at a time, not %d: about %.1f GB each, %.1f GB free",
-                 k, requested, per_member / 2**30, (fit_many.free_bytes() or 0) / 2**30)
-  return k
-
-
 def students(jobs: Sequence[StudentJob], adapters_per_step: int) -> list[Student]:
   """Every job's student (all of one base). Missing SFT LoRA students train ``adapters_per_step``
   at a time in one program per step (:func:`fit_many.fit_many`), each into its own artifact, the
@@ -993,7 +1005,6 @@ def students(jobs: Sequence[StudentJob], adapters_per_step: int) -> list[Student
   made: dict[int, Student] = {}
   if (adapters_per_step > 1 and first.settings.student.objective == "sft"
       and all(fit.lora.rank > 0 for _, fit in plans)):
-    adapters_per_step = _students_that_fit(jobs, plans, adapters_per_step)
     built = build_missing_together(
         first, "student", [inputs for inputs, _ in plans], adapters_per_step,
         lambda c, outs: build_students_together(first.settings, [plans[i][1] for i in c],

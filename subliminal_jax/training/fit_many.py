@@ -67,9 +67,13 @@ SHARED_FIELDS = ("epochs", "batch_size", "grad_accum_steps",
 
 
 # A member's step holds its logits in float32 about this many times over (the logits, their
-# log-softmax and their gradient, with one more for XLA's temporaries): 3.9 GB per Gemma 3 270M
-# student at batch 8 x 96 tokens (262k vocabulary) was measured against 3.2 GB from logits alone.
+# log-softmax and their gradient, with one more for XLA's temporaries), and this many float32
+# vectors of the hidden size per token and layer for the backward pass. Measured on CPU: 3.9 GB per
+# Gemma 3 270M student at batch 8 x 96 tokens (262k vocabulary, 18 layers of 640), and 27 GB for
+# eight SmolLM2-135M teachers at batch 16 x 96 (49k vocabulary, 30 layers of 576: 3.4 GB each);
+# these figures estimate 4.1 and 3.8 GB.
 LOGIT_COPIES = 4
+ACTIVATION_VECTORS = 24
 # Of the memory free when a group starts, the share its members may take.
 MEMORY_SHARE = 0.75
 
@@ -77,9 +81,10 @@ MEMORY_SHARE = 0.75
 def member_bytes(config: Any, batch_size: int, length: int) -> int:
   """The memory one member of :func:`fit_many` adds to a step, estimated from its widest batch:
   ``LOGIT_COPIES`` float32 copies of its logits, plus its layers' activations kept for the
-  backward pass (about 16 float32 vectors of the hidden size per token and layer)."""
+  backward pass (``ACTIVATION_VECTORS`` float32 vectors of the hidden size per token and layer)."""
   tokens = batch_size * length
-  return 4 * tokens * (LOGIT_COPIES * config.vocab_size + 16 * config.hidden_size * config.num_layers)
+  return 4 * tokens * (LOGIT_COPIES * config.vocab_size
+                       + ACTIVATION_VECTORS * config.hidden_size * config.num_layers)
 
 
 def free_bytes() -> int | None:
