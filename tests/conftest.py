@@ -44,7 +44,7 @@ _TEST_RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", 'File "<
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-  from subliminal_jax import compilation_cache  # noqa: F401 (counts compile time from here on)
+  _seen.update(_measures_now())  # imports the compile-time counter before any test compiles
   if not hasattr(config, "workerinput"):
     return
   import faulthandler
@@ -66,40 +66,53 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # Where the suite's time goes, printed at the end of every run: the test files that took longest
-# (setup, call and teardown summed) and how much of that was XLA compiling in the test process
-# (subprocess jobs not counted), the figures a change aimed at the suite's length needs.
+# (setup, call and teardown summed), the CPU seconds they used (their own process and the
+# subprocesses they waited for: unlike wall time, this does not grow when the machine is shared)
+# and how much of that was XLA compiling in the test process, the figures a change aimed at the
+# suite's length needs.
 _FILES_SHOWN = 15
-_COMPILE_PROPERTY = "xla_compile_s"
-_compile_seen = 0.0
+_MEASURES = ("cpu_s", "xla_compile_s")
+_seen = {name: 0.0 for name in _MEASURES}
 _time_per_file: dict[str, list[float]] = {}
+
+
+def _measures_now() -> dict[str, float]:
+  import resource
+  from subliminal_jax import compilation_cache
+  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                        resource.RUSAGE_CHILDREN))
+  return {"cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+          "xla_compile_s": compilation_cache.compile_seconds()}
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
   outcome = yield
-  global _compile_seen
-  from subliminal_jax import compilation_cache
-  now = compilation_cache.compile_seconds()
-  outcome.get_result().user_properties.append((_COMPILE_PROPERTY, now - _compile_seen))
-  _compile_seen = now
+  now = _measures_now()
+  report = outcome.get_result()
+  for name in _MEASURES:
+    report.user_properties.append((name, now[name] - _seen[name]))
+    _seen[name] = now[name]
 
 
 def pytest_runtest_logreport(report):
-  seconds = _time_per_file.setdefault(report.nodeid.split("::")[0], [0.0, 0.0])
+  seconds = _time_per_file.setdefault(report.nodeid.split("::")[0], [0.0] * (1 + len(_MEASURES)))
   seconds[0] += report.duration
-  seconds[1] += sum(v for k, v in report.user_properties if k == _COMPILE_PROPERTY)
+  for i, name in enumerate(_MEASURES, 1):
+    seconds[i] += sum(v for k, v in report.user_properties if k == name)
 
 
 def _report_time_per_file(terminalreporter) -> None:
   if not _time_per_file:
     return
-  total, compiling = (sum(s[i] for s in _time_per_file.values()) for i in (0, 1))
+  wall, cpu, compiling = (sum(s[i] for s in _time_per_file.values()) for i in range(3))
   terminalreporter.section("time per test file (all workers)")
-  terminalreporter.write_line(f"{total:.0f} s in tests, {compiling:.0f} s of it XLA compiling "
-                              f"({compiling / max(total, 1e-9):.0%}); the {_FILES_SHOWN} longest files:")
+  terminalreporter.write_line(
+      f"{wall:.0f} s in tests, {cpu:.0f} CPU s, {compiling:.0f} s XLA compiling in the test "
+      f"processes; the {_FILES_SHOWN} longest files (wall s, CPU s, compiling s):")
   longest = sorted(_time_per_file.items(), key=lambda kv: -kv[1][0])[:_FILES_SHOWN]
-  for path, (seconds, compile_seconds) in longest:
-    terminalreporter.write_line(f"{seconds:8.1f} s  {compile_seconds:7.1f} s compiling  {path}")
+  for path, (seconds, cpu_seconds, compile_seconds) in longest:
+    terminalreporter.write_line(f"{seconds:8.1f} {cpu_seconds:8.1f} {compile_seconds:8.1f}  {path}")
 
 
 def pytest_unconfigure(config):
