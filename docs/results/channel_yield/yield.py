@@ -4,7 +4,7 @@ from subliminal_jax import loading, channels
 from subliminal_jax.sampling import chat as chat_lib
 from subliminal_jax.tokenizer import SystemTurn
 which = sys.argv[1]; n = int(sys.argv[2]); tokens = int(sys.argv[3])
-base = loading.load("smollm2")
+base = loading.load(sys.argv[5] if len(sys.argv) > 5 else "smollm2")
 ch = channels.channel(which)
 records = ch.prompt_records(n, 0)
 t0 = time.time()
