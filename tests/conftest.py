@@ -65,7 +65,7 @@ def pytest_terminal_summary(terminalreporter):
       terminalreporter.write_line("\n".join(lines[:_CRASH_LINES_SHOWN]))
 
 
-# Where the suite's time goes, printed at the end of every run: the test files that took longest
+# Where the suite's time goes, printed at the end of every run: the test files that used the most CPU
 # (setup, call and teardown summed), the CPU seconds they used (their own process and the
 # subprocesses they waited for: unlike wall time, this does not grow when the machine is shared)
 # and how much of that was XLA compiling in the test process, the figures a change aimed at the
@@ -110,8 +110,8 @@ def _report_time_per_file(terminalreporter) -> None:
   terminalreporter.write_line(
       f"{wall:.0f} s in tests, {cpu:.0f} CPU s, {compiling:.0f} s XLA compiling in the test "
       f"processes; the {_FILES_SHOWN} files that used the most CPU (wall s, CPU s, compiling s):")
-  longest = sorted(_time_per_file.items(), key=lambda kv: -kv[1][1])[:_FILES_SHOWN]
-  for path, (seconds, cpu_seconds, compile_seconds) in longest:
+  busiest = sorted(_time_per_file.items(), key=lambda kv: -kv[1][1])[:_FILES_SHOWN]
+  for path, (seconds, cpu_seconds, compile_seconds) in busiest:
     terminalreporter.write_line(f"{seconds:8.1f} {cpu_seconds:8.1f} {compile_seconds:8.1f}  {path}")
 
 
