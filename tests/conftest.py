@@ -65,10 +65,10 @@ def pytest_terminal_summary(terminalreporter):
       terminalreporter.write_line("\n".join(lines[:_CRASH_LINES_SHOWN]))
 
 
-# Where the suite's time goes, printed at the end of every run: the test files that used the most CPU
-# (setup, call and teardown summed), the CPU seconds they used (their own process and the
-# subprocesses they waited for: unlike wall time, this does not grow when the machine is shared)
-# and how much of that was XLA compiling in the test process, the figures a change aimed at the
+# Where the suite's time goes, printed at the end of every run: per test file (setup, call and
+# teardown summed) its wall seconds, its CPU seconds (the test process and the subprocesses it
+# waited for; unlike wall time, not inflated when the machine is shared, so files are ranked by
+# it) and its seconds of XLA compiling in the test process: the figures a change aimed at the
 # suite's length needs.
 _FILES_SHOWN = 20
 _MEASURES = ("cpu_s", "xla_compile_s")
