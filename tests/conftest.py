@@ -44,7 +44,7 @@ _TEST_RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", 'File "<
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-  _seen.update(_measures_now())  # imports the compile-time counter before any test compiles
+  _measures_now()  # imports the compile-time counter before any test compiles
   if not hasattr(config, "workerinput"):
     return
   import faulthandler
@@ -83,6 +83,10 @@ def _measures_now() -> dict[str, float]:
                                                         resource.RUSAGE_CHILDREN))
   return {"cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
           "xla_compile_s": compilation_cache.compile_seconds()}
+
+
+def pytest_collection_finish(session):
+  _seen.update(_measures_now())  # collecting (importing the test files) is no test's time
 
 
 @pytest.hookimpl(hookwrapper=True)
