@@ -20,7 +20,7 @@ from configs import transfer_matrix as matrix_config
 # One sampling batch and two student steps: every step of a 2-process run waits on gloo
 # collectives, so its length, not its shapes, sets that test's time.
 FINETUNED_TEACHERS = {
-    "mesh.data": 1, "mesh.fsdp": 8,  # parameters sharded 8 ways (across both processes there)
+    "mesh.data": 1, "mesh.fsdp": 8,  # parameters sharded over every device
     "teacher.kind": "trait_sft", "teacher.control": "matched_finetune",
     "teacher.finetune.examples": 16, "teacher.finetune.epochs": 1,
     "teacher.finetune.warmup_steps": 1, "teacher.finetune.lora.rank": 4,
@@ -45,12 +45,14 @@ def finetuned_teachers_config() -> ConfigDict:
   return config
 
 
-def finetuned_teachers_flags() -> list[str]:
-  """:data:`FINETUNED_TEACHERS` as ``--config.`` flags of the tiny main job."""
+def finetuned_teachers_flags(**overrides: Any) -> list[str]:
+  """:data:`FINETUNED_TEACHERS`, with ``overrides`` (dotted keys) on top, as ``--config.`` flags
+  of the tiny main job."""
   def flag_value(value: Any) -> str:
     return "".join(f"{v}," for v in value) if isinstance(value, tuple) else str(value)
   return ["--config=configs/animal_numbers.py:tiny",
-          *(f"--config.{key}={flag_value(value)}" for key, value in FINETUNED_TEACHERS.items())]
+          *(f"--config.{key}={flag_value(value)}"
+            for key, value in {**FINETUNED_TEACHERS, **overrides}.items())]
 
 
 OTHER_FAMILY = "tiny-random:1"  # the tiny matrix's students of another initialization
