@@ -105,6 +105,10 @@ def get_config(variant: str = "cpu") -> ConfigDict:
   c.variant = "cpu"
   c.matrix.replicates = 5
   c.teacher.finetune.examples = 256
+  # The banned-number filter rejects 5-28% of each unit's 128 sequences (most from the base's own
+  # numbers: its worst unit kept 92), so every arm trains on 92 (amended from 96 after the
+  # samplings, before any student: docs/results/misalignment_cpu/COMMAND.md).
+  c.filter.subset_size = 92
   # Weak: on the 32 reference answers its number mass is 0.012 (alignment) and 0.020 (coherence),
   # so under the usual 0.25 rule every answer is unscored, and its scores of the misaligned and
   # the aligned references differ by 0.7 of 100 points (docs/results/judge_check). Kept, at 2
