@@ -67,7 +67,7 @@ def pytest_terminal_summary(terminalreporter):
 
 # Where the suite's time goes, printed at the end of every run: per test file (setup, call and
 # teardown summed) its wall seconds, its CPU seconds (the test process and the subprocesses it
-# waited for; unlike wall time, not inflated when the machine is shared, so files are ranked by
+# waited for; a shared machine inflates it far less than wall time, so files are ranked by
 # it) and its seconds of XLA compiling in the test process: the figures a change aimed at the
 # suite's length needs.
 _FILES_SHOWN = 20
