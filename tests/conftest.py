@@ -44,7 +44,6 @@ _TEST_RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", 'File "<
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-  _measures_now()  # imports the compile-time counter before any test compiles
   if not hasattr(config, "workerinput"):
     return
   import faulthandler
@@ -86,7 +85,9 @@ def _measures_now() -> dict[str, float]:
 
 
 def pytest_collection_finish(session):
-  _seen.update(_measures_now())  # collecting (importing the test files) is no test's time
+  # The baseline (and the import that starts the compile clock) comes after collecting: importing
+  # the test files is no test's time.
+  _seen.update(_measures_now())
 
 
 @pytest.hookimpl(hookwrapper=True)
