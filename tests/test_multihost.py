@@ -115,6 +115,13 @@ def fit_worker(process_id: int, port: int, out: str, phase: str) -> None:
     sys.exit(preemption.EXIT_CODE)
 
 
+def _xla_flags(devices_per_process: int) -> str:
+  """The session's XLA_FLAGS (tests/conftest.py) with ``devices_per_process`` CPU devices."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([f"--xla_force_host_platform_device_count={devices_per_process}", *kept])
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -143,7 +150,7 @@ def _start_workers(num_processes: int, args: list[str]) -> list[subprocess.Popen
   """This file as ``num_processes`` worker processes of one jax.distributed job, 8 devices in all;
   each gets ``args`` and its process id (``{i}`` in an argument is replaced by it)."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(8 // num_processes),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   return [subprocess.Popen([sys.executable, __file__, *[a.replace("{i}", str(i)) for a in args],
                             f"--process_id={i}", f"--port={port}"],
@@ -215,7 +222,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_resume
 def _run_main_job_on_two_processes(workdir: pathlib.Path, flags: list[str],
                                    devices_per_process: int) -> None:
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(devices_per_process),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
              JAX_NUM_PROCESSES="2")
   procs = [subprocess.Popen([sys.executable, "-m", "subliminal_jax.main", f"--workdir={workdir}",
