@@ -34,7 +34,9 @@ flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("length", 128, "Tokens per sequence.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                  "Compute dtype of our model (parameters stay float32); torch runs float32.")
+                  "Compute dtype of our model (parameters stay float32).")
+flags.DEFINE_enum("torch_dtype", "float32", ["float32", "bfloat16"],
+                  "The reference's compute: float32, or bfloat16 autocast over float32 weights.")
 flags.DEFINE_integer("rounds", 3, "Alternating timing rounds.")
 flags.DEFINE_integer("steps_per_round", 2, "Steps of each implementation per round.")
 flags.DEFINE_float("peak_tflops", 0.0,
@@ -53,15 +55,21 @@ def main(argv):
   del argv
   compilation_cache.enable_from_flags()
   import jax
+  from subliminal_jax import environment
   config = engines.smollm2_shape(FLAGS.dtype, FLAGS.layers)
   tokens = FLAGS.batch * FLAGS.length
   ours = engines.TrainWorkload(config, FLAGS.batch, FLAGS.length)
-  first = timed(ours.step)
+  start = time.perf_counter()
+  # The first step's loss (same random weights and ids for either dtype): bfloat16 compute is
+  # checked against a float32 run by this figure.
+  first_loss = ours.step()
+  first = time.perf_counter() - start
   warm = timed(ours.step)
-  reference = (torch_reference.TorchTrainer(config, FLAGS.batch, FLAGS.length)
+  reference = (torch_reference.TorchTrainer(config, FLAGS.batch, FLAGS.length,
+                                            dtype=FLAGS.torch_dtype)
                if FLAGS.torch else None)
   if reference is not None:
-    reference.step()  # first eager step allocates optimizer state
+    torch_first_loss = reference.step()  # first eager step allocates optimizer state
   ours_times, torch_times = [], []
   for _ in range(FLAGS.rounds):
     ours_times += [timed(ours.step) for _ in range(FLAGS.steps_per_round)]
@@ -75,15 +83,20 @@ def main(argv):
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "batch": FLAGS.batch, "length": FLAGS.length, "dtype": FLAGS.dtype, "layers": FLAGS.layers,
       "params": config.num_params,
+      # The CPU and XLA_FLAGS: the ratio to torch follows the CPU's instruction sets.
+      "host": environment.host(), "commit": environment.git_state()["sha"],
+      "jax": jax.__version__,
       "ours_step_s": statistics.median(ours_times), "ours_tokens_per_s": ours_tps,
       "ours_compile_s": first - warm, "ours_step_times_s": ours_times,
+      "ours_first_loss": first_loss,
       "peak_flops": peak,
       "peak_source": "flag" if FLAGS.peak_tflops > 0 else "jax matmuls at the model's shapes",
       "ours_mfu": flops_per_token * ours_tps / peak,
   }
   if reference is not None:
     torch_tps = tokens / statistics.median(torch_times)
-    result.update({"torch_step_s": statistics.median(torch_times), "torch_tokens_per_s": torch_tps,
+    result.update({"torch": reference.torch.__version__, "torch_dtype": FLAGS.torch_dtype, "torch_first_loss": torch_first_loss,
+                   "torch_step_s": statistics.median(torch_times), "torch_tokens_per_s": torch_tps,
                    "torch_step_times_s": torch_times, "torch_threads": reference.torch.get_num_threads(),
                    "torch_mfu": flops_per_token * torch_tps / peak, "ratio": ours_tps / torch_tps})
   engines.print_result(result, FLAGS.json)
