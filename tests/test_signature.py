@@ -129,6 +129,29 @@ def test_execution_knobs_may_change_between_parts_but_the_design_may_not(two_par
     signature.load_parts(report_dir)
 
 
+def test_a_part_under_an_equal_design_fixed_elsewhere_combines(two_parts, tmp_path):
+  workdir, _, _ = two_parts
+  report_dir = tmp_path / "signature"  # a copy: the shared workdir stays as built
+  shutil.copytree(workdir / "signature", report_dir)
+  design = json.loads((report_dir / "design.json").read_text())
+  path = report_dir / "parts" / "replicates_1.json"
+  part = json.loads(path.read_text())
+  assert part["design_digest"] == signature.design_digest(design)
+  # A new machine's workdir fixed its own copy of the design, at another time.
+  part["design_fixed_at"] = "2030-01-01 00:00:00 UTC"
+  path.write_text(json.dumps(part))
+  assert signature.load_parts(report_dir)[1] == signature.load_parts(workdir / "signature")[1]
+  # Measured under a design that differs in anything, or with no digest to show it is equal.
+  part["design_digest"] = signature.design_digest({**design, "replicates": 7})
+  path.write_text(json.dumps(part))
+  with pytest.raises(ValueError, match="measured under another design"):
+    signature.load_parts(report_dir)
+  del part["design_digest"]
+  path.write_text(json.dumps(part))
+  with pytest.raises(ValueError, match="measured under another design"):
+    signature.load_parts(report_dir)
+
+
 def test_bad_signature_settings_are_clear_errors(tmp_path):
   no_doses = _config()
   no_doses.matrix.in_context.doses = ()

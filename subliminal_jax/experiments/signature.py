@@ -105,6 +105,13 @@ def arm_names(s: settings_lib.Settings) -> list[str]:
   return [STUDENTS, CROSS_FAMILY, *(dose_arm(d) for d in s.matrix.in_context_doses)]
 
 
+def design_digest(record: Mapping[str, Any]) -> str:
+  """The design's content, without the time it was fixed: a part measured under an equal design
+  (a new machine's workdir fixes its own copy) combines with the committed ones; any other
+  difference is refused."""
+  return artifacts.fingerprint({k: v for k, v in record.items() if k != "fixed_at"})
+
+
 def part_name(replicates: Sequence[int]) -> str:
   return "replicates_" + "-".join(str(r) for r in replicates) + ".json"
 
@@ -125,6 +132,7 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
   with jax.set_mesh(mesh):
     measured = transfer_matrix.collect(s, wd, base, families, mesh, stages)
   part = {"experiment": "signature_part", "design_fixed_at": fixed["fixed_at"],
+          "design_digest": design_digest(fixed),
           "replicates": replicates, "measured": measured, "model": base.fingerprint,
           "families": {f: b.source or f for f, b in families.items()},
           "environment": environment.describe(), "wall_seconds": round(time.time() - start, 1)}
@@ -144,9 +152,11 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
 
 
 def load_parts(report_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:
-  """(design, the parts' measured records merged, each part's summary). Refuses a part fixed
-  under another design or two parts that measured the same replicate."""
+  """(design, the parts' measured records merged, each part's summary). Refuses a part measured
+  under another design (one fixed at the same time, or equal in content) or two parts that
+  measured the same replicate."""
   design_record = files.read_json(report_dir / "design.json")
+  digest = design_digest(design_record)
   paths = sorted((report_dir / PARTS).glob("replicates_*.json"))
   if not paths:
     raise FileNotFoundError(f"{report_dir / PARTS} holds no part records (replicates_*.json): run "
@@ -155,9 +165,13 @@ def load_parts(report_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]
   units, seen, summaries, base = [], {}, [], None
   for path in paths:
     part = files.read_json(path)
-    if part["design_fixed_at"] != design_record["fixed_at"]:
-      raise ValueError(f"{path} was measured under the design fixed at {part['design_fixed_at']}, "
-                       f"not this report's ({design_record['fixed_at']})")
+    if (part["design_fixed_at"] != design_record["fixed_at"]
+        and part.get("design_digest") != digest):
+      raise ValueError(
+          f"{path} was measured under another design (fixed at {part['design_fixed_at']}, digest "
+          f"{part.get('design_digest')}) than this report's (fixed at "
+          f"{design_record['fixed_at']}, digest {digest}); copy the report's design.json into "
+          "the part's workdir before running it, so a changed design is refused before any stage")
     for r in part["replicates"]:
       if r in seen:
         raise ValueError(f"replicate {r} is in both {seen[r]} and {path.name}")
