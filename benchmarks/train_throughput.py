@@ -56,6 +56,7 @@ def main(argv):
   compilation_cache.enable_from_flags()
   import jax
   from subliminal_jax import environment
+  commit = environment.git_state()["sha"]  # the code being timed, before any commit made meanwhile
   config = engines.smollm2_shape(FLAGS.dtype, FLAGS.layers)
   tokens = FLAGS.batch * FLAGS.length
   ours = engines.TrainWorkload(config, FLAGS.batch, FLAGS.length)
@@ -84,7 +85,7 @@ def main(argv):
       "batch": FLAGS.batch, "length": FLAGS.length, "dtype": FLAGS.dtype, "layers": FLAGS.layers,
       "params": config.num_params,
       # The CPU and XLA_FLAGS: the ratio to torch follows the CPU's instruction sets.
-      "host": environment.host(), "commit": environment.git_state()["sha"],
+      "host": environment.host(), "commit": commit,
       "jax": jax.__version__,
       "ours_step_s": statistics.median(ours_times), "ours_tokens_per_s": ours_tps,
       "ours_compile_s": first - warm, "ours_step_times_s": ours_times,
