@@ -152,9 +152,9 @@ def run(config: ConfigDict, workdir: str, stages: Sequence[str] | None = None) -
 
 
 def load_parts(report_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:
-  """(design, the parts' measured records merged, each part's summary). Refuses a part measured
-  under another design (one fixed at the same time, or equal in content) or two parts that
-  measured the same replicate."""
+  """(design, the parts' measured records merged, each part's summary). A part counts when its
+  design was fixed at the report's time or equals the report's in content; any other part, or two
+  parts that measured the same replicate, is refused."""
   design_record = files.read_json(report_dir / "design.json")
   digest = design_digest(design_record)
   paths = sorted((report_dir / PARTS).glob("replicates_*.json"))
