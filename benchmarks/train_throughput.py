@@ -56,7 +56,6 @@ def main(argv):
   compilation_cache.enable_from_flags()
   import jax
   from subliminal_jax import environment
-  commit = environment.git_state()["sha"]  # the code being timed, before any commit made meanwhile
   config = engines.smollm2_shape(FLAGS.dtype, FLAGS.layers)
   tokens = FLAGS.batch * FLAGS.length
   ours = engines.TrainWorkload(config, FLAGS.batch, FLAGS.length)
@@ -85,7 +84,7 @@ def main(argv):
       "batch": FLAGS.batch, "length": FLAGS.length, "dtype": FLAGS.dtype, "layers": FLAGS.layers,
       "params": config.num_params,
       # The CPU and XLA_FLAGS: the ratio to torch follows the CPU's instruction sets.
-      "host": environment.host(), "commit": commit,
+      "host": environment.host(), "commit": environment.git_state()["sha"],
       "jax": jax.__version__,
       "ours_step_s": statistics.median(ours_times), "ours_tokens_per_s": ours_tps,
       "ours_compile_s": first - warm, "ours_step_times_s": ours_times,
@@ -96,7 +95,8 @@ def main(argv):
   }
   if reference is not None:
     torch_tps = tokens / statistics.median(torch_times)
-    result.update({"torch": reference.torch.__version__, "torch_dtype": FLAGS.torch_dtype, "torch_first_loss": torch_first_loss,
+    result.update({"torch": reference.torch.__version__, "torch_dtype": FLAGS.torch_dtype,
+                   "torch_first_loss": torch_first_loss,
                    "torch_step_s": statistics.median(torch_times), "torch_tokens_per_s": torch_tps,
                    "torch_step_times_s": torch_times, "torch_threads": reference.torch.get_num_threads(),
                    "torch_mfu": flops_per_token * torch_tps / peak, "ratio": ours_tps / torch_tps})

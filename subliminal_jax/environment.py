@@ -45,6 +45,11 @@ def git_state() -> dict[str, Any]:
   return {"sha": sha, "dirty": bool(status)}
 
 
+# Read once as the package loads (about 5 ms of git) and cached: a record written hours later
+# names the code that is running, not a commit made while it ran.
+git_state()
+
+
 def package_versions() -> dict[str, str | None]:
   versions = {}
   for name in PACKAGES:

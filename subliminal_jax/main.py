@@ -21,7 +21,6 @@ from ml_collections import config_flags
 
 from subliminal_jax import compilation_cache  # defines --compilation_cache_dir
 from subliminal_jax import distributed  # defines the multi-host flags: import before parsing
-from subliminal_jax import environment
 from subliminal_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -71,9 +70,6 @@ def main(argv: list[str]) -> None:
   except ModuleNotFoundError as e:
     raise app.UsageError(f"config.experiment={name!r} names no module in subliminal_jax.experiments") from e
   logging.info("experiment %s, workdir %s", name, _WORKDIR.value)
-  # The checkout's commit as the code was loaded (the read is cached): results written hours later
-  # must not name a commit made while the run went on.
-  environment.git_state()
   preemption.install()
   try:
     experiment.run(config, _WORKDIR.value, stages=_STAGES.value)
