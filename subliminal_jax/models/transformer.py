@@ -579,8 +579,7 @@ class Transformer(nnx.Module):
   def logits_from_hidden(self, x: jax.Array) -> jax.Array:
     if self.lm_head is None:  # tokens as one axis, as in Linear (a [vocab, tokens] copy otherwise)
       lead = x.shape[:-1]
-      logits = (x.reshape(-1, x.shape[-1]) @ self.embed[...].astype(x.dtype).T).reshape(
-          *lead, self.config.vocab_size)
+      logits = (x.reshape(-1, x.shape[-1]) @ self.embed[...].astype(x.dtype).T).reshape(*lead, -1)
     else:
       logits = self.lm_head(x)
     return sharding.constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
