@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -264,6 +264,18 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
   return nnx.Param(scale * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
 
 
+def on_token_rows(project: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+  """``project`` applied to ``x`` [..., in] as one axis of token rows, [tokens, in]; its output's
+  leading axes restored.
+
+  A matmul's weight gradient then contracts a single token axis, which XLA:CPU's dots read in
+  place; contracting (batch, seq) made it write each [tokens, width] cotangent transposed first
+  (1.2x slower training steps).
+  """
+  y = project(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class Linear(nnx.Module):
   """``y = x @ kernel (+ bias)``, with an optional LoRA branch added by :mod:`subliminal_jax.lora`.
 
@@ -285,18 +297,16 @@ class Linear(nnx.Module):
     self.lora_scale = 0.0
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    # The matmuls see tokens as one axis, [batch * seq, in]. Their weight gradients then contract
-    # a single token axis, which XLA:CPU's dots read in place; contracting (batch, seq) made it
-    # write each [tokens, width] cotangent transposed first (1.2x slower training steps).
-    lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
+    return on_token_rows(self._project, x)
+
+  def _project(self, x: jax.Array) -> jax.Array:
     y = x @ self.kernel[...].astype(x.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
     if self.lora_a is not None:
       delta = (x @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype)
       y = y + self.lora_scale * delta
-    return y.reshape(*lead, y.shape[-1])
+    return y
 
 
 class RMSNorm(nnx.Module):
@@ -577,9 +587,8 @@ class Transformer(nnx.Module):
     return x, cache
 
   def logits_from_hidden(self, x: jax.Array) -> jax.Array:
-    if self.lm_head is None:  # tokens as one axis, as in Linear (a [vocab, tokens] copy otherwise)
-      lead = x.shape[:-1]
-      logits = (x.reshape(-1, x.shape[-1]) @ self.embed[...].astype(x.dtype).T).reshape(*lead, -1)
+    if self.lm_head is None:
+      logits = on_token_rows(lambda rows: rows @ self.embed[...].astype(rows.dtype).T, x)
     else:
       logits = self.lm_head(x)
     return sharding.constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
