@@ -17,6 +17,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 _FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + _FAST_COMPILE_FLAG
+# On 8 fake devices one process runs every device's program, each on its own threads, and a
+# collective blocks its thread until its peers arrive. With XLA:CPU's default concurrency-optimised
+# schedule, the sharded distillation step (tests/test_distillation.py) deadlocked on every run at
+# 845638f: devices sat in an all-reduce of the backward layer loop while their peers sat in a
+# top-level all-reduce, until XLA aborted the worker (rendezvous termination timeout). The
+# memory-minimising schedule runs it (and every other test) to completion.
+_SEQUENTIAL_SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + _SEQUENTIAL_SCHEDULE_FLAG
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
