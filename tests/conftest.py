@@ -17,15 +17,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 _FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + _FAST_COMPILE_FLAG
-# On 8 fake devices one process runs every device's program, each on its own threads, and a
-# collective blocks its thread until its peers arrive. With XLA:CPU's default concurrency-optimised
-# schedule, the sharded distillation step (tests/test_distillation.py) deadlocked on every run at
-# 845638f: devices sat in an all-reduce of the backward layer loop while their peers sat in a
-# top-level all-reduce, until XLA aborted the worker (rendezvous termination timeout). The
-# memory-minimising schedule runs it (and every other test) to completion.
-_SEQUENTIAL_SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " " + _SEQUENTIAL_SCHEDULE_FLAG
+# On 8 fake devices one process runs every device's program on one pool of threads, sized
+# max(CPUs, devices) = 8 here, and a collective holds its thread until its peers arrive. When a
+# device has two collectives in flight (XLA:CPU runs independent thunks concurrently), the blocked
+# threads can fill the pool while a lagging device still needs a thread to reach them: the sharded
+# distillation step deadlocked so in 2 of 3 runs at 845638f, and CI stop 35 failed on it. Eight
+# threads per device leave it room (6 of 6 runs passed with 64). PJRT reads PJRT_NPROC for the
+# pool's size; subprocess jobs inherit it.
+os.environ.setdefault("PJRT_NPROC", "64")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
