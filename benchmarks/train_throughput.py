@@ -3,8 +3,9 @@
 Workload: one AdamW step (forward, backward, update) of the SmolLM2-135M shape (30 layers, d=576,
 vocab 49,152, tied embeddings) with random weights on random token ids, every token but the first
 a target. Ours is ``train_step.make_train_step`` (jit, next-token CE, global-norm clipping,
-AdamW); the reference is transformers' ``LlamaForCausalLM`` of the same shape with
-``torch.optim.AdamW`` and ``clip_grad_norm_``, eager.
+AdamW; ``--remat``: what its backward pass recomputes, by default the configs' "auto"); the
+reference is transformers' ``LlamaForCausalLM`` of the same shape with ``torch.optim.AdamW`` and
+``clip_grad_norm_``, eager.
 
 Both are warmed up (ours compiles on its first call; the compile time is reported), then timed in
 alternating rounds so that load from other processes on a shared machine hits both alike; the
@@ -42,6 +43,8 @@ flags.DEFINE_integer("steps_per_round", 2, "Steps of each implementation per rou
 flags.DEFINE_float("peak_tflops", 0.0,
                   "Peak FLOP/s (in TFLOP/s) for MFU; 0 = measure matmuls at the model's shapes.")
 flags.DEFINE_bool("torch", True, "Also time transformers + torch (the reference).")
+flags.DEFINE_enum("remat", "auto", ["none", "dots", "full", "auto"],
+                  "What the backward pass recomputes (the configs' default is auto).")
 flags.DEFINE_integer("layers", 30, "Decoder layers (30 = SmolLM2-135M; fewer for a quick look).")
 
 
@@ -56,7 +59,8 @@ def main(argv):
   compilation_cache.enable_from_flags()
   import jax
   from subliminal_jax import environment
-  config = engines.smollm2_shape(FLAGS.dtype, FLAGS.layers)
+  from subliminal_jax.models import transformer
+  config = engines.smollm2_shape(FLAGS.dtype, FLAGS.layers, remat=FLAGS.remat)
   tokens = FLAGS.batch * FLAGS.length
   ours = engines.TrainWorkload(config, FLAGS.batch, FLAGS.length)
   start = time.perf_counter()
@@ -82,6 +86,7 @@ def main(argv):
   result = {
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "batch": FLAGS.batch, "length": FLAGS.length, "dtype": FLAGS.dtype, "layers": FLAGS.layers,
+      "remat": FLAGS.remat, "remat_resolved": transformer.resolve_remat(FLAGS.remat),
       "params": config.num_params,
       # The CPU and XLA_FLAGS: the ratio to torch follows the CPU's instruction sets.
       "host": environment.host(), "commit": environment.git_state()["sha"],

@@ -49,7 +49,9 @@ def get_config(variant: str = "quick") -> ConfigDict:
   c.model = "smollm2"  # "smollm2", an HF directory, a .gguf file, or "tiny-random"
   c.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
   c.param_dtype = "float32"
-  c.remat = False  # recompute each layer's activations in the backward pass (less memory)
+  # What training's backward pass recomputes of each layer: "none", "dots" (all but the matmul
+  # outputs), "full" (least memory), "auto" ("dots" on CPU, where it is the fastest; "none" else).
+  c.remat = "auto"
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.report_dir = ""  # where results.json / report.md / plots go, relative to the workdir ("" = root)
 

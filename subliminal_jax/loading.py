@@ -112,7 +112,7 @@ def _hf_tokenizer(path: str) -> Tokenizer | None:
   return Tokenizer.from_hf_dir(path)
 
 
-def _tiny_random(source: str, dtype: str, param_dtype: str, mesh: Mesh | None, remat: bool
+def _tiny_random(source: str, dtype: str, param_dtype: str, mesh: Mesh | None, remat: str | bool
                  ) -> Loaded:
   """A 2-layer random model with SmolLM2's tokenizer, initialised from the seed after the colon:
   the whole pipeline in seconds (tests); "tiny-random:N" of another seed is another family."""
@@ -143,7 +143,7 @@ def _with_adapter(loaded: Loaded, adapter: str | os.PathLike) -> Loaded:
 
 
 def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
-         mesh: Mesh | None = None, remat: bool = False,
+         mesh: Mesh | None = None, remat: str | bool = "none",
          adapter: str | os.PathLike | None = None) -> Loaded:
   """Loads a model, its tokenizer and config.
 
@@ -156,7 +156,9 @@ def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str 
     dtype: compute dtype of activations and matmuls (logits are float32 regardless).
     param_dtype: storage dtype of the parameters; defaults to ``dtype``.
     mesh: place every parameter directly in its sharding on this mesh (no full copy on one device).
-    remat: recompute each layer's activations in the backward pass (less memory in training).
+    remat: what training's backward pass recomputes of each layer: "none", "dots" (all but the
+      projections' outputs), "full", or "auto" ("dots" on CPU, where it is faster; "none"
+      elsewhere). See ``models.transformer.REMAT_CHOICES``; True means "full".
     adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) whose
       adapters are attached to the loaded base (not merged: ``lora.merge_lora`` folds them in).
 
@@ -172,7 +174,7 @@ def load(source: str | os.PathLike, *, dtype: str = "float32", param_dtype: str 
   return loaded if adapter is None else _with_adapter(loaded, adapter)
 
 
-def _load_base(source: str, dtype: str, param_dtype: str, mesh: Mesh | None, remat: bool
+def _load_base(source: str, dtype: str, param_dtype: str, mesh: Mesh | None, remat: str | bool
                ) -> Loaded:
   if source == TINY_RANDOM or source.startswith(TINY_RANDOM + ":"):
     return _tiny_random(source, dtype, param_dtype, mesh, remat)

@@ -98,6 +98,7 @@ def test_a_bad_setting_on_the_command_line_is_refused_with_nothing_built(tmp_pat
     ("sampling.top_p", 1.5, r"sampling.top_p"),
     ("matrix.replicates", 0, r"matrix.replicates=0; expected an integer >= 1"),
     ("matrix.criterion.alpha", 1.5, r"matrix.criterion alpha=1.5 must be in \(0, 1\)"),
+    ("remat", "dot", r"remat='dot'; expected one of \('none', 'dots', 'full', 'auto'\)"),
 ])
 def test_every_section_refuses_a_bad_value_naming_it(tmp_path, key, value, message):
   config = matrix_config.get_config("tiny")

@@ -1,13 +1,14 @@
 """The decoder itself: parity with transformers' PyTorch Llama/Qwen2, padding, KV cache, config errors."""
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 import pytest
 import torch
 import transformers
 from flax import nnx
 
-from subliminal_jax.models.transformer import Transformer, TransformerConfig
+from subliminal_jax.models.transformer import Transformer, TransformerConfig, resolve_remat
 from subliminal_jax.weights import hf_layout
 
 
@@ -117,6 +118,38 @@ def test_config_errors_name_the_bad_value():
     TransformerConfig.from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"},
                                "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
                                "num_hidden_layers": 1, "num_attention_heads": 2})
+
+
+def _loss_and_grads(model: Transformer, ids):
+  def loss(m):
+    return jnp.mean(jax.nn.log_softmax(m(ids)[:, :-1]) * jax.nn.one_hot(ids[:, 1:], 61))
+  return nnx.value_and_grad(loss)(model)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full", True])
+def test_remat_policies_give_the_gradients_of_keeping_everything(remat):
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 12)), jnp.int32)
+  kept_loss, kept = _loss_and_grads(_tiny_model(), ids)
+  model = _tiny_model(remat=remat)
+  loss, grads = _loss_and_grads(model, ids)
+  np.testing.assert_allclose(loss, kept_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(kept)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # The layer scan's body really is a checkpoint, with the policy asked for.
+  policy = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(remat)
+  jaxpr = str(jax.make_jaxpr(lambda m: _loss_and_grads(m, ids)[0])(model))
+  assert f"policy={policy!r}" in jaxpr
+
+
+def test_remat_auto_is_dots_on_cpu_and_none_elsewhere():
+  assert resolve_remat("auto", "cpu") == "dots"
+  assert resolve_remat("auto", "gpu") == "none" and resolve_remat("auto", "tpu") == "none"
+  assert resolve_remat("full", "cpu") == "full"
+  assert _tiny_model(remat=False).config.remat == "none"
+  no_remat = str(jax.make_jaxpr(lambda m: m(jnp.zeros((1, 4), jnp.int32)))(_tiny_model()))
+  assert "policy=" not in no_remat and "prevent_cse" not in no_remat
+  with pytest.raises(ValueError, match=r"remat='some'; expected one of \['none', 'dots'"):
+    _tiny_model(remat="some")
 
 
 def test_hf_config_round_trip():

@@ -27,6 +27,7 @@ from ml_collections import ConfigDict
 from subliminal_jax import artifacts, channels, loading, lora, sharding, traits
 from subliminal_jax.evaluation import judge as judge_lib
 from subliminal_jax.evaluation import judged_answers
+from subliminal_jax.models import transformer
 from subliminal_jax.prompts import number_formats
 from subliminal_jax.sampling import logit_processors
 from subliminal_jax.tokenizer import SystemTurn
@@ -96,7 +97,7 @@ class ModelSettings:
   source: str  # "smollm2", "gemma3-270m", an HF directory, a .gguf file, or "tiny-random[:N]"
   dtype: str
   param_dtype: str
-  remat: bool
+  remat: str  # one of transformer.REMAT_CHOICES
   mesh: tuple[tuple[str, int], ...]  # (axis, size) of data, fsdp, tensor; -1 = the rest
 
   def __post_init__(self):
@@ -105,6 +106,7 @@ class ModelSettings:
                        ".gguf file")
     _choice("dtype", self.dtype, DTYPES)
     _choice("param_dtype", self.param_dtype, DTYPES)
+    _choice("remat", self.remat, transformer.REMAT_CHOICES)
 
   def make_mesh(self):
     return sharding.make_mesh(**dict(self.mesh))
