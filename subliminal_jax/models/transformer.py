@@ -59,8 +59,9 @@ def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
 #   "full": nothing but the layer's input, all of it recomputed (the least memory);
 #   "auto": "dots" on CPU, "none" elsewhere. XLA:CPU spends more writing and reading the layer
 #           scan's stacked intermediates than recomputing them: SmolLM2-135M's full-finetune step
-#           (8 x 128, float32, 2-core EPYC) ran 138 tok/s with "none" and 159 with "dots" in one
-#           process (146 with "full"). No accelerator has been measured, so they keep "none".
+#           (8 x 128, float32, 2-core EPYC) ran 150 tok/s with "none" and 177-181 with "dots"
+#           (benchmarks.train_throughput --remat). No accelerator has been measured, so they
+#           keep "none".
 REMAT_CHOICES = ("none", "dots", "full", "auto")
 
 
