@@ -21,7 +21,7 @@ if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
 # max(CPUs, devices) = 8 here, and a collective holds its thread until its peers arrive. When a
 # device has two collectives in flight (XLA:CPU runs independent thunks concurrently), the blocked
 # threads can fill the pool while a lagging device still needs a thread to reach them: the sharded
-# distillation step deadlocked so in 2 of 3 runs at 845638f, and CI stop 35 failed on it. Eight
+# distillation step deadlocked so in 5 of 9 runs at 845638f, and CI stop 35 failed on it. Eight
 # threads per device leave it room (6 of 6 runs passed with 64). PJRT reads PJRT_NPROC for the
 # pool's size; subprocess jobs inherit it.
 os.environ.setdefault("PJRT_NPROC", "64")
