@@ -63,6 +63,9 @@ def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
 #           (benchmarks.train_throughput --remat). No accelerator has been measured, so they
 #           keep "none".
 REMAT_CHOICES = ("none", "dots", "full", "auto")
+# The jax.checkpoint policy of each choice that recomputes (None: save nothing but the inputs).
+_CHECKPOINT_POLICIES = {"full": None,
+                        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def resolve_remat(remat: str, backend: str | None = None) -> str:
@@ -598,11 +601,8 @@ class Transformer(nnx.Module):
       return (x, cache_kv), None
 
     remat = resolve_remat(c.remat)
-    if remat == "full":
-      body = jax.checkpoint(body, prevent_cse=False)
-    elif remat == "dots":
-      body = jax.checkpoint(body, prevent_cse=False,
-                            policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if remat in _CHECKPOINT_POLICIES:
+      body = jax.checkpoint(body, prevent_cse=False, policy=_CHECKPOINT_POLICIES[remat])
     cache_kv = (cache.k, cache.v) if cache is not None else None
     (x, cache_kv), _ = jax.lax.scan(
         body, (x, cache_kv), (layer_state, jnp.arange(c.num_layers), is_sliding))
